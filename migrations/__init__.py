@@ -1,0 +1,1 @@
+"""Alembic migrations of the store; the only way the schema changes."""

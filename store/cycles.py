@@ -1,0 +1,104 @@
+"""Cycles and their stage runs: the idempotency keys of the orchestrator.
+
+A cycle is keyed by its ISO week, so two triggers for the same week are one
+cycle. A stage run is keyed by (cycle, stage): a re-run after a crash finds
+the stages that succeeded and skips them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from store.errors import Conflict, NotFound
+from store.models import Cycle, StageRun, utcnow
+from store.versioning import get_row, list_rows
+
+
+def iso_week(when: datetime) -> str:
+    """The ISO week label of ``when``, e.g. ``2026-W48``."""
+    year, week, _ = when.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def open_cycle(
+    session: Session, *, week: str, trigger: str = "manual", params: dict[str, Any] | None = None
+) -> tuple[Cycle, bool]:
+    """The cycle of ``week``, created if new; returns (cycle, created)."""
+    existing = session.scalar(select(Cycle).where(Cycle.week == week))
+    if existing is not None:
+        return existing, False
+    cycle = Cycle(week=week, trigger=trigger, params=params or {}, status="running")
+    try:
+        with session.begin_nested():
+            session.add(cycle)
+    except IntegrityError:
+        # A concurrent trigger opened the same week first: that one is the cycle.
+        return session.scalar(select(Cycle).where(Cycle.week == week)), False
+    return cycle, True
+
+
+def get_cycle(session: Session, cycle_id: int) -> Cycle:
+    """The cycle ``cycle_id``."""
+    return get_row(session, Cycle, cycle_id, label="cycle")
+
+
+def list_cycles(session: Session, *, limit: int = 50, after_id: int | None = None) -> list[Cycle]:
+    """Cycles in id order (keyset paging)."""
+    return list_rows(session, Cycle, limit=limit, after_id=after_id)
+
+
+def finish_cycle(session: Session, *, cycle_id: int, status: str, reason: str | None = None) -> Cycle:
+    """Mark a running cycle succeeded, failed or cancelled."""
+    cycle = get_cycle(session, cycle_id)
+    if cycle.status != "running":
+        raise Conflict(f"cycle {cycle.week} is already {cycle.status}")
+    cycle.status, cycle.reason, cycle.finished_at = status, reason, utcnow()
+    return cycle
+
+
+def get_stage(session: Session, *, cycle_id: int, stage: str) -> StageRun | None:
+    """The stage run of (cycle, stage), or None if it never started."""
+    return session.scalar(select(StageRun).where(StageRun.cycle_id == cycle_id, StageRun.stage == stage))
+
+
+def start_stage(session: Session, *, cycle_id: int, stage: str) -> StageRun:
+    """Start (or restart after a failure or crash) stage ``stage`` of a cycle.
+
+    Raises ``Conflict`` if the stage already succeeded: callers check
+    ``get_stage`` first and skip it.
+    """
+    run = get_stage(session, cycle_id=cycle_id, stage=stage)
+    if run is None:
+        run = StageRun(cycle_id=cycle_id, stage=stage, status="running", attempts=1)
+        session.add(run)
+        session.flush()
+        return run
+    if run.status == "succeeded":
+        raise Conflict(f"stage {stage!r} of cycle {cycle_id} already succeeded")
+    run.status, run.attempts, run.error = "running", run.attempts + 1, None
+    run.started_at, run.finished_at = utcnow(), None
+    return run
+
+
+def finish_stage(
+    session: Session,
+    *,
+    cycle_id: int,
+    stage: str,
+    outputs: dict[str, Any] | None = None,
+    compute_s: float | None = None,
+    status: str = "succeeded",
+    error: str | None = None,
+) -> StageRun:
+    """Record the end of a running stage with its outputs (or its error)."""
+    run = get_stage(session, cycle_id=cycle_id, stage=stage)
+    if run is None:
+        raise NotFound(f"stage {stage!r} of cycle {cycle_id} never started")
+    run.status, run.outputs, run.error = status, outputs or {}, error
+    run.compute_s, run.finished_at = compute_s, utcnow()
+    return run

@@ -1,0 +1,75 @@
+"""Deployments: an append-only log per target; the newest row is the active one.
+
+A deploy records the deployment that was active before it (``previous_id``).
+A rollback writes a new row that restores that previous deployment's policy
+and inherits *its* ``previous_id``, so rolling back again goes one further
+step back, like an undo stack; the rollback row names the deployment it
+rolled back (``rolled_back_id``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from store.errors import Conflict, NotFound
+from store.models import Deployment
+from store.versioning import create_version, get_row, latest_version, list_rows
+
+DEFAULT_TARGET = "default"
+
+
+def active_deployment(session: Session, *, name: str = DEFAULT_TARGET) -> Deployment | None:
+    """The active deployment of target ``name``, or None before the first deploy."""
+    return latest_version(session, Deployment, name=name)
+
+
+def deploy(
+    session: Session,
+    *,
+    policy_id: int,
+    name: str = DEFAULT_TARGET,
+    reason: str = "",
+    actor: str = "",
+    cycle_id: int | None = None,
+) -> Deployment:
+    """Make ``policy_id`` the active policy of target ``name``."""
+    current = active_deployment(session, name=name)
+    return create_version(
+        session,
+        Deployment,
+        name=name,
+        policy_id=policy_id,
+        previous_id=current.id if current else None,
+        action="deploy",
+        reason=reason,
+        actor=actor,
+        cycle_id=cycle_id,
+    )
+
+
+def rollback(session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", actor: str = "") -> Deployment:
+    """Restore the deployment that was active before the current one."""
+    current = active_deployment(session, name=name)
+    if current is None:
+        raise NotFound(f"deployment target {name!r} has never been deployed")
+    if current.previous_id is None:
+        raise Conflict(f"deployment {name!r} v{current.version} has no earlier deployment to roll back to")
+    previous = get_row(session, Deployment, current.previous_id, label="deployment")
+    return create_version(
+        session,
+        Deployment,
+        name=name,
+        policy_id=previous.policy_id,
+        previous_id=previous.previous_id,
+        rolled_back_id=current.id,
+        action="rollback",
+        reason=reason,
+        actor=actor,
+    )
+
+
+def list_deployments(
+    session: Session, *, name: str | None = None, limit: int = 50, after_id: int | None = None
+) -> list[Deployment]:
+    """Deployments in id order (keyset paging), optionally of one target."""
+    return list_rows(session, Deployment, limit=limit, after_id=after_id, name=name)

@@ -1,0 +1,359 @@
+"""SQLAlchemy ORM models: the tables and nothing else.
+
+Registry functions that read and write these live in the entity modules of
+``store`` (``datasets``, ``feedback``, ...). Rows of ``VersionRow`` subclasses
+are immutable versions: the ORM refuses to flush a change to one, and the
+migrations install a database trigger that refuses an UPDATE from any client.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SHA256_LEN = 64
+NAME_LEN = 200
+
+DATASET_KINDS = ("prompts", "samples", "comparisons")
+CHOICES = ("a", "b", "tie")
+ROLES = ("labeler", "operator", "admin")
+PM_ROLES = ("train", "test")
+CYCLE_STATUSES = ("running", "succeeded", "failed", "cancelled")
+STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
+TASK_STATUSES = ("open", "done")
+DEPLOY_ACTIONS = ("deploy", "rollback")
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as UTC and always read back timezone-aware.
+
+    SQLite keeps no zone; Postgres keeps ``timestamptz``. Both read back UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _check_in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class VersionRow:
+    """Marker mixin: rows of these tables are never updated once written."""
+
+    __immutable__ = True
+
+
+# Tables whose rows are immutable; the migrations put an UPDATE trigger on each.
+IMMUTABLE_TABLES = (
+    "artifacts",
+    "datasets",
+    "dataset_batches",
+    "feedback_batches",
+    "comparisons",
+    "preference_models",
+    "policies",
+    "deployments",
+)
+
+
+class Artifact(VersionRow, Base):
+    """A file or directory in the artifact store, with its checksum."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uri: Mapped[str] = mapped_column(String(1000), unique=True)
+    sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    is_dir: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+dataset_batches = Table(
+    "dataset_batches",
+    Base.metadata,
+    Column("dataset_id", ForeignKey("datasets.id"), primary_key=True),
+    Column("batch_id", ForeignKey("feedback_batches.id"), primary_key=True),
+    Index("ix_dataset_batches_batch_id", "batch_id"),
+)
+
+
+class Dataset(VersionRow, Base):
+    """A versioned dataset: a prompt set, a set of samples or a comparison snapshot."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        UniqueConstraint("name", "content_sha256"),
+        CheckConstraint(_check_in("kind", DATASET_KINDS), name="kind"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(20))
+    content_sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    row_count: Mapped[int]
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    source_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"))
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    artifact: Mapped[Artifact | None] = relationship()
+    batches: Mapped[list[FeedbackBatch]] = relationship(
+        secondary=dataset_batches, order_by="FeedbackBatch.id", viewonly=True
+    )
+
+
+class FeedbackBatch(VersionRow, Base):
+    """One registered batch of comparisons, written whole or not at all."""
+
+    __tablename__ = "feedback_batches"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(NAME_LEN))
+    idempotency_key: Mapped[str | None] = mapped_column(String(NAME_LEN), unique=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(SHA256_LEN))
+    content_sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    comparison_count: Mapped[int]
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Comparison(VersionRow, Base):
+    """One human judgement: which of two responses to a prompt is better."""
+
+    __tablename__ = "comparisons"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "position"),
+        CheckConstraint(_check_in("choice", CHOICES), name="choice"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("feedback_batches.id"))
+    position: Mapped[int]
+    prompt: Mapped[str] = mapped_column(Text)
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    choice: Mapped[str] = mapped_column(String(3))
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN))
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("comparison_tasks.id"), index=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+
+
+class ComparisonTask(Base):
+    """A pair of responses waiting for a labeler; leased out, then done.
+
+    Tasks are work items, not versions: their lease and status change.
+    """
+
+    __tablename__ = "comparison_tasks"
+    __table_args__ = (
+        CheckConstraint(_check_in("status", TASK_STATUSES), name="status"),
+        Index("ix_comparison_tasks_open", "cycle_id", "status", "leased_until"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    samples_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"))
+    prompt_id: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    prompt: Mapped[str] = mapped_column(Text)
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    status: Mapped[str] = mapped_column(String(10), default="open")
+    leased_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    leased_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]
+
+
+class PreferenceModel(VersionRow, Base):
+    """A trained preference model (PM), with the dataset it learned from."""
+
+    __tablename__ = "preference_models"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        CheckConstraint(_check_in("role", PM_ROLES), name="role"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[int]
+    role: Mapped[str] = mapped_column(String(10), default="train")
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    base_model: Mapped[str] = mapped_column(String(1000))
+    init_pm_id: Mapped[int | None] = mapped_column(ForeignKey("preference_models.id"))
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship()
+    artifact: Mapped[Artifact | None] = relationship()
+
+
+class Policy(VersionRow, Base):
+    """A policy version: its init, its reference policy and the PM it was trained against."""
+
+    __tablename__ = "policies"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[int]
+    base_model: Mapped[str] = mapped_column(String(1000))
+    init_policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
+    reference_policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"))
+    pm_id: Mapped[int | None] = mapped_column(ForeignKey("preference_models.id"), index=True)
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    artifact: Mapped[Artifact | None] = relationship()
+
+
+class Deployment(VersionRow, Base):
+    """An append-only deployment log per target name; the newest row is active.
+
+    ``previous_id`` is the deployment that was active before this one, so a
+    rollback can restore it; a rollback row names what it rolled back.
+    """
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        CheckConstraint(_check_in("action", DEPLOY_ACTIONS), name="action"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[int]
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id"))
+    previous_id: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"))
+    rolled_back_id: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"))
+    action: Mapped[str] = mapped_column(String(10), default="deploy")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(NAME_LEN), default="")
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    policy: Mapped[Policy] = relationship()
+
+
+class Cycle(Base):
+    """One iteration of the loop, keyed by its ISO week; its status changes as it runs."""
+
+    __tablename__ = "cycles"
+    __table_args__ = (CheckConstraint(_check_in("status", CYCLE_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    week: Mapped[str] = mapped_column(String(20), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    trigger: Mapped[str] = mapped_column(String(40), default="manual")
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    stages: Mapped[list[StageRun]] = relationship(order_by="StageRun.id", back_populates="cycle")
+
+
+class StageRun(Base):
+    """One stage of a cycle; unique per (cycle, stage) so a re-run skips finished work."""
+
+    __tablename__ = "stage_runs"
+    __table_args__ = (
+        UniqueConstraint("cycle_id", "stage"),
+        CheckConstraint(_check_in("status", STAGE_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"))
+    stage: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    attempts: Mapped[int] = mapped_column(default=1)
+    outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    compute_s: Mapped[float | None]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    cycle: Mapped[Cycle] = relationship(back_populates="stages")
+
+
+class ApiKey(Base):
+    """A bearer API key: only the sha256 of the token is stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(_check_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    token_sha256: Mapped[str] = mapped_column(String(SHA256_LEN), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]

@@ -1,0 +1,62 @@
+"""Settings from ``RATCHET_*`` environment variables.
+
+``RATCHET_HOME`` (default ``./.ratchet``) holds the embedded SQLite file, the
+local artifacts and Prefect's home for a first run; ``RATCHET_DATABASE_URL``
+and ``RATCHET_ARTIFACTS_URL`` point elsewhere in production.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; read once per process by ``get_settings``."""
+
+    model_config = SettingsConfigDict(env_prefix="RATCHET_", extra="ignore")
+
+    home: Path = Field(default=Path(".ratchet"))
+    """folder for the embedded database, local artifacts and Prefect's home"""
+    database_url: str | None = None
+    """SQLAlchemy URL; default: SQLite file ``<home>/ratchet.db``"""
+    artifacts_url: str | None = None
+    """fsspec URL of the artifact root; default: folder ``<home>/artifacts``"""
+    log_level: str = "INFO"
+    """log level of the service's loggers"""
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"log_level {value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, with the embedded SQLite default filled in."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'ratchet.db').resolve()}"
+
+    @property
+    def resolved_artifacts_url(self) -> str:
+        """The artifact root URL, with the local default filled in."""
+        if self.artifacts_url:
+            return self.artifacts_url
+        return str((self.home / "artifacts").resolve())
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when running on the embedded SQLite default."""
+        return self.resolved_database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (cached; ``get_settings.cache_clear()`` re-reads)."""
+    return Settings()

@@ -1,0 +1,126 @@
+"""Shared fixtures: databases on both backends, artifact stores, builders.
+
+PostgreSQL: ``RATCHET_TEST_POSTGRES_URL`` names a server (default: the local
+one); each test session creates a throwaway database there, migrates it, and
+drops it at the end. Without a server the Postgres tests are skipped on a
+developer machine and *fail* in CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from store.artifacts import ArtifactStore
+from store.db import Database, upgrade
+from store.models import Base
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+PG_SERVER_URL = os.environ.get("RATCHET_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+_pg_results = {"passed": 0, "failed": 0}
+
+
+def _server_reachable() -> str | None:
+    engine = sa.create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return str(exc).splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+def pytest_report_header(config) -> str:
+    problem = _server_reachable()
+    shown = make_url(PG_SERVER_URL).render_as_string(hide_password=True)
+    if problem is None:
+        return f"postgres: {shown} reachable; Postgres-backed tests will run"
+    return f"postgres: {shown} NOT reachable ({problem}); Postgres tests will {'FAIL (CI)' if IN_CI else 'be skipped'}"
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call" and "postgres" in report.keywords and not report.skipped:
+        _pg_results["passed" if report.passed else "failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(
+        f"PostgreSQL-backed tests: {_pg_results['passed']} passed, {_pg_results['failed']} failed "
+        f"(server {make_url(PG_SERVER_URL).render_as_string(hide_password=True)})"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a throwaway, migrated Postgres database for this test session."""
+    problem = _server_reachable()
+    if problem is not None:
+        message = f"PostgreSQL at {PG_SERVER_URL} is not reachable: {problem}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: Postgres tests must run)", pytrace=False)
+        pytest.skip(message)
+    name = f"ratchet_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_SERVER_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """A migrated SQLite file, copied for each test that needs one."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _truncate_all(url: str) -> None:
+    engine = sa.create_engine(url)
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    """A clean, migrated database URL on each backend (the test runs once per backend)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        _truncate_all(url)
+        return url
+    path = tmp_path / "ratchet.db"
+    shutil.copy(request.getfixturevalue("sqlite_template"), path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db(db_url) -> Iterator[Database]:
+    """A ``Database`` on a clean, migrated store (both backends)."""
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> ArtifactStore:
+    """A local artifact store in a fresh folder."""
+    return ArtifactStore(str(tmp_path / "artifacts"))

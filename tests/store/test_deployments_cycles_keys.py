@@ -1,0 +1,90 @@
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from store.cycles import finish_stage, get_stage, iso_week, open_cycle, start_stage
+from store.deployments import active_deployment, deploy, rollback
+from store.errors import Conflict, InvalidInput, NotFound
+from store.keys import authenticate, create_api_key, revoke_api_key
+from store.tasks import create_tasks, lease_tasks
+from tests import builders
+
+
+def test_deploy_and_roll_back_like_an_undo_stack(db):
+    with db.session() as s:
+        p1, p2, p3 = (builders.policy(s).id for _ in range(3))
+        with pytest.raises(NotFound, match="never been deployed"):
+            rollback(s)
+        d1 = deploy(s, policy_id=p1, reason="initial")
+        with pytest.raises(Conflict, match="no earlier deployment"):
+            rollback(s)
+        deploy(s, policy_id=p2)
+        d3 = deploy(s, policy_id=p3)
+        r1 = rollback(s, reason="regression", actor="ops")
+        assert (r1.policy_id, r1.action, r1.rolled_back_id, r1.version) == (p2, "rollback", d3.id, 4)
+        r2 = rollback(s)
+        assert r2.policy_id == p1 and r2.previous_id is None
+        assert active_deployment(s).id == r2.id
+        assert d1.previous_id is None
+
+
+def test_a_cycle_is_one_per_week_even_under_concurrent_triggers(db):
+    week = iso_week(datetime(2026, 11, 23, tzinfo=UTC))
+    assert week == "2026-W48"
+
+    def trigger(_):
+        with db.session() as s:
+            cycle, created = open_cycle(s, week=week, trigger="schedule")
+            return cycle.id, created
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(trigger, range(4)))
+    assert len({cid for cid, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+def test_stage_runs_restart_after_failure_and_refuse_a_second_success(db):
+    with db.session() as s:
+        cycle, _ = open_cycle(s, week="2026-W01")
+        start_stage(s, cycle_id=cycle.id, stage="sample")
+        finish_stage(s, cycle_id=cycle.id, stage="sample", status="failed", error="OOM")
+        run = start_stage(s, cycle_id=cycle.id, stage="sample")
+        assert run.attempts == 2 and run.error is None
+        finish_stage(s, cycle_id=cycle.id, stage="sample", outputs={"dataset_id": 3}, compute_s=1.5)
+        assert get_stage(s, cycle_id=cycle.id, stage="sample").outputs == {"dataset_id": 3}
+        with pytest.raises(Conflict, match="already succeeded"):
+            start_stage(s, cycle_id=cycle.id, stage="sample")
+
+
+def test_api_keys_store_only_a_hash_and_can_be_revoked(db):
+    with db.session() as s:
+        key, token = create_api_key(s, name="vendor", role="labeler")
+        assert token not in (key.token_sha256, key.prefix) and token.startswith(key.prefix)
+        assert authenticate(s, token).id == key.id
+        assert authenticate(s, token + "x") is None
+        with pytest.raises(Conflict):
+            create_api_key(s, name="vendor", role="admin")
+        with pytest.raises(InvalidInput, match="role 'root'"):
+            create_api_key(s, name="other", role="root")
+        revoke_api_key(s, name="vendor")
+        assert authenticate(s, token) is None
+
+
+def test_leases_hand_out_disjoint_tasks_until_they_expire(db):
+    with db.session() as s:
+        create_tasks(s, tasks=[{"prompt": f"p{i}", "response_a": "x", "response_b": "y"} for i in range(5)])
+    with db.session() as s:
+        first = [t.id for t in lease_tasks(s, labeler="a", limit=3, lease=timedelta(minutes=5))]
+    with db.session() as s:
+        second = [t.id for t in lease_tasks(s, labeler="b", limit=3, lease=timedelta(minutes=5))]
+    assert len(first) == 3 and len(second) == 2 and not set(first) & set(second)
+    with db.session() as s:
+        assert lease_tasks(s, labeler="c", limit=3, lease=timedelta(minutes=5)) == []
+    with db.session() as s:
+        (late,) = create_tasks(s, tasks=[{"prompt": "late", "response_a": "x", "response_b": "y"}])
+        # A lease that has already run out, as if labeler d walked away.
+        assert [t.id for t in lease_tasks(s, labeler="d", limit=1, lease=timedelta(seconds=-1))] == [late.id]
+    with db.session() as s:
+        (again,) = lease_tasks(s, labeler="e", limit=5, lease=timedelta(minutes=5))
+        assert (again.id, again.leased_by) == (late.id, "e")
