@@ -179,6 +179,22 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
         db.dispose()
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the REST API (and, later, the dashboard) with uvicorn."""
+    import uvicorn
+
+    _database().dispose()  # refuse a schema not at head before binding the port
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=host, port=port, workers=workers,
+        log_level=get_settings().log_level.lower(), access_log=False,
+    )
+
+
 def main() -> None:
     """Entry point for ``python -m orchestrator.cli``."""
     app(prog_name="ratchet")

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.errors import Conflict, InvalidInput
 from store.models import CHOICES, Comparison, ComparisonTask, FeedbackBatch, utcnow
 from store.versioning import get_row, list_rows
-
-COMPARISON_FIELDS = ("prompt", "response_a", "response_b", "choice", "rater_id", "task_id", "metadata")
 
 
 @dataclass(frozen=True)
@@ -31,55 +31,202 @@ class NewComparison:
     task_id: int | None = None
     metadata: dict[str, Any] | None = None
 
-    def canonical(self) -> dict[str, Any]:
-        """The fields that define the comparison's content, for hashing and export."""
-        return {
-            "prompt": self.prompt,
-            "response_a": self.response_a,
-            "response_b": self.response_b,
-            "choice": self.choice,
-            "rater_id": self.rater_id,
-            "task_id": self.task_id,
-            "metadata": self.metadata,
-        }
+
+def _escape(text: str) -> str:
+    # PostgreSQL COPY text format: backslash, newline, carriage return and tab are escaped.
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
+    """Each comparison's content as one line of PostgreSQL COPY text format:
+    prompt, response_a, response_b, choice, rater_id, task_id, metadata
+    (tab-separated, escaped, ``\\N`` for NULL; metadata as canonical JSON).
+
+    The same lines feed the COPY (the fast insert path) and the content hash,
+    so a batch is serialised once. The encoding is injective: escaping leaves
+    no raw tab or newline inside a field.
+    """
+    lines = []
+    for c in comparisons:
+        meta = "\\N" if c.metadata is None else _escape(json.dumps(c.metadata, sort_keys=True, ensure_ascii=False))
+        task = "\\N" if c.task_id is None else str(c.task_id)
+        texts = _escape(f"{c.prompt}\x00{c.response_a}\x00{c.response_b}\x00{c.choice}\x00{c.rater_id}")
+        lines.append(f"{texts.replace(chr(0), chr(9))}\t{task}\t{meta}")
+    return lines
+
+
+class ContentHash:
+    """The running sha256 of a batch's comparisons, in order (over ``encode_rows`` lines)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def update(self, lines: Sequence[str]) -> None:
+        self._digest.update(("\n".join(lines) + "\n").encode())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def content_sha256(comparisons: Sequence[NewComparison]) -> str:
-    """The sha256 of a batch's comparisons in order (canonical JSON lines)."""
-    digest = hashlib.sha256()
-    for comp in comparisons:
-        digest.update(json.dumps(comp.canonical(), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+    """The sha256 of a batch's comparisons in order (see ``encode_rows``)."""
+    running = ContentHash()
+    running.update(encode_rows(comparisons))
+    return running.hexdigest()
 
 
-def check_comparisons(comparisons: Sequence[NewComparison], *, max_errors: int = 100) -> None:
-    """Raise ``InvalidInput`` naming each bad record by index and field.
+def comparison_problems(c: NewComparison, index: int) -> list[dict]:
+    """The store's rules for one comparison, as ``{index, field, message}`` dicts.
 
-    The store's own rules (the API checks shapes and sizes before this):
-    a non-empty prompt, a known choice, a rater id, and identical responses
-    only with a tie. An empty response is valid: saying nothing is sometimes
-    the preferred, harmless reply.
+    A non-empty prompt, a known choice, a rater id, identical responses only
+    with a tie, and text PostgreSQL can hold (no NUL character). An empty
+    response is valid: saying nothing is sometimes the preferred, harmless reply.
     """
+    out = []
+    if not c.prompt.strip():
+        out.append({"index": index, "field": "prompt", "message": "prompt is empty"})
+    if c.choice not in CHOICES:
+        out.append({"index": index, "field": "choice", "message": f"choice {c.choice!r} is not one of {', '.join(CHOICES)}"})
+    elif c.response_a == c.response_b and c.choice != "tie":
+        out.append({
+            "index": index,
+            "field": "choice",
+            "message": f"response_a and response_b are identical, so choice must be 'tie', not {c.choice!r}",
+        })
+    if not c.rater_id.strip():
+        out.append({"index": index, "field": "rater_id", "message": "rater_id is empty"})
+    for name in ("prompt", "response_a", "response_b", "rater_id"):
+        if "\x00" in getattr(c, name):
+            out.append({"index": index, "field": name, "message": f"{name} contains a NUL character"})
+    return out
+
+
+def check_comparisons(comparisons: Sequence[NewComparison], *, offset: int = 0, max_errors: int = 100) -> None:
+    """Raise ``InvalidInput`` naming each bad record by index and field (up to ``max_errors``)."""
     problems: list[dict] = []
-
-    def bad(index: int, field: str, msg: str) -> None:
-        if len(problems) < max_errors:
-            problems.append({"index": index, "field": field, "message": msg})
-
-    if not comparisons:
-        raise InvalidInput("a feedback batch needs at least one comparison", [])
     for i, comp in enumerate(comparisons):
-        if not comp.prompt.strip():
-            bad(i, "prompt", "prompt is empty")
-        if comp.choice not in CHOICES:
-            bad(i, "choice", f"choice {comp.choice!r} is not one of {', '.join(CHOICES)}")
-        elif comp.response_a == comp.response_b and comp.choice != "tie":
-            bad(i, "choice", f"response_a and response_b are identical, so choice must be 'tie', not {comp.choice!r}")
-        if not comp.rater_id.strip():
-            bad(i, "rater_id", "rater_id is empty")
+        problems.extend(comparison_problems(comp, offset + i))
+        if len(problems) >= max_errors:
+            break
     if problems:
-        raise InvalidInput(f"{len(problems)} invalid comparison field(s)", problems)
+        raise InvalidInput(f"{len(problems)} invalid comparison field(s)", problems[:max_errors])
+
+
+def find_replay(session: Session, *, idempotency_key: str, request_sha256: str | None) -> FeedbackBatch | None:
+    """The batch first registered under ``idempotency_key``, or None.
+
+    Raises ``Conflict`` when the key was used for a different request.
+    """
+    first = session.scalar(select(FeedbackBatch).where(FeedbackBatch.idempotency_key == idempotency_key))
+    if first is not None and request_sha256 is not None and first.request_sha256 != request_sha256:
+        raise Conflict(f"idempotency key {idempotency_key!r} was used for a different request")
+    return first
+
+
+class IdempotentReplay(Exception):
+    """Raised by ``BatchWriter.finish`` when a concurrent request with the same
+    key committed first; the caller rolls back and answers with ``batch``."""
+
+    def __init__(self, batch_id: int):
+        super().__init__(f"feedback batch {batch_id} was registered first under this idempotency key")
+        self.batch_id = batch_id
+
+
+class BatchWriter:
+    """Writes one feedback batch inside the caller's transaction, in chunks.
+
+    Comparisons go in first (their foreign key to the batch is deferred to
+    commit), then ``finish`` writes the batch row with the final count and
+    content hash. Everything is one transaction: a crash or an error at any
+    point leaves nothing behind.
+    """
+
+    def __init__(self, session: Session, *, source: str, api_key_id: int | None = None,
+                 cycle_id: int | None = None, metadata: dict[str, Any] | None = None):
+        self.session = session
+        self.batch_id = _allocate_batch_id(session)
+        self.count = 0
+        self._hash = ContentHash()
+        self._task_ids: set[int] = set()
+        self._fields = {"source": source, "api_key_id": api_key_id, "cycle_id": cycle_id, "meta": metadata or {}}
+
+    def add(self, comparisons: Sequence[NewComparison], *, prevalidated: bool = False) -> None:
+        """Validate and insert the next comparisons (indices continue across calls).
+
+        ``prevalidated=True`` skips the per-record rules when the caller has
+        already applied them (the API's request models do); task ids are
+        always checked against the database.
+        """
+        if not comparisons:
+            return
+        if not prevalidated:
+            check_comparisons(comparisons, offset=self.count)
+        task_ids = {c.task_id for c in comparisons if c.task_id is not None}
+        if task_ids:
+            known = set(self.session.scalars(select(ComparisonTask.id).where(ComparisonTask.id.in_(task_ids))))
+            unknown = [
+                {"index": self.count + i, "field": "task_id", "message": f"comparison task {c.task_id} does not exist"}
+                for i, c in enumerate(comparisons)
+                if c.task_id is not None and c.task_id not in known
+            ]
+            if unknown:
+                raise InvalidInput(f"{len(unknown)} comparison(s) name unknown tasks", unknown[:100])
+            self._task_ids |= task_ids
+        lines = encode_rows(comparisons)
+        _insert_comparisons(self.session, self.batch_id, comparisons, lines, start=self.count)
+        self._hash.update(lines)
+        self.count += len(comparisons)
+
+    def finish(
+        self,
+        *,
+        idempotency_key: str | None = None,
+        request_sha256: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> FeedbackBatch:
+        """Write the batch row (``metadata`` merged into the batch's) and close the tasks it answers."""
+        if metadata:
+            self._fields["meta"] = {**self._fields["meta"], **metadata}
+        if self.count == 0:
+            raise InvalidInput("a feedback batch needs at least one comparison", [])
+        batch = FeedbackBatch(
+            id=self.batch_id,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
+            content_sha256=self._hash.hexdigest(),
+            comparison_count=self.count,
+            **self._fields,
+        )
+        if idempotency_key is None:
+            self.session.add(batch)
+            self.session.flush()
+        else:
+            # Under a SAVEPOINT: a concurrent request with the same key that
+            # commits first makes this insert fail; answer with its batch.
+            try:
+                with self.session.begin_nested():
+                    self.session.add(batch)
+            except IntegrityError:
+                first = find_replay(self.session, idempotency_key=idempotency_key, request_sha256=request_sha256)
+                if first is None:
+                    raise
+                raise IdempotentReplay(first.id) from None
+        if self._task_ids:
+            self.session.execute(
+                update(ComparisonTask)
+                .where(ComparisonTask.id.in_(self._task_ids), ComparisonTask.status == "open")
+                .values(status="done", done_at=utcnow(), leased_by=None, leased_until=None)
+            )
+        return batch
+
+
+def _allocate_batch_id(session: Session) -> int:
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        return session.scalar(text("SELECT nextval(pg_get_serial_sequence('feedback_batches', 'id'))"))
+    # SQLite: the transaction holds the write lock (BEGIN IMMEDIATE), so
+    # max + 1 cannot be taken by anyone else before we commit.
+    return (session.scalar(select(func.max(FeedbackBatch.id))) or 0) + 1
 
 
 def create_feedback_batch(
@@ -92,48 +239,49 @@ def create_feedback_batch(
     api_key_id: int | None = None,
     cycle_id: int | None = None,
     metadata: dict[str, Any] | None = None,
+    prevalidated: bool = False,
 ) -> tuple[FeedbackBatch, bool]:
-    """Register a batch in the caller's transaction; returns (batch, created).
+    """Register a whole batch in the caller's transaction; returns (batch, created).
 
     A replay with the same idempotency key and request hash returns the first
     batch with ``created=False``; the same key with another request raises
     ``Conflict``. Task ids must name existing tasks; their tasks become done.
+    A concurrent replay that commits first raises ``IdempotentReplay``: roll
+    back and answer with that batch.
     """
     if idempotency_key is not None:
-        first = session.scalar(select(FeedbackBatch).where(FeedbackBatch.idempotency_key == idempotency_key))
+        first = find_replay(session, idempotency_key=idempotency_key, request_sha256=request_sha256)
         if first is not None:
-            if request_sha256 is not None and first.request_sha256 != request_sha256:
-                raise Conflict(f"idempotency key {idempotency_key!r} was used for a different request")
             return first, False
-    check_comparisons(comparisons)
-    task_ids = {c.task_id for c in comparisons if c.task_id is not None}
-    if task_ids:
-        known = set(session.scalars(select(ComparisonTask.id).where(ComparisonTask.id.in_(task_ids))))
-        unknown = [
-            {"index": i, "field": "task_id", "message": f"comparison task {c.task_id} does not exist"}
-            for i, c in enumerate(comparisons)
-            if c.task_id is not None and c.task_id not in known
-        ]
-        if unknown:
-            raise InvalidInput(f"{len(unknown)} comparison(s) name unknown tasks", unknown[:100])
-    batch = FeedbackBatch(
-        source=source,
-        idempotency_key=idempotency_key,
-        request_sha256=request_sha256,
-        content_sha256=content_sha256(comparisons),
-        comparison_count=len(comparisons),
-        api_key_id=api_key_id,
-        cycle_id=cycle_id,
-        meta=metadata or {},
-    )
-    session.add(batch)
-    session.flush()
+    if not comparisons:
+        raise InvalidInput("a feedback batch needs at least one comparison", [])
+    writer = BatchWriter(session, source=source, api_key_id=api_key_id, cycle_id=cycle_id, metadata=metadata)
+    writer.add(comparisons, prevalidated=prevalidated)
+    return writer.finish(idempotency_key=idempotency_key, request_sha256=request_sha256), True
+
+
+_COPY_COLUMNS = "batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata"
+
+
+def _insert_comparisons(
+    session: Session, batch_id: int, comparisons: Sequence[NewComparison], lines: list[str], *, start: int = 0
+) -> None:
+    """Insert a batch's comparisons: COPY on Postgres (the fast path), executemany elsewhere."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        payload = "".join(f"{batch_id}\t{start + i}\t{line}\n" for i, line in enumerate(lines))
+        cursor = connection.connection.dbapi_connection.cursor()
+        try:
+            cursor.copy_expert(f"COPY comparisons ({_COPY_COLUMNS}) FROM STDIN", io.StringIO(payload))
+        finally:
+            cursor.close()
+        return
     session.execute(
         insert(Comparison),
         [
             {
-                "batch_id": batch.id,
-                "position": i,
+                "batch_id": batch_id,
+                "position": start + i,
                 "prompt": c.prompt,
                 "response_a": c.response_a,
                 "response_b": c.response_b,
@@ -145,13 +293,6 @@ def create_feedback_batch(
             for i, c in enumerate(comparisons)
         ],
     )
-    if task_ids:
-        session.execute(
-            update(ComparisonTask)
-            .where(ComparisonTask.id.in_(task_ids), ComparisonTask.status == "open")
-            .values(status="done", done_at=utcnow(), leased_by=None, leased_until=None)
-        )
-    return batch, True
 
 
 def get_feedback_batch(session: Session, batch_id: int) -> FeedbackBatch:

@@ -183,7 +183,9 @@ class Comparison(VersionRow, Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    batch_id: Mapped[int] = mapped_column(ForeignKey("feedback_batches.id"))
+    # Deferred: a streamed import writes its comparisons first and its batch
+    # row (with the final count and hash) last, in the same transaction.
+    batch_id: Mapped[int] = mapped_column(ForeignKey("feedback_batches.id", deferrable=True, initially="DEFERRED"))
     position: Mapped[int]
     prompt: Mapped[str] = mapped_column(Text)
     response_a: Mapped[str] = mapped_column(Text)

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     """log level of the service's loggers"""
 
+    max_batch_records: int = Field(default=50_000, ge=1)
+    """most comparisons in one feedback batch (over it: 413)"""
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """largest JSON request body in bytes (over it: 413)"""
+    max_import_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1024)
+    """largest JSONL import body in bytes, counted after gzip decoding (over it: 413)"""
+    task_lease_s: int = Field(default=600, ge=1)
+    """how long a labeler holds a fetched comparison task before others may get it"""
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

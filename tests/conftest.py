@@ -121,6 +121,15 @@ def db(db_url) -> Iterator[Database]:
 
 
 @pytest.fixture
+def pg_db(pg_url) -> Iterator[Database]:
+    """A ``Database`` on a clean, migrated PostgreSQL store."""
+    _truncate_all(pg_url)
+    database = Database(pg_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
 def artifacts(tmp_path) -> ArtifactStore:
     """A local artifact store in a fresh folder."""
     return ArtifactStore(str(tmp_path / "artifacts"))

@@ -220,7 +220,7 @@ def upgrade() -> None:
     sa.Column('task_id', sa.Integer(), nullable=True),
     sa.Column('metadata', sa.JSON(), nullable=True),
     sa.CheckConstraint("choice IN ('a', 'b', 'tie')", name=op.f('ck_comparisons_choice')),
-    sa.ForeignKeyConstraint(['batch_id'], ['feedback_batches.id'], name=op.f('fk_comparisons_batch_id_feedback_batches')),
+    sa.ForeignKeyConstraint(['batch_id'], ['feedback_batches.id'], name=op.f('fk_comparisons_batch_id_feedback_batches'), initially='DEFERRED', deferrable=True),
     sa.ForeignKeyConstraint(['task_id'], ['comparison_tasks.id'], name=op.f('fk_comparisons_task_id_comparison_tasks')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_comparisons')),
     sa.UniqueConstraint('batch_id', 'position', name=op.f('uq_comparisons_batch_id_position'))

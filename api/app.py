@@ -1,0 +1,92 @@
+"""The FastAPI application: ``create_app()`` builds it from settings.
+
+The app refuses to start on a database whose schema is not at the code's
+head revision (``ratchet db upgrade`` fixes that). ``ratchet api`` serves it
+with uvicorn; ``uvicorn --factory api.app:create_app`` works too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from api import errors
+from api.routes import admin, feedback, operations, registry, tasks
+from store.artifacts import ArtifactStore
+from store.db import Database, open_database
+from store.feedback import IdempotentReplay
+from store.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Labeling tools register comparisons and fetch comparison tasks; operators read
+the registry (datasets, preference models, policies and their lineage,
+deployments, cycles), start cycles and roll deployments back.
+
+Authenticate with `Authorization: Bearer <token>` (`ratchet keys create`).
+Roles are ranked labeler < operator < admin; a key may do what its role and
+the roles below it may. Every error body is `{"detail", "errors"}`; invalid
+input names each bad record by `index` and `field`.
+"""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    database: Database | None = None,
+    artifacts: ArtifactStore | None = None,
+    cycle_launcher: Callable | None = None,
+) -> FastAPI:
+    """The API app. Without ``database`` it opens the configured one and
+    refuses a schema that is not at head."""
+    settings = settings or get_settings()
+    owns_database = database is None
+    database = database or open_database(settings.resolved_database_url)
+    artifacts = artifacts or ArtifactStore(settings.resolved_artifacts_url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if owns_database:
+            database.dispose()
+
+    app = FastAPI(title="Ratchet", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.database = database
+    app.state.artifacts = artifacts
+    app.state.cycle_launcher = cycle_launcher
+    errors.install(app)
+
+    @app.exception_handler(IdempotentReplay)
+    async def _lost_race(request: Request, exc: IdempotentReplay) -> JSONResponse:
+        as_import = request.url.path.endswith("/import")
+        body = await run_in_threadpool(feedback.replayed_batch, database, exc.batch_id, as_import=as_import)
+        return JSONResponse(body, status_code=200)
+
+    for module in (admin, feedback, tasks, registry, operations):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document, with the models of bodies that routes read raw
+    (to hash and size-check them first) added to its components."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from api.schemas.feedback import FeedbackBatchCreate
+
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = FeedbackBatchCreate.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        components.update(schema.pop("$defs", {}))
+        components["FeedbackBatchCreate"] = schema
+        app.openapi_schema = spec
+    return app.openapi_schema

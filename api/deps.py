@@ -1,0 +1,127 @@
+"""Dependencies: the request's database session, auth, paging."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from store.artifacts import ArtifactStore
+from store.db import Database
+from store.errors import InvalidInput
+from store.keys import authenticate
+from store.models import ApiKey
+from store.settings import Settings
+
+MAX_ID = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="row id")]
+"""An id in a path: a positive 32-bit integer (anything else is 422, not a database error)."""
+
+ROLE_RANK = {"labeler": 0, "operator": 1, "admin": 2}
+
+
+# Plain lookups are ``async def`` so FastAPI runs them on the event loop
+# instead of sending each through the thread pool.
+async def get_database(request: Request) -> Database:
+    return request.app.state.database
+
+
+async def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_artifacts(request: Request) -> ArtifactStore:
+    return request.app.state.artifacts
+
+
+def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
+    """The request's session: committed when the route returns, before the
+    response is sent (scope="function"), so a 2xx answer means committed."""
+    with database.session() as session:
+        yield session
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `ratchet keys create`")
+
+
+def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
+    if credentials is None or not credentials.credentials:
+        raise HTTPException(401, "missing API key: send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"})
+    key = authenticate(session, credentials.credentials)
+    if key is None:
+        raise HTTPException(401, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+    return key
+
+
+def require_role(role: str):
+    """A dependency that admits keys of ``role`` or a higher one (labeler < operator < admin).
+
+    The key is checked in the request's own session (one connection, one
+    transaction per request), so a revoked key is refused at once.
+    """
+
+    def check(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+        key = _authenticate(session, credentials)
+        if ROLE_RANK[key.role] < ROLE_RANK[role]:
+            raise HTTPException(403, f"this needs the {role} role; key {key.name!r} is a {key.role}")
+        return key
+
+    return check
+
+
+Labeler = Annotated[ApiKey, Depends(require_role("labeler"))]
+Operator = Annotated[ApiKey, Depends(require_role("operator"))]
+Admin = Annotated[ApiKey, Depends(require_role("admin"))]
+
+
+# --- paging ----------------------------------------------------------------------
+
+
+def encode_cursor(last_id: int) -> str:
+    """The opaque cursor that continues after row ``last_id``."""
+    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    """The row id a cursor continues after (422 for a cursor we did not issue)."""
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, value = raw.partition(":")
+        if prefix != "id" or not value.isdigit():
+            raise ValueError(raw)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidInput("invalid cursor", [{"field": "cursor", "message": "not a cursor this API issued"}]) from None
+
+
+class Paging:
+    """``limit`` and ``cursor`` query parameters of every list endpoint."""
+
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 50,
+        cursor: Annotated[str | None, Query(max_length=64, description="from the previous page's next_cursor")] = None,
+    ):
+        self.limit = limit
+        self.after_id = decode_cursor(cursor)
+
+    def page(self, rows: list, convert) -> dict:
+        """A page body: ``data``, ``count`` and ``next_cursor`` (None on the last page)."""
+        data = [convert(r) for r in rows]
+        next_cursor = encode_cursor(rows[-1].id) if len(rows) == self.limit else None
+        return {"data": data, "count": len(data), "next_cursor": next_cursor}
+
+
+PagingDep = Annotated[Paging, Depends()]

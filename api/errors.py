@@ -1,0 +1,122 @@
+"""Error bodies, the store-error to HTTP mapping, and OpenAPI declarations.
+
+Every error answer has the same shape, ``ErrorResponse``: a ``detail``
+sentence and, for invalid input, one entry per bad record and field. Store
+exceptions are mapped to status codes here, once, instead of in every route.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from store import errors
+
+log = logging.getLogger(__name__)
+
+MAX_REPORTED_ERRORS = 100
+
+
+class FieldError(BaseModel):
+    """One bad field of one record."""
+
+    index: int | None = None
+    """position of the record in the request (None for the request itself)"""
+    field: str
+    """the field, dotted for nested ones (``metadata.source``)"""
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    detail: str
+    errors: list[FieldError] = []
+
+
+class PayloadTooLarge(Exception):
+    """A request over a configured size limit (413)."""
+
+
+DESCRIPTIONS = {
+    401: "Missing, unknown or revoked API key",
+    403: "The API key's role may not do this",
+    404: "Not found",
+    409: "Conflict (idempotency key reused with another body, nothing to roll back, ...)",
+    413: "Request over a size limit; the message names the limit",
+    422: "Invalid input; each bad record is named by index and field",
+    503: "Database unreachable, schema not at head, or no orchestrator configured",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries for these error codes."""
+    return {code: {"model": ErrorResponse, "description": DESCRIPTIONS[code]} for code in codes}
+
+
+def _body(status: int, detail: str, field_errors: list[dict] | None = None, headers: dict | None = None) -> JSONResponse:
+    payload = ErrorResponse(detail=detail, errors=[FieldError(**e) for e in (field_errors or [])[:MAX_REPORTED_ERRORS]])
+    return JSONResponse(payload.model_dump(), status_code=status, headers=headers)
+
+
+def pydantic_field_errors(exc: ValidationError | RequestValidationError, *, record_key: str | None = None) -> list[dict]:
+    """Pydantic errors as ``{index, field, message}``; ``record_key`` names the list of records
+    (e.g. ``comparisons``) whose position becomes ``index``."""
+    out = []
+    for err in exc.errors()[:MAX_REPORTED_ERRORS]:
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        index = None
+        if record_key is not None and len(loc) >= 2 and loc[0] == record_key and isinstance(loc[1], int):
+            index, loc = loc[1], loc[2:]
+        message = err.get("msg", "invalid")
+        if err.get("type") == "identical_responses":
+            loc = [*loc, "choice"]
+        out.append({"index": index, "field": ".".join(str(p) for p in loc) or "(body)", "message": message})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on ``app``."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _body(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = pydantic_field_errors(exc)
+        return _body(422, f"{len(fields)} invalid field(s)", fields)
+
+    @app.exception_handler(errors.InvalidInput)
+    async def _invalid(_: Request, exc: errors.InvalidInput) -> JSONResponse:
+        return _body(422, str(exc), exc.errors)
+
+    @app.exception_handler(errors.NotFound)
+    async def _not_found(_: Request, exc: errors.NotFound) -> JSONResponse:
+        return _body(404, str(exc))
+
+    @app.exception_handler(errors.Conflict)
+    async def _conflict(_: Request, exc: errors.Conflict) -> JSONResponse:
+        return _body(409, str(exc))
+
+    @app.exception_handler(errors.ImmutableVersion)
+    async def _immutable(_: Request, exc: errors.ImmutableVersion) -> JSONResponse:
+        return _body(409, str(exc))
+
+    @app.exception_handler(PayloadTooLarge)
+    async def _too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return _body(413, str(exc))
+
+    @app.exception_handler(errors.SchemaNotAtHead)
+    async def _schema(_: Request, exc: errors.SchemaNotAtHead) -> JSONResponse:
+        return _body(503, str(exc))
+
+    @app.exception_handler(errors.DatabaseUnavailable)
+    async def _unavailable(_: Request, exc: errors.DatabaseUnavailable) -> JSONResponse:
+        log.error("database unavailable: %s", exc)
+        return _body(503, f"database unavailable: {exc}", headers={"Retry-After": "5"})

@@ -1,0 +1,254 @@
+"""Preference-data line formats for import and export: HH-RLHF and TRL.
+
+Both are JSON Lines, one preference pair a line:
+
+- ``hh-rlhf`` (Anthropic's HH-RLHF, Bai et al. 2022):
+  ``{"chosen": str, "rejected": str}``, each a whole dialogue with turns
+  ``"\\n\\nHuman: "`` and ``"\\n\\nAssistant: "``; the two share every turn but
+  the last Assistant reply.
+- ``trl`` (TRL's "standard" preference format with an explicit prompt):
+  ``{"prompt": str, "chosen": str, "rejected": str}``.
+
+Everything here is pure: no web framework, no database. ``JsonlImportParser``
+reads a streamed (optionally gzipped) body chunk by chunk and never holds more
+than one partial line of it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import zlib
+from dataclasses import dataclass
+
+FORMATS = ("hh-rlhf", "trl")
+"""The line formats known to import and export (see the module docstring)."""
+
+ASSISTANT_MARKER = "\n\nAssistant:"
+"""Where an HH-RLHF prompt ends; the response keeps the space that follows it."""
+
+GZIP_MAGIC = b"\x1f\x8b"
+"""The first two bytes of every gzip stream (RFC 1952), used to auto-detect gzip."""
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib with a gzip header and trailer
+
+
+class FormatError(ValueError):
+    """A line could not be parsed; the message is the reason, for a human."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    """One non-blank line of an import body: a preference pair or the reason it is not one."""
+
+    line: int
+    """1-based line number in the decoded text (blank lines count)."""
+    prompt: str | None
+    """The prompt; None when ``error`` is set."""
+    chosen: str | None
+    """The preferred response, without the prompt; None when ``error`` is set."""
+    rejected: str | None
+    """The other response, without the prompt; None when ``error`` is set."""
+    error: str | None
+    """Why the line was rejected; None means the line is ok."""
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+
+
+def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split an HH-RLHF pair into ``(prompt, chosen_response, rejected_response)``.
+
+    The prompt is everything up to and including the last ``"\\n\\nAssistant:"``,
+    so ``prompt + chosen_response == chosen`` and
+    ``prompt + rejected_response == rejected`` exactly. An empty response is
+    valid. Raises ``FormatError`` when a text has no Assistant turn, when the
+    two differ before their last Assistant turn, or when the responses are
+    identical.
+    """
+    cut_chosen = chosen.rfind(ASSISTANT_MARKER)
+    if cut_chosen < 0:
+        raise FormatError("chosen has no Assistant turn ('\\n\\nAssistant:')")
+    cut_rejected = rejected.rfind(ASSISTANT_MARKER)
+    if cut_rejected < 0:
+        raise FormatError("rejected has no Assistant turn ('\\n\\nAssistant:')")
+    prompt = chosen[: cut_chosen + len(ASSISTANT_MARKER)]
+    other_prompt = rejected[: cut_rejected + len(ASSISTANT_MARKER)]
+    if prompt != other_prompt:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(prompt, other_prompt, strict=False)) if a != b),
+            min(len(prompt), len(other_prompt)),
+        )
+        raise FormatError(
+            f"chosen and rejected differ before their last Assistant turn (first difference at character {first})"
+        )
+    chosen_response = chosen[len(prompt) :]
+    rejected_response = rejected[len(prompt) :]
+    if chosen_response == rejected_response:
+        raise FormatError("chosen and rejected responses are identical")
+    return prompt, chosen_response, rejected_response
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string_field(obj: dict, name: str) -> str:
+    if name not in obj:
+        raise FormatError(f"field {name!r} is missing")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise FormatError(f"field {name!r} must be a string, got {_type_name(value)}")
+    try:
+        # json.loads lets "\ud800" through; it cannot be written back as UTF-8 or stored.
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"field {name!r} is not valid Unicode: lone surrogate at character {exc.start}") from None
+    return value
+
+
+def parse_record(fmt: str, obj: object) -> tuple[str, str, str]:
+    """Read one decoded JSON line as ``(prompt, chosen_response, rejected_response)``.
+
+    ``hh-rlhf`` lines are ``{"chosen": str, "rejected": str}`` (split with
+    ``split_hh_dialogue``); ``trl`` lines are
+    ``{"prompt": str, "chosen": str, "rejected": str}``. Other fields are
+    ignored. Raises ``FormatError`` naming the missing or wrong field, and
+    ``ValueError`` for an unknown ``fmt``.
+    """
+    _check_format(fmt)
+    if not isinstance(obj, dict):
+        raise FormatError("line is not a JSON object")
+    if fmt == "hh-rlhf":
+        return split_hh_dialogue(_string_field(obj, "chosen"), _string_field(obj, "rejected"))
+    if any(isinstance(obj.get(name), list) for name in ("prompt", "chosen", "rejected")):
+        raise FormatError(
+            "TRL's conversational format (lists of {role, content} messages) is not supported;"
+            " use the standard form with string 'prompt', 'chosen' and 'rejected'"
+        )
+    prompt = _string_field(obj, "prompt")
+    chosen = _string_field(obj, "chosen")
+    rejected = _string_field(obj, "rejected")
+    if not prompt.strip():
+        raise FormatError("field 'prompt' is empty")
+    if chosen == rejected:
+        raise FormatError("chosen and rejected responses are identical")
+    return prompt, chosen, rejected
+
+
+class JsonlImportParser:
+    """Parse a streamed JSON Lines body, plain or gzipped, chunk by chunk.
+
+    ``gzip=None`` detects gzip by its magic bytes (1f 8b) at the start of the
+    stream. Blank lines are skipped (but counted in line numbers). A line that
+    is not UTF-8, not JSON, or not a valid record becomes a ``ParsedLine``
+    with ``error`` set; only a corrupt or truncated gzip stream raises
+    ``FormatError``, since nothing after the damage can be read.
+    """
+
+    def __init__(self, fmt: str, *, gzip: bool | None = None) -> None:
+        _check_format(fmt)
+        self.fmt = fmt
+        self._gzip: bool | None = None
+        self._inflater = None  # a zlib decompressobj once the body is known to be gzip
+        self._gzip_started = False
+        self._head = b""  # the first bytes, held until there are enough to detect gzip
+        self._partial = bytearray()  # decoded bytes after the last newline
+        self._line = 0
+        self._closed = False
+        if gzip is not None:
+            self._start(gzip=gzip)
+
+    def feed(self, chunk: bytes) -> list[ParsedLine]:
+        """Take the next chunk of the body; return the lines it completed."""
+        if self._closed:
+            raise ValueError("feed() after close()")
+        if self._gzip is None:
+            self._head += chunk
+            if len(self._head) < len(GZIP_MAGIC):
+                return []
+            chunk, self._head = self._head, b""
+            self._start(gzip=chunk.startswith(GZIP_MAGIC))
+        if self._gzip:
+            chunk = self._inflate(chunk)
+        self._partial += chunk
+        if b"\n" not in chunk:
+            return []
+        *lines, tail = self._partial.split(b"\n")
+        self._partial = tail
+        return [parsed for raw in lines if (parsed := self._parse_line(raw)) is not None]
+
+    def close(self) -> list[ParsedLine]:
+        """End the body: return its last line if it had no newline.
+
+        Raises ``FormatError`` if a gzip stream is empty or truncated.
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        if self._gzip is None:
+            self._start(gzip=False)  # fewer than two bytes cannot be gzip
+            self._partial += self._head
+        if self._gzip and not self._gzip_started:
+            raise FormatError("gzip stream is empty")
+        if self._gzip and not self._inflater.eof:
+            raise FormatError("gzip stream is truncated")
+        raw, self._partial = self._partial, bytearray()
+        parsed = self._parse_line(raw)
+        return [] if parsed is None else [parsed]
+
+    def _start(self, *, gzip: bool) -> None:
+        self._gzip = gzip
+        if gzip:
+            self._inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+
+    def _inflate(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._gzip_started = True
+            if self._inflater.eof:  # concatenated gzip members (`cat a.gz b.gz`, pigz) form one stream
+                self._inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+            try:
+                out.append(self._inflater.decompress(chunk))
+            except zlib.error as exc:
+                raise FormatError(f"gzip stream is corrupt: {exc}") from None
+            chunk = self._inflater.unused_data
+        return b"".join(out)
+
+    def _parse_line(self, raw: bytearray) -> ParsedLine | None:
+        self._line += 1
+        if self._line == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._error(f"invalid UTF-8 at byte {exc.start}: {exc.reason}")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self._error(f"invalid JSON: {exc.msg} at column {exc.colno}")
+        try:
+            prompt, chosen, rejected = parse_record(self.fmt, obj)
+        except FormatError as exc:
+            return self._error(str(exc))
+        return ParsedLine(self._line, prompt, chosen, rejected, None)
+
+    def _error(self, reason: str) -> ParsedLine:
+        return ParsedLine(self._line, None, None, None, reason)
+
+
+def export_record(fmt: str, *, prompt: str, chosen: str, rejected: str) -> bytes:
+    """One JSON line (UTF-8, ending in a newline) for a preference pair.
+
+    ``hh-rlhf`` writes whole dialogues (``prompt + chosen``,
+    ``prompt + rejected``); ``trl`` writes the three fields as they are.
+    """
+    _check_format(fmt)
+    if fmt == "hh-rlhf":
+        record = {"chosen": prompt + chosen, "rejected": prompt + rejected}
+    else:
+        record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"

@@ -1,0 +1,77 @@
+"""Health and API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Admin, DatabaseDep, SessionDep
+from api.errors import responses
+from api.schemas.common import Public
+from store import errors
+from store.db import assert_schema_at_head
+from store.keys import create_api_key, list_api_keys, revoke_api_key
+
+router = APIRouter(tags=["admin"])
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    schema_revision: str | None = None
+    detail: str | None = None
+
+
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
+def healthz(database: DatabaseDep) -> Any:
+    """Ready when the database answers and its schema is at this code's head."""
+    try:
+        revision = assert_schema_at_head(database.engine)
+    except errors.StoreError as exc:
+        kind = "schema_not_at_head" if isinstance(exc, errors.SchemaNotAtHead) else "unreachable"
+        body = Health(status="unavailable", database=kind, detail=str(exc))
+        return JSONResponse(body.model_dump(), status_code=503)
+    return Health(status="ok", database="ok", schema_revision=revision)
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")
+    role: str = Field(pattern="^(labeler|operator|admin)$")
+
+
+class ApiKeyPublic(Public):
+    id: int
+    name: str
+    role: str
+    prefix: str
+    """the token's first characters, to recognise it"""
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(BaseModel):
+    key: ApiKeyPublic
+    token: str
+    """the bearer token: shown this once, only its hash is kept"""
+
+
+@router.post("/v1/api-keys", status_code=201, response_model=ApiKeyCreated, responses=responses(401, 403, 409, 422))
+def create_key(body: ApiKeyCreate, _: Admin, session: SessionDep) -> Any:
+    key, token = create_api_key(session, name=body.name, role=body.role)
+    return ApiKeyCreated(key=ApiKeyPublic.model_validate(key), token=token)
+
+
+@router.get("/v1/api-keys", response_model=list[ApiKeyPublic], responses=responses(401, 403))
+def keys(_: Admin, session: SessionDep) -> Any:
+    return list_api_keys(session, limit=10_000)
+
+
+@router.post("/v1/api-keys/{name}/revoke", response_model=ApiKeyPublic, responses=responses(401, 403, 404, 422))
+def revoke_key(name: str, _: Admin, session: SessionDep) -> Any:
+    return revoke_api_key(session, name=name)

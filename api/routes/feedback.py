@@ -1,0 +1,355 @@
+"""Feedback batches: register (JSON), import (JSONL), list, read, export."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from api.deps import IdPath, DatabaseDep, Labeler, PagingDep, SessionDep, SettingsDep
+from api.errors import PayloadTooLarge, pydantic_field_errors, responses
+from api.formats import FormatError, JsonlImportParser, export_record
+from api.schemas.common import LineagePublic, Page
+from api.schemas.feedback import (
+    AgreementPublic,
+    ExportFormat,
+    FeedbackBatchCreate,
+    FeedbackBatchDetail,
+    FeedbackBatchPublic,
+    ImportResult,
+    SkippedLine,
+)
+from store.db import Database
+from store.errors import InvalidInput
+from store.feedback import (
+    BatchWriter,
+    IdempotentReplay,
+    NewComparison,
+    comparison_problems,
+    create_feedback_batch,
+    find_replay,
+    get_feedback_batch,
+    list_feedback_batches,
+    rater_agreement,
+)
+from store.lineage import lineage_forward
+from store.models import Comparison
+
+router = APIRouter(prefix="/v1/feedback-batches", tags=["feedback"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Retry-safe key: a replay returns the first answer; the same key with another body is 409",
+    ),
+]
+IMPORT_CHUNK_RECORDS = 2_000
+MAX_SKIPPED_REPORTED = 1_000
+
+
+async def read_json_body(request: Request, settings: SettingsDep) -> bytes:
+    """The request body, refused with 413 as soon as it passes the byte limit."""
+    limit = settings.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FeedbackBatchPublic,
+    summary="Register a feedback batch (all or nothing)",
+    responses={
+        200: {"model": FeedbackBatchPublic, "description": "A replay: the batch first registered under this Idempotency-Key"},
+        **responses(401, 403, 409, 413, 422, 503),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeedbackBatchCreate"}}},
+        }
+    },
+)
+def create_batch(
+    key: Labeler,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    body: Annotated[bytes, Depends(read_json_body)],
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    request_sha256 = hashlib.sha256(body).hexdigest()
+    if idempotency_key is not None:
+        first = find_replay(session, idempotency_key=idempotency_key, request_sha256=request_sha256)
+        if first is not None:
+            response.status_code = 200
+            return first
+    try:
+        batch = FeedbackBatchCreate.model_validate_json(body)
+    except ValidationError as exc:
+        fields = pydantic_field_errors(exc, record_key="comparisons")
+        raise InvalidInput(f"{len(fields)} invalid field(s) in the feedback batch", fields) from None
+    if len(batch.comparisons) > settings.max_batch_records:
+        raise PayloadTooLarge(
+            f"{len(batch.comparisons)} comparisons is over the limit of {settings.max_batch_records} per batch"
+        )
+    row, created = create_feedback_batch(
+        session,
+        source=batch.source,
+        comparisons=batch.comparisons,
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
+        api_key_id=key.id,
+        metadata=batch.metadata,
+        prevalidated=True,
+    )
+    if not created:
+        response.status_code = 200
+    return row
+
+
+class _ImportJob:
+    """One streamed import: a transaction held open while the body arrives.
+
+    Parsed lines are written in chunks; the batch row comes last. Any error,
+    a dropped connection or a killed server rolls the whole import back.
+    """
+
+    def __init__(self, database: Database, *, source: str, rater_id: str, api_key_id: int, fmt: str):
+        self._scope = database.session()
+        self.session = self._scope.__enter__()
+        self.writer = BatchWriter(self.session, source=source, api_key_id=api_key_id, metadata={"import_format": fmt})
+        self.rater_id = rater_id
+        self.pending: list[NewComparison] = []
+        self.skipped: list[SkippedLine] = []
+        self.skipped_count = 0
+
+    def take(self, lines) -> None:
+        for parsed in lines:
+            if parsed.error is None:
+                comp = NewComparison(
+                    prompt=parsed.prompt, response_a=parsed.chosen, response_b=parsed.rejected,
+                    choice="a", rater_id=self.rater_id,
+                )
+                problems = comparison_problems(comp, parsed.line)
+                if not problems:
+                    self.pending.append(comp)
+                    continue
+                reason = "; ".join(p["message"] for p in problems)
+            else:
+                reason = parsed.error
+            self.skipped_count += 1
+            if len(self.skipped) < MAX_SKIPPED_REPORTED:
+                self.skipped.append(SkippedLine(line=parsed.line, reason=reason))
+
+    def flush(self) -> None:
+        self.writer.add(self.pending, prevalidated=True)
+        self.pending = []
+
+    def finish(self, *, idempotency_key: str | None, request_sha256: str) -> Any:
+        self.flush()
+        report = {
+            "imported": self.writer.count,
+            "skipped": self.skipped_count,
+            "skipped_lines": [s.model_dump() for s in self.skipped[:100]],
+        }
+        batch = self.writer.finish(idempotency_key=idempotency_key, request_sha256=request_sha256, metadata=report)
+        self._scope.__exit__(None, None, None)
+        return batch
+
+    def abort(self, exc: BaseException) -> None:
+        try:
+            self._scope.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001 - the original error is what the caller reports
+            pass
+
+
+def _import_result(batch) -> ImportResult:
+    meta = batch.meta or {}
+    return ImportResult(
+        batch=FeedbackBatchPublic.model_validate(batch),
+        imported=meta.get("imported", batch.comparison_count),
+        skipped=meta.get("skipped", 0),
+        skipped_lines=[SkippedLine(**s) for s in meta.get("skipped_lines", [])],
+    )
+
+
+@router.post(
+    "/import",
+    status_code=201,
+    response_model=ImportResult,
+    summary="Import a JSONL file of preference pairs (hh-rlhf or trl), optionally gzip-encoded",
+    responses={
+        200: {"model": ImportResult, "description": "A replay: the import first made under this Idempotency-Key"},
+        **responses(401, 403, 409, 413, 422, 503),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/jsonl": {"schema": {"type": "string", "format": "binary"}},
+                "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
+async def import_batch(
+    request: Request,
+    key: Labeler,
+    database: DatabaseDep,
+    settings: SettingsDep,
+    response: Response,
+    format: Annotated[ExportFormat, Query(description="hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected}")],
+    source: Annotated[str | None, Query(min_length=1, max_length=200, description="default: import:<format>")] = None,
+    rater_id: Annotated[str | None, Query(min_length=1, max_length=200, description="default: the source")] = None,
+    strict: Annotated[bool, Query(description="refuse the whole import (422) if any line is skipped")] = False,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    limit = settings.max_import_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"import body of {declared} bytes is over the limit of {limit} bytes")
+    gzip = True if request.headers.get("content-encoding", "").lower() == "gzip" else None
+    source = source or f"import:{format}"
+    hasher, size = hashlib.sha256(), 0
+
+    if idempotency_key is not None:
+        first = await run_in_threadpool(_replay_of, database, idempotency_key)
+        if first is not None:
+            async for chunk in request.stream():
+                hasher.update(chunk)
+            await run_in_threadpool(_replay_of, database, idempotency_key, hasher.hexdigest())
+            response.status_code = 200
+            return _import_result(first)
+
+    parser = JsonlImportParser(format, gzip=gzip)
+    job = await run_in_threadpool(
+        _ImportJob, database, source=source, rater_id=rater_id or source, api_key_id=key.id, fmt=format
+    )
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
+            hasher.update(chunk)
+            await run_in_threadpool(job.take, parser.feed(chunk))
+            if len(job.pending) >= IMPORT_CHUNK_RECORDS:
+                await run_in_threadpool(job.flush)
+        job.take(parser.close())
+        if strict and job.skipped_count:
+            raise InvalidInput(
+                f"{job.skipped_count} line(s) could not be imported (strict mode): nothing was written",
+                [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
+            )
+        if job.writer.count + len(job.pending) == 0:
+            raise InvalidInput(
+                f"no line could be imported ({job.skipped_count} skipped)",
+                [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
+            )
+        batch = await run_in_threadpool(job.finish, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())
+    except FormatError as exc:
+        await run_in_threadpool(job.abort, exc)
+        raise InvalidInput(f"the body could not be read: {exc}", [{"field": "body", "message": str(exc)}]) from None
+    except BaseException as exc:
+        await run_in_threadpool(job.abort, exc)
+        raise
+    return _import_result(batch)
+
+
+def _replay_of(database: Database, idempotency_key: str, request_sha256: str | None = None):
+    with database.session() as session:
+        return find_replay(session, idempotency_key=idempotency_key, request_sha256=request_sha256)
+
+
+@router.get("", response_model=Page[FeedbackBatchPublic], responses=responses(401, 403, 422))
+def list_batches(_: Labeler, session: SessionDep, paging: PagingDep) -> Any:
+    rows = list_feedback_batches(session, limit=paging.limit, after_id=paging.after_id)
+    return paging.page(rows, FeedbackBatchPublic.model_validate)
+
+
+@router.get("/{batch_id}", response_model=FeedbackBatchDetail, responses=responses(401, 403, 404, 422))
+def read_batch(batch_id: IdPath, _: Labeler, session: SessionDep) -> Any:
+    batch = get_feedback_batch(session, batch_id)
+    return FeedbackBatchDetail(
+        **FeedbackBatchPublic.model_validate(batch).model_dump(),
+        agreement=AgreementPublic(**rater_agreement(session, [batch.id])),
+    )
+
+
+@router.get("/{batch_id}/lineage", response_model=LineagePublic, responses=responses(401, 403, 404, 422))
+def batch_lineage(batch_id: IdPath, _: Labeler, session: SessionDep) -> Any:
+    """Everything trained on this batch: snapshots, PMs, policies."""
+    return LineagePublic.of(lineage_forward(session, kind="feedback_batch", id=batch_id), "forward")
+
+
+EXPORT_RESPONSES = {
+    200: {
+        "description": "JSONL, one preference pair a line; ties are left out (neither format has them) "
+        "and counted in the X-Ratchet-Skipped-Ties header",
+        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+    },
+    **responses(401, 403, 404, 422),
+}
+
+
+def export_response(database: Database, batch_ids: list[int], fmt: str, filename: str) -> StreamingResponse:
+    """Stream the comparisons of ``batch_ids`` as ``fmt`` JSONL."""
+    with database.session() as session:
+        ties = session.scalar(
+            select(func.count()).select_from(Comparison).where(Comparison.batch_id.in_(batch_ids), Comparison.choice == "tie")
+        )
+
+    def lines() -> Iterator[bytes]:
+        with database.session() as session:
+            query = (
+                select(Comparison.prompt, Comparison.response_a, Comparison.response_b, Comparison.choice)
+                .where(Comparison.batch_id.in_(batch_ids), Comparison.choice != "tie")
+                .order_by(Comparison.batch_id, Comparison.position)
+                .execution_options(yield_per=1000)
+            )
+            for prompt, a, b, choice in session.execute(query):
+                chosen, rejected = (a, b) if choice == "a" else (b, a)
+                yield export_record(fmt, prompt=prompt, chosen=chosen, rejected=rejected)
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/jsonl",
+        headers={"X-Ratchet-Skipped-Ties": str(ties), "Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/{batch_id}/export", response_class=StreamingResponse, responses=EXPORT_RESPONSES)
+def export_batch(
+    batch_id: IdPath,
+    _: Labeler,
+    database: DatabaseDep,
+    format: Annotated[ExportFormat, Query()] = "hh-rlhf",
+) -> StreamingResponse:
+    with database.session() as session:
+        get_feedback_batch(session, batch_id)
+    return export_response(database, [batch_id], format, f"feedback-batch-{batch_id}.{format}.jsonl")
+
+
+def replayed_batch(database: Database, batch_id: int, *, as_import: bool) -> dict:
+    """The answer to a request that lost an idempotency race: the winner's batch."""
+    with database.session() as session:
+        batch = get_feedback_batch(session, batch_id)
+        result = _import_result(batch) if as_import else FeedbackBatchPublic.model_validate(batch)
+        return result.model_dump(mode="json")

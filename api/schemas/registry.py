@@ -1,0 +1,138 @@
+"""Datasets, preference models, policies, deployments, cycles."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from api.schemas.common import Public
+from api.schemas.feedback import AgreementPublic
+
+
+class ArtifactPublic(Public):
+    uri: str
+    sha256: str
+    size_bytes: int
+    is_dir: bool
+
+
+class DatasetPublic(Public):
+    id: int
+    name: str
+    version: int
+    kind: str
+    """prompts, samples or comparisons"""
+    content_sha256: str
+    row_count: int
+    artifact: ArtifactPublic | None
+    source_dataset_id: int | None
+    cycle_id: int | None
+    created_at: datetime
+    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("meta", "metadata"))
+
+
+class DatasetDetail(DatasetPublic):
+    batch_ids: list[int]
+    """the feedback batches in a comparison snapshot"""
+    agreement: AgreementPublic | None
+    """rater agreement over the snapshot (comparison snapshots only)"""
+
+
+class PreferenceModelPublic(Public):
+    id: int
+    name: str
+    version: int
+    role: str
+    """train or test (the held-out PM the gate uses)"""
+    dataset_id: int
+    base_model: str
+    init_pm_id: int | None
+    artifact: ArtifactPublic | None
+    cycle_id: int | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class PolicyPublic(Public):
+    id: int
+    name: str
+    version: int
+    base_model: str
+    init_policy_id: int | None
+    reference_policy_id: int | None
+    pm_id: int | None
+    artifact: ArtifactPublic | None
+    cycle_id: int | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class DeploymentPublic(Public):
+    id: int
+    name: str
+    version: int
+    policy_id: int
+    previous_id: int | None
+    rolled_back_id: int | None
+    action: str
+    """deploy or rollback"""
+    reason: str
+    actor: str
+    cycle_id: int | None
+    created_at: datetime
+
+
+class RollbackCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="default", min_length=1, max_length=200)
+    """the deployment target"""
+    reason: str = Field(default="", max_length=2000)
+    """why (kept in the deployment log)"""
+
+
+class StageRunPublic(Public):
+    stage: str
+    status: str
+    attempts: int
+    outputs: dict[str, Any]
+    error: str | None
+    compute_s: float | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class CyclePublic(Public):
+    id: int
+    week: str
+    """ISO week, e.g. 2026-W48: one cycle per week"""
+    status: str
+    trigger: str
+    flow_run_id: str | None
+    params: dict[str, Any]
+    reason: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class CycleDetail(CyclePublic):
+    stages: list[StageRunPublic]
+
+
+class CycleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    week: str | None = Field(default=None, pattern=r"^\d{4}-W\d{2}$")
+    """the ISO week to run (default: the current one)"""
+    params: dict[str, Any] = {}
+    """overrides of the cycle's settings"""
+
+
+class CycleStarted(BaseModel):
+    cycle: CyclePublic
+    created: bool
+    """False when the week's cycle already existed (two triggers for one week are one cycle)"""

@@ -1,0 +1,222 @@
+"""Feedback ingest through the running API vs raw PostgreSQL COPY.
+
+    python bench/ingest.py [--rounds 3] [--workers 2] [--clients 16] [--requests 100]
+
+1. A scratch PostgreSQL database (RATCHET_BENCH_POSTGRES_URL names the server;
+   default the local one), migrated, with a labeler key.
+2. `ratchet api` (uvicorn) on a free loopback port.
+3. Throughput, alternating: one batch of 10,000 comparisons (real HH-RLHF
+   texts) POSTed to /v1/feedback-batches (ours), then the same rows loaded
+   with COPY into a scratch table of the same shape (peer: the CSV buffer is
+   built before the clock starts, so the peer is the database's own speed).
+   Each side's median over the rounds is reported.
+4. Latency: 16 concurrent clients POST batches of 10 comparisons; p50 / p99.
+
+The last line is JSON: {"ours", "peer", "ratio", "p50_ms", "p99_ms", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import functools
+import gzip
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg2
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from api.formats import split_hh_dialogue  # noqa: E402
+from store.db import Database, upgrade  # noqa: E402
+from store.keys import create_api_key  # noqa: E402
+
+HH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
+SERVER = os.environ.get("RATCHET_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+@functools.cache
+def hh_pairs() -> list[tuple[str, str, str]]:
+    with gzip.open(HH, "rt") as fh:
+        return [split_hh_dialogue(**json.loads(line)) for line in fh]
+
+
+def comparisons(n: int, salt: str) -> list[dict]:
+    pairs = hh_pairs()
+    out = []
+    for i in range(n):
+        prompt, chosen, rejected = pairs[i % len(pairs)]
+        out.append({
+            "prompt": prompt,
+            "response_a": chosen,
+            "response_b": rejected + f" [{salt}:{i}]",
+            "choice": "a",
+            "rater_id": f"rater-{i % 37}",
+        })
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scratch_database() -> tuple[str, str]:
+    name = f"ratchet_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(SERVER, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return name, make_url(SERVER).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(name: str) -> None:
+    admin = sa.create_engine(SERVER, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def start_api(url: str, port: int, workers: int) -> subprocess.Popen:
+    env = os.environ | {"RATCHET_DATABASE_URL": url, "RATCHET_LOG_LEVEL": "WARNING", "RATCHET_HOME": "/tmp/ratchet-bench"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port), "--workers", str(workers)],
+        cwd=ROOT, env=env,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the API did not become healthy within 60 s")
+
+
+def copy_buffer(rows: list[dict], batch_id: int) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    for i, r in enumerate(rows):
+        writer.writerow((batch_id, i, r["prompt"], r["response_a"], r["response_b"], r["choice"], r["rater_id"], None, None))
+    return buf.getvalue()
+
+
+def peer_copy(dsn: str, rows: list[dict], batch_id: int) -> float:
+    """Seconds to COPY ``rows`` into the scratch table and commit."""
+    payload = copy_buffer(rows, batch_id)
+    conn = psycopg2.connect(dsn)
+    try:
+        start = time.perf_counter()
+        with conn.cursor() as cur:
+            cur.copy_expert(
+                "COPY scratch_comparisons (batch_id, position, prompt, response_a, response_b, choice, rater_id, "
+                "task_id, metadata) FROM STDIN WITH (FORMAT csv, FORCE_NULL (task_id, metadata))",
+                io.StringIO(payload),
+            )
+        conn.commit()
+        return time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+def ours_post(client: httpx.Client, body: bytes, headers: dict) -> float:
+    start = time.perf_counter()
+    r = client.post("/v1/feedback-batches", content=body, headers=headers)
+    elapsed = time.perf_counter() - start
+    if r.status_code != 201:
+        raise SystemExit(f"POST failed: {r.status_code} {r.text[:300]}")
+    return elapsed
+
+
+async def latency(base: str, headers: dict, clients: int, requests: int) -> list[float]:
+    samples: list[float] = []
+
+    async def one_client(c: int) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            for k in range(requests):
+                body = json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat{c}-{k}")}).encode()
+                start = time.perf_counter()
+                r = await client.post("/v1/feedback-batches", content=body, headers=headers)
+                samples.append(time.perf_counter() - start)
+                if r.status_code != 201:
+                    raise SystemExit(f"POST failed: {r.status_code} {r.text[:300]}")
+
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=60, help="requests per latency client")
+    args = parser.parse_args()
+
+    name, url = scratch_database()
+    proc = None
+    try:
+        upgrade(url)
+        db = Database(url)
+        with db.session() as s:
+            _, token = create_api_key(s, name="bench", role="labeler")
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE scratch_comparisons (LIKE comparisons INCLUDING ALL)"))
+        db.dispose()
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        port = free_port()
+        proc = start_api(url, port, args.workers)
+        base = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+        ours_s, peer_s = [], []
+        with httpx.Client(base_url=base, timeout=120) as client:
+            ours_post(client, json.dumps({"source": "warmup", "comparisons": comparisons(100, "warm")}).encode(), headers)
+            for r in range(args.rounds):
+                rows = comparisons(args.size, f"round{r}")
+                body = json.dumps({"source": "bench", "comparisons": rows}).encode()
+                ours_s.append(ours_post(client, body, headers))
+                peer_s.append(peer_copy(dsn, rows, r + 1))
+                print(f"round {r + 1}: ours {args.size / ours_s[-1]:,.0f}/s ({ours_s[-1] * 1000:.0f} ms, "
+                      f"{len(body) / 1e6:.1f} MB)  peer COPY {args.size / peer_s[-1]:,.0f}/s ({peer_s[-1] * 1000:.0f} ms)",
+                      flush=True)
+        ours = args.size / statistics.median(ours_s)
+        peer = args.size / statistics.median(peer_s)
+
+        samples = asyncio.run(latency(base, headers, args.clients, args.requests))
+        samples.sort()
+        p50 = samples[len(samples) // 2] * 1000
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
+        print(f"latency: {len(samples)} requests of 10 comparisons, {args.clients} clients: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        print(json.dumps({
+            "ours": round(ours), "peer": round(peer), "ratio": round(ours / peer, 3),
+            "batch_size": args.size, "rounds": args.rounds, "workers": args.workers,
+            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "latency_clients": args.clients,
+            "latency_requests": len(samples),
+        }))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        drop_database(name)
+
+
+if __name__ == "__main__":
+    main()

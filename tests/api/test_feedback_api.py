@@ -1,0 +1,133 @@
+"""Feedback batches through the real app and PostgreSQL: every answer and error path."""
+
+import pytest
+from sqlalchemy import func, select
+
+from store.models import Comparison, ComparisonTask, FeedbackBatch
+from store.tasks import create_tasks
+from tests.api.conftest import batch_body, comparison
+
+
+def counts(db) -> tuple[int, int]:
+    with db.session() as s:
+        return (
+            s.scalar(select(func.count()).select_from(FeedbackBatch)),
+            s.scalar(select(func.count()).select_from(Comparison)),
+        )
+
+
+def test_register_a_batch(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches", json=batch_body(3), headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["comparison_count"] == 3 and body["source"] == "vendor-x"
+    assert counts(pg_db) == (1, 3)
+    got = client.get(f"/v1/feedback-batches/{body['id']}", headers=keys.labeler).json()
+    assert got["agreement"] == {"pairs_with_multiple_raters": 0, "rater_pairs": 0, "agreement": None}
+
+
+def test_empty_response_is_valid_and_kept_empty(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches", json=batch_body(1) | {"comparisons": [comparison(0, response_a="")]}, headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    with pg_db.session() as s:
+        assert s.scalar(select(Comparison.response_a)) == ""
+
+
+def test_replay_returns_the_first_answer_and_a_changed_body_conflicts(client, keys, pg_db):
+    headers = keys.labeler | {"Idempotency-Key": "vendor-x-2026-11-23-001"}
+    first = client.post("/v1/feedback-batches", json=batch_body(2), headers=headers)
+    again = client.post("/v1/feedback-batches", json=batch_body(2), headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    changed = client.post("/v1/feedback-batches", json=batch_body(3), headers=headers)
+    assert changed.status_code == 409 and "different request" in changed.json()["detail"]
+    assert counts(pg_db) == (1, 2)
+
+
+def test_invalid_records_are_all_named_and_nothing_is_written(client, keys, pg_db):
+    records = [
+        comparison(0),
+        comparison(1, prompt="   "),
+        comparison(2, response_b=" kind answer 2", response_a=" kind answer 2"),
+        comparison(3, choice="maybe"),
+        comparison(4, response_a="x" * 200_001),
+        {k: v for k, v in comparison(5).items() if k != "rater_id"},
+        comparison(6, prompt="nul \x00 inside"),
+        comparison(7, response_a="same", response_b="same", choice="tie"),
+    ]
+    r = client.post("/v1/feedback-batches", json={"source": "s", "comparisons": records}, headers=keys.labeler)
+    assert r.status_code == 422
+    named = {(e["index"], e["field"]) for e in r.json()["errors"]}
+    assert named == {(1, "prompt"), (2, "choice"), (3, "choice"), (4, "response_a"), (5, "rater_id"), (6, "prompt")}
+    assert counts(pg_db) == (0, 0)
+
+
+def test_unknown_task_is_named(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches", json=batch_body(1) | {"comparisons": [comparison(0, task_id=12345)]}, headers=keys.labeler)
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"index": 0, "field": "task_id", "message": "comparison task 12345 does not exist"}]
+    assert counts(pg_db) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [(b"not json", "(body)"), (b"[]", "(body)"), (b'{"source": "s", "comparisons": []}', "comparisons")],
+)
+def test_malformed_bodies_are_422(client, keys, body, field):
+    r = client.post("/v1/feedback-batches", content=body, headers=keys.labeler | {"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == field
+
+
+def test_too_many_records_is_413_with_the_limit(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches", json=batch_body(1001), headers=keys.labeler)
+    assert r.status_code == 413 and "limit of 1000 per batch" in r.json()["detail"]
+    assert counts(pg_db) == (0, 0)
+
+
+def test_too_many_bytes_is_413_with_the_limit(client, keys):
+    body = batch_body(1) | {"comparisons": [comparison(0, response_a="x" * 1_000_001)]}
+    r = client.post("/v1/feedback-batches", json=body, headers=keys.labeler)
+    assert r.status_code == 413 and "limit of 1000000 bytes" in r.json()["detail"]
+
+
+def test_auth_missing_revoked_and_wrong_role(client, keys):
+    assert client.post("/v1/feedback-batches", json=batch_body(1)).status_code == 401
+    r = client.post("/v1/feedback-batches", json=batch_body(1), headers=keys.revoked)
+    assert r.status_code == 401 and r.json()["detail"] == "unknown or revoked API key"
+    assert client.post("/v1/feedback-batches", json=batch_body(1), headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = client.post("/v1/deployments/rollback", json={}, headers=keys.labeler)
+    assert r.status_code == 403 and "operator role" in r.json()["detail"]
+    assert client.get("/v1/api-keys", headers=keys.operator).status_code == 403
+
+
+def test_tasks_are_leased_once_and_answered_tasks_are_done(client, keys, pg_db):
+    with pg_db.session() as s:
+        create_tasks(s, tasks=[{"prompt": f"p{i}", "response_a": "x", "response_b": "y"} for i in range(3)])
+    first = client.get("/v1/comparison-tasks?limit=2", headers=keys.labeler).json()
+    second = client.get("/v1/comparison-tasks?limit=2", headers=keys.operator).json()
+    assert first["count"] == 2 and second["count"] == 1
+    assert not {t["id"] for t in first["data"]} & {t["id"] for t in second["data"]}
+    task = first["data"][0]
+    answer = comparison(0, prompt=task["prompt"], response_a=task["response_a"], response_b=task["response_b"], task_id=task["id"])
+    assert client.post("/v1/feedback-batches", json={"source": "s", "comparisons": [answer]}, headers=keys.labeler).status_code == 201
+    with pg_db.session() as s:
+        assert s.get(ComparisonTask, task["id"]).status == "done"
+
+
+def test_list_pages_with_a_cursor(client, keys):
+    for i in range(5):
+        client.post("/v1/feedback-batches", json=batch_body(1, source=f"s{i}"), headers=keys.labeler)
+    page1 = client.get("/v1/feedback-batches?limit=2", headers=keys.labeler).json()
+    page2 = client.get(f"/v1/feedback-batches?limit=2&cursor={page1['next_cursor']}", headers=keys.labeler).json()
+    page3 = client.get(f"/v1/feedback-batches?limit=2&cursor={page2['next_cursor']}", headers=keys.labeler).json()
+    sources = [b["source"] for p in (page1, page2, page3) for b in p["data"]]
+    assert sources == [f"s{i}" for i in range(5)] and page3["next_cursor"] is None
+    bad = client.get("/v1/feedback-batches?cursor=garbage", headers=keys.labeler)
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"
+
+
+def test_missing_batch_is_404(client, keys):
+    r = client.get("/v1/feedback-batches/999", headers=keys.labeler)
+    assert r.status_code == 404 and r.json()["detail"] == "feedback batch 999 does not exist"
+    assert client.get("/v1/feedback-batches/0", headers=keys.labeler).status_code == 422

@@ -1,0 +1,270 @@
+"""api.formats: HH-RLHF and TRL lines, the streaming import parser, export.
+
+Dataset texts are never printed: the real sample holds offensive content, so
+its assertions compare indices and counts, not texts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from api.formats import (
+    FORMATS,
+    FormatError,
+    JsonlImportParser,
+    ParsedLine,
+    export_record,
+    parse_record,
+    split_hh_dialogue,
+)
+
+HH_DATA = Path(__file__).parents[1] / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
+
+PROMPT = "\n\nHuman: Hi!\n\nAssistant: Hello.\n\nHuman: Can you help me?\n\nAssistant:"
+CONVERSATIONAL = "TRL's conversational format (lists of {role, content} messages) is not supported;"
+
+
+def hh(chosen: str = " Sure.", rejected: str = " No.") -> dict:
+    """An HH-RLHF record whose texts share ``PROMPT``."""
+    return {"chosen": PROMPT + chosen, "rejected": PROMPT + rejected}
+
+
+def trl(prompt: str = "Can you help me?", chosen: str = "Sure.", rejected: str = "No.") -> dict:
+    """A TRL standard-format record."""
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def jsonl(*objs: dict) -> bytes:
+    """JSON Lines, each line ending in a newline."""
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+def parse_body(fmt: str, body: bytes, *, chunk: int, gzip: bool | None = None) -> list[ParsedLine]:
+    """Feed ``body`` to a parser ``chunk`` bytes at a time, then close it."""
+    parser = JsonlImportParser(fmt, gzip=gzip)
+    out = []
+    for start in range(0, len(body), chunk):
+        out += parser.feed(body[start : start + chunk])
+    return out + parser.close()
+
+
+def ok(line: int, prompt: str, chosen: str, rejected: str) -> ParsedLine:
+    return ParsedLine(line, prompt, chosen, rejected, None)
+
+
+def bad(line: int, error: str) -> ParsedLine:
+    return ParsedLine(line, None, None, None, error)
+
+
+# split_hh_dialogue
+
+
+def test_split_cuts_after_last_assistant_marker_and_keeps_the_space():
+    record = hh(" Sure, what with?", " I'm sorry, I can't.")
+    prompt, chosen, rejected = split_hh_dialogue(record["chosen"], record["rejected"])
+    assert (prompt, chosen, rejected) == (PROMPT, " Sure, what with?", " I'm sorry, I can't.")
+    assert prompt + chosen == record["chosen"] and prompt + rejected == record["rejected"]
+
+
+def test_split_accepts_an_empty_response():
+    assert split_hh_dialogue(PROMPT, PROMPT + " No.") == (PROMPT, "", " No.")
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "reason"),
+    [
+        ("\n\nHuman: Hi!", PROMPT + " No.", "chosen has no Assistant turn ('\\n\\nAssistant:')"),
+        (PROMPT + " Sure.", "\n\nHuman: Hi!", "rejected has no Assistant turn ('\\n\\nAssistant:')"),
+        (
+            PROMPT + " Sure.",
+            PROMPT.replace("Hi!", "Yo!") + " No.",
+            "chosen and rejected differ before their last Assistant turn (first difference at character 9)",
+        ),
+        (PROMPT + " Sure.", PROMPT + " Sure.", "chosen and rejected responses are identical"),
+    ],
+    ids=["no-assistant-in-chosen", "no-assistant-in-rejected", "prompts-differ", "identical-responses"],
+)
+def test_split_rejects(chosen, rejected, reason):
+    with pytest.raises(FormatError) as info:
+        split_hh_dialogue(chosen, rejected)
+    assert str(info.value) == reason
+
+
+# parse_record
+
+
+def test_parse_record_reads_both_formats():
+    assert parse_record("hh-rlhf", hh()) == (PROMPT, " Sure.", " No.")
+    assert parse_record("trl", trl()) == ("Can you help me?", "Sure.", "No.")
+    assert parse_record("trl", trl(chosen="")) == ("Can you help me?", "", "No.")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "obj", "reason"),
+    [
+        ("hh-rlhf", [hh()], "line is not a JSON object"),
+        ("trl", "text", "line is not a JSON object"),
+        ("hh-rlhf", {"rejected": PROMPT + " No."}, "field 'chosen' is missing"),
+        ("hh-rlhf", {**hh(), "chosen": [PROMPT]}, "field 'chosen' must be a string, got list"),
+        ("hh-rlhf", {**hh(), "rejected": None}, "field 'rejected' must be a string, got null"),
+        ("hh-rlhf", hh(" Sure.", " Sure."), "chosen and rejected responses are identical"),
+        ("trl", {"chosen": "Sure.", "rejected": "No."}, "field 'prompt' is missing"),
+        ("trl", trl(prompt=3), "field 'prompt' must be a string, got int"),
+        ("trl", trl(rejected={"text": "No."}), "field 'rejected' must be a string, got dict"),
+        ("trl", trl(chosen="Sure\ud800"), "field 'chosen' is not valid Unicode: lone surrogate at character 4"),
+        ("trl", trl(prompt=" \n\t"), "field 'prompt' is empty"),
+        ("trl", trl(chosen="Same.", rejected="Same."), "chosen and rejected responses are identical"),
+    ],
+    ids=[
+        "hh-array",
+        "trl-string",
+        "missing-chosen",
+        "list-chosen",
+        "null-rejected",
+        "hh-identical",
+        "missing-prompt",
+        "int-prompt",
+        "dict-rejected",
+        "lone-surrogate",
+        "blank-prompt",
+        "trl-identical",
+    ],
+)
+def test_parse_record_rejects(fmt, obj, reason):
+    with pytest.raises(FormatError) as info:
+        parse_record(fmt, obj)
+    assert str(info.value) == reason
+
+
+def test_parse_record_rejects_trl_conversational_form():
+    record = {
+        "prompt": [{"role": "user", "content": "Can you help me?"}],
+        "chosen": [{"role": "assistant", "content": "Sure."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+    with pytest.raises(FormatError, match=r"^TRL's conversational format .* use the standard form"):
+        parse_record("trl", record)
+
+
+def test_unknown_format_lists_the_known_ones():
+    message = "unknown format 'csv'; expected one of: hh-rlhf, trl"
+    assert FORMATS == ("hh-rlhf", "trl")
+    with pytest.raises(ValueError, match=message):
+        parse_record("csv", trl())
+    with pytest.raises(ValueError, match=message):
+        export_record("csv", prompt="p", chosen="a", rejected="b")
+    with pytest.raises(ValueError, match=message):
+        JsonlImportParser("csv")
+
+
+# JsonlImportParser
+
+MIXED_BODY = jsonl(trl(), trl(prompt="Q2")) + b"\n  \n" + b"not json\n" + json.dumps(trl(prompt="Q6")).encode()
+MIXED_LINES = [
+    ok(1, "Can you help me?", "Sure.", "No."),
+    ok(2, "Q2", "Sure.", "No."),
+    bad(5, "invalid JSON: Expecting value at column 1"),
+    ok(6, "Q6", "Sure.", "No."),
+]
+
+
+def test_parser_one_byte_at_a_time_skips_blank_lines_and_flushes_the_last():
+    assert parse_body("trl", MIXED_BODY, chunk=1) == MIXED_LINES
+
+
+@pytest.mark.parametrize("flag", [True, None], ids=["gzip", "auto-detected"])
+def test_parser_gzip_in_7_byte_chunks(flag):
+    assert parse_body("trl", gzip.compress(MIXED_BODY), chunk=7, gzip=flag) == MIXED_LINES
+
+
+def test_parser_reads_concatenated_gzip_members():
+    body = gzip.compress(jsonl(trl())) + gzip.compress(jsonl(trl(prompt="Q2")))
+    assert parse_body("trl", body, chunk=5) == [ok(1, "Can you help me?", "Sure.", "No."), ok(2, "Q2", "Sure.", "No.")]
+
+
+def test_parser_truncated_gzip_raises_on_close():
+    body = gzip.compress(jsonl(*[trl(prompt=f"Q{i}") for i in range(50)]))
+    parser = JsonlImportParser("trl")
+    assert len(parser.feed(body[:-4])) == 50  # all lines are in; only the trailer (size) is missing
+    with pytest.raises(FormatError, match=r"^gzip stream is truncated$"):
+        parser.close()
+
+
+def test_parser_corrupt_gzip_raises():
+    body = bytearray(gzip.compress(jsonl(trl())))
+    body[3] = 0xFF  # reserved header flag bits
+    with pytest.raises(FormatError, match=r"^gzip stream is corrupt: "):
+        parse_body("trl", bytes(body), chunk=64)
+
+
+def test_parser_empty_bodies():
+    assert parse_body("trl", b"", chunk=1) == []
+    with pytest.raises(FormatError, match=r"^gzip stream is empty$"):
+        parse_body("trl", b"", chunk=1, gzip=True)
+
+
+def test_parser_reports_bad_lines_and_goes_on():
+    body = b'\xff{"prompt": "Q"}\n' + jsonl({"prompt": "Q", "chosen": "a"}, [1, 2], trl())
+    assert parse_body("trl", body, chunk=3) == [
+        bad(1, "invalid UTF-8 at byte 0: invalid start byte"),
+        bad(2, "field 'rejected' is missing"),
+        bad(3, "line is not a JSON object"),
+        ok(4, "Can you help me?", "Sure.", "No."),
+    ]
+
+
+def test_parser_plain_mode_does_not_inflate():
+    assert parse_body("trl", gzip.compress(jsonl(trl())), chunk=64, gzip=False)[0].error.startswith("invalid UTF-8")
+
+
+def test_parser_accepts_a_utf8_bom_and_crlf_line_ends():
+    body = b"\xef\xbb\xbf" + json.dumps(trl()).encode() + b"\r\n" + json.dumps(trl(prompt="Q2")).encode() + b"\r\n"
+    assert parse_body("trl", body, chunk=2) == [ok(1, "Can you help me?", "Sure.", "No."), ok(2, "Q2", "Sure.", "No.")]
+
+
+def test_parser_feed_after_close_is_an_error():
+    parser = JsonlImportParser("trl")
+    parser.close()
+    with pytest.raises(ValueError, match="feed\\(\\) after close\\(\\)"):
+        parser.feed(b"{}\n")
+
+
+# export_record
+
+
+def test_export_record_writes_one_utf8_line():
+    assert export_record("trl", prompt="Q: café?", chosen=" oui", rejected=" non") == (
+        '{"prompt": "Q: café?", "chosen": " oui", "rejected": " non"}\n'.encode()
+    )
+    assert export_record("hh-rlhf", prompt=PROMPT, chosen=" Sure.", rejected="") == jsonl(hh(" Sure.", ""))
+
+
+# The real sample: 1000 lines of Anthropic's HH-RLHF harmless-base test split
+
+
+def test_hh_rlhf_sample_parses_and_round_trips_exactly():
+    originals = [json.loads(line) for line in gzip.decompress(HH_DATA.read_bytes()).splitlines()]
+    parsed = parse_body("hh-rlhf", HH_DATA.read_bytes(), chunk=64 * 1024)
+
+    assert [(p.line, p.error) for p in parsed if p.error is not None] == []
+    assert [p.line for p in parsed] == list(range(1, 1001))
+    mismatched = [
+        p.line
+        for p, original in zip(parsed, originals, strict=True)
+        if json.loads(export_record("hh-rlhf", prompt=p.prompt, chosen=p.chosen, rejected=p.rejected))
+        != {"chosen": original["chosen"], "rejected": original["rejected"]}
+    ]
+    assert mismatched == []
+    # Saying nothing was the preferred harmless reply 3 times; after the
+    # 12-char marker "\n\nAssistant:" such a response is the lone space " ".
+    empty = [
+        (p.line, field, response)
+        for p in parsed
+        for field, response in (("chosen", p.chosen), ("rejected", p.rejected))
+        if not response.strip()
+    ]
+    assert empty == [(87, "chosen", " "), (517, "chosen", " "), (926, "chosen", " ")]

@@ -1,0 +1,122 @@
+"""JSONL import (hh-rlhf, trl) and export through the real app and PostgreSQL."""
+
+import gzip
+import json
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from store.datasets import snapshot_comparisons
+from store.models import Comparison, FeedbackBatch
+
+HH_SAMPLE = Path(__file__).parents[1] / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
+
+
+def _rows(db) -> tuple[int, int]:
+    with db.session() as s:
+        return (
+            s.scalar(select(func.count()).select_from(FeedbackBatch)),
+            s.scalar(select(func.count()).select_from(Comparison)),
+        )
+
+
+def test_the_hh_sample_imports_whole_and_exports_byte_for_byte(client, keys, pg_db):
+    raw = HH_SAMPLE.read_bytes()
+    r = client.post(
+        "/v1/feedback-batches/import?format=hh-rlhf",
+        content=raw,
+        headers=keys.labeler | {"Content-Type": "application/jsonl", "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 201, r.text
+    result = r.json()
+    assert (result["imported"], result["skipped"], result["skipped_lines"]) == (1000, 0, [])
+    exported = client.get(f"/v1/feedback-batches/{result['batch']['id']}/export?format=hh-rlhf", headers=keys.labeler)
+    assert exported.status_code == 200 and exported.headers["x-ratchet-skipped-ties"] == "0"
+    originals = [json.loads(line) for line in gzip.decompress(raw).decode().splitlines()]
+    roundtrip = [json.loads(line) for line in exported.text.splitlines()]
+    assert len(roundtrip) == 1000
+    assert all(o["chosen"] == e["chosen"] and o["rejected"] == e["rejected"] for o, e in zip(originals, roundtrip, strict=True))
+
+
+def test_bad_lines_are_reported_not_dropped_or_guessed(client, keys, pg_db):
+    lines = [
+        json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}),
+        json.dumps({"chosen": "no assistant turn here", "rejected": "\n\nHuman: hi\n\nAssistant: x"}),
+        "{not json",
+        json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}),
+        json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same"}),
+    ]
+    r = client.post("/v1/feedback-batches/import?format=hh-rlhf", content="\n".join(lines), headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    result = r.json()
+    assert (result["imported"], result["skipped"]) == (1, 4)
+    reasons = {s["line"]: s["reason"] for s in result["skipped_lines"]}
+    assert sorted(reasons) == [2, 3, 4, 5]
+    assert "no Assistant turn" in reasons[2] and "invalid JSON" in reasons[3]
+    assert "differ before their last Assistant turn" in reasons[4] and "identical" in reasons[5]
+
+
+def test_strict_import_refuses_everything_on_one_bad_line(client, keys, pg_db):
+    body = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "p"})
+    r = client.post("/v1/feedback-batches/import?format=trl&strict=true", content=body, headers=keys.labeler)
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"index": 2, "field": "line", "message": "field 'chosen' is missing"}]
+    assert _rows(pg_db) == (0, 0)
+
+
+def test_nothing_importable_is_422(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches/import?format=trl", content=b"{}\n", headers=keys.labeler)
+    assert r.status_code == 422 and "no line could be imported" in r.json()["detail"]
+    assert _rows(pg_db) == (0, 0)
+
+
+def test_corrupt_gzip_is_422_and_writes_nothing(client, keys, pg_db):
+    body = HH_SAMPLE.read_bytes()[:5000]
+    r = client.post("/v1/feedback-batches/import?format=hh-rlhf", content=body, headers=keys.labeler)
+    assert r.status_code == 422 and "gzip stream is truncated" in r.json()["detail"]
+    assert _rows(pg_db) == (0, 0)
+
+
+def test_import_over_the_byte_limit_is_413(client, keys, pg_db):
+    r = client.post("/v1/feedback-batches/import?format=trl", content=b" " * 8_000_001, headers=keys.labeler)
+    assert r.status_code == 413 and "limit of 8000000 bytes" in r.json()["detail"]
+
+
+def test_import_replay_with_the_same_key_answers_the_first_import(client, keys, pg_db):
+    body = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+    headers = keys.labeler | {"Idempotency-Key": "import-1"}
+    first = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=headers)
+    again = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    other = client.post("/v1/feedback-batches/import?format=trl", content=body + body, headers=headers)
+    assert other.status_code == 409
+    assert _rows(pg_db) == (1, 1)
+
+
+def test_trl_export_and_ties_are_left_out(client, keys, pg_db):
+    records = [
+        {"prompt": "Q1", "response_a": "good", "response_b": "bad", "choice": "a", "rater_id": "r"},
+        {"prompt": "Q2", "response_a": "bad", "response_b": "good", "choice": "b", "rater_id": "r"},
+        {"prompt": "Q3", "response_a": "x", "response_b": "y", "choice": "tie", "rater_id": "r"},
+    ]
+    batch = client.post("/v1/feedback-batches", json={"source": "s", "comparisons": records}, headers=keys.labeler).json()
+    r = client.get(f"/v1/feedback-batches/{batch['id']}/export?format=trl", headers=keys.labeler)
+    assert r.headers["x-ratchet-skipped-ties"] == "1"
+    assert [json.loads(line) for line in r.text.splitlines()] == [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+        {"prompt": "Q2", "chosen": "good", "rejected": "bad"},
+    ]
+
+
+def test_dataset_snapshot_exports_and_reports_agreement(client, keys, pg_db, artifacts):
+    same = {"prompt": "Q", "response_a": "x", "response_b": "y", "choice": "a"}
+    client.post("/v1/feedback-batches", json={"source": "s", "comparisons": [same | {"rater_id": "r1"}]}, headers=keys.labeler)
+    client.post("/v1/feedback-batches", json={"source": "s", "comparisons": [same | {"rater_id": "r2"}]}, headers=keys.labeler)
+    with pg_db.session() as s:
+        ds, _ = snapshot_comparisons(s, artifacts=artifacts)
+    detail = client.get(f"/v1/datasets/{ds.id}", headers=keys.labeler).json()
+    assert detail["row_count"] == 2 and len(detail["batch_ids"]) == 2
+    assert detail["agreement"] == {"pairs_with_multiple_raters": 1, "rater_pairs": 1, "agreement": 1.0}
+    exported = client.get(f"/v1/datasets/{ds.id}/export?format=trl", headers=keys.labeler)
+    assert exported.text.count("\n") == 2
