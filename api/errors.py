@@ -85,6 +85,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a JSON body it could not decode (not UTF-8, nested too deep, an
+            # integer too long for Python): invalid input like any other, so 422.
+            reason = str(exc.__cause__) or type(exc.__cause__).__name__
+            return _body(422, f"the body is not valid JSON: {reason}", [{"field": "(body)", "message": reason}])
         return _body(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

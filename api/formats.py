@@ -147,9 +147,12 @@ class JsonlImportParser:
     ``FormatError``, since nothing after the damage can be read.
     """
 
-    def __init__(self, fmt: str, *, gzip: bool | None = None) -> None:
+    def __init__(self, fmt: str, *, gzip: bool | None = None, max_line_bytes: int = 8 * 1024 * 1024) -> None:
         _check_format(fmt)
         self.fmt = fmt
+        self.max_line_bytes = max_line_bytes
+        self.decoded_bytes = 0
+        """bytes of decoded (after gzip) body seen so far, for the caller's size limit"""
         self._gzip: bool | None = None
         self._inflater = None  # a zlib decompressobj once the body is known to be gzip
         self._gzip_started = False
@@ -172,11 +175,16 @@ class JsonlImportParser:
             self._start(gzip=chunk.startswith(GZIP_MAGIC))
         if self._gzip:
             chunk = self._inflate(chunk)
+        self.decoded_bytes += len(chunk)
         self._partial += chunk
         if b"\n" not in chunk:
+            if len(self._partial) > self.max_line_bytes:
+                raise FormatError(f"line {self._line + 1} is longer than {self.max_line_bytes} bytes")
             return []
         *lines, tail = self._partial.split(b"\n")
         self._partial = tail
+        if len(tail) > self.max_line_bytes:
+            raise FormatError(f"a line is longer than {self.max_line_bytes} bytes")
         return [parsed for raw in lines if (parsed := self._parse_line(raw)) is not None]
 
     def close(self) -> list[ParsedLine]:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Admin, DatabaseDep, SessionDep
 from api.errors import responses
-from api.schemas.common import Public
+from api.schemas.common import NO_NUL, Public
 from store import errors
 from store.db import assert_schema_at_head
 from store.keys import create_api_key, list_api_keys, revoke_api_key
@@ -73,5 +73,5 @@ def keys(_: Admin, session: SessionDep) -> Any:
 
 
 @router.post("/v1/api-keys/{name}/revoke", response_model=ApiKeyPublic, responses=responses(401, 403, 404, 422))
-def revoke_key(name: str, _: Admin, session: SessionDep) -> Any:
+def revoke_key(name: Annotated[str, Path(pattern=NO_NUL)], _: Admin, session: SessionDep) -> Any:
     return revoke_api_key(session, name=name)

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from api.deps import IdPath, DatabaseDep, Labeler, PagingDep, SessionDep, SettingsDep
 from api.errors import PayloadTooLarge, pydantic_field_errors, responses
 from api.formats import FormatError, JsonlImportParser, export_record
-from api.schemas.common import LineagePublic, Page
+from api.schemas.common import NO_NUL, LineagePublic, Page
 from api.schemas.feedback import (
     AgreementPublic,
     ExportFormat,
@@ -49,6 +49,7 @@ IdempotencyKey = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=200,
+        pattern=NO_NUL,
         description="Retry-safe key: a replay returns the first answer; the same key with another body is 409",
     ),
 ]
@@ -217,8 +218,8 @@ async def import_batch(
     settings: SettingsDep,
     response: Response,
     format: Annotated[ExportFormat, Query(description="hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected}")],
-    source: Annotated[str | None, Query(min_length=1, max_length=200, description="default: import:<format>")] = None,
-    rater_id: Annotated[str | None, Query(min_length=1, max_length=200, description="default: the source")] = None,
+    source: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="default: import:<format>")] = None,
+    rater_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="default: the source")] = None,
     strict: Annotated[bool, Query(description="refuse the whole import (422) if any line is skipped")] = False,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
@@ -250,6 +251,8 @@ async def import_batch(
                 raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
             hasher.update(chunk)
             await run_in_threadpool(job.take, parser.feed(chunk))
+            if parser.decoded_bytes > limit:
+                raise PayloadTooLarge(f"import body is over the limit of {limit} bytes (after gzip decoding)")
             if len(job.pending) >= IMPORT_CHUNK_RECORDS:
                 await run_in_threadpool(job.flush)
         job.take(parser.close())

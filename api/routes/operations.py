@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from api.deps import IdPath, Labeler, Operator, PagingDep, SessionDep
 from api.errors import responses
-from api.schemas.common import Page
+from api.schemas.common import NO_NUL, Page
 from api.schemas.registry import (
     CycleCreate,
     CycleDetail,
@@ -29,7 +29,7 @@ def deployments(
     _: Labeler,
     session: SessionDep,
     paging: PagingDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=200, description="one deployment target")] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="one deployment target")] = None,
 ) -> Any:
     rows = list_deployments(session, name=name, limit=paging.limit, after_id=paging.after_id)
     return paging.page(rows, DeploymentPublic.model_validate)
@@ -37,7 +37,7 @@ def deployments(
 
 @router.get("/deployments/active", response_model=DeploymentPublic, responses=responses(401, 403, 404, 422))
 def active(
-    _: Labeler, session: SessionDep, name: Annotated[str, Query(min_length=1, max_length=200)] = DEFAULT_TARGET
+    _: Labeler, session: SessionDep, name: Annotated[str, Query(min_length=1, max_length=200, pattern=NO_NUL)] = DEFAULT_TARGET
 ) -> Any:
     row = active_deployment(session, name=name)
     if row is None:
@@ -77,10 +77,13 @@ def cycle(cycle_id: IdPath, _: Labeler, session: SessionDep) -> Any:
     response_model=CycleStarted,
     responses={200: {"model": CycleStarted, "description": "The week's cycle already exists"}, **responses(401, 403, 422, 503)},
 )
-def start_cycle(body: CycleCreate, key: Operator, request: Request) -> Any:
+def start_cycle(body: CycleCreate, key: Operator, request: Request, response: Response) -> Any:
     """Start the cycle of a week now (default: this week); a week has one cycle."""
     launcher = getattr(request.app.state, "cycle_launcher", None)
     if launcher is None:
         raise HTTPException(503, "no orchestrator is configured for this API server, so it cannot start cycles")
     week = body.week or iso_week(datetime.now(UTC))
-    return launcher(week=week, params=body.params, actor=key.name)
+    started = launcher(week=week, params=body.params, actor=key.name)
+    if not started.created:
+        response.status_code = 200
+    return started

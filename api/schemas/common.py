@@ -1,12 +1,50 @@
-"""Models shared by every resource: pages and lineage graphs."""
+"""Models shared by every resource: pages and lineage graphs; text and JSON the store can keep."""
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import math
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic_core import PydanticCustomError
 
 T = TypeVar("T")
+
+NO_NUL = r"^[^\x00]*$"
+"""The pattern of text that reaches the database: PostgreSQL text cannot hold a NUL character,
+so one is refused with 422 here rather than failing in the driver with a 500."""
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why ``value`` cannot be kept in a JSON column, or None (iterative: nesting depth is the client's)."""
+    stack = [(value, "value")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{where} is {value}, which is not a JSON number"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{where} is not valid Unicode: lone surrogate at character {exc.start}"
+        elif isinstance(value, dict):
+            stack.extend((key, f"{where}: key {key!r}") for key in value)
+            stack.extend((item, f"{where}[{key!r}]") for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
+
+
+def _storable(value: dict[str, Any]) -> dict[str, Any]:
+    problem = _unstorable(value)
+    if problem:
+        raise PydanticCustomError("unstorable_json", "{problem}", {"problem": problem})
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable)]
+"""Free-form JSON kept in a JSON column: no NaN or Infinity (Python's json reads them, PostgreSQL
+refuses them) and no lone surrogates (they cannot be written back out as UTF-8)."""
 
 
 class Public(BaseModel):

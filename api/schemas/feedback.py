@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from api.schemas.common import Public
+from api.schemas.common import JsonObject, Public
 
 MAX_TEXT_CHARS = 200_000
 """longest prompt or response accepted, in characters"""
@@ -41,7 +41,7 @@ class ComparisonCreate(BaseModel):
     """who judged (a labeler's id in the vendor's system)"""
     task_id: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     """the comparison task this answers, when it came from GET /v1/comparison-tasks"""
-    metadata: dict[str, Any] | None = None
+    metadata: JsonObject | None = None
     """free-form JSON kept with the comparison"""
 
     @field_validator("prompt")
@@ -78,8 +78,13 @@ class FeedbackBatchCreate(BaseModel):
     """where the batch comes from (a vendor, a tool, an import)"""
     comparisons: Annotated[list[ComparisonCreate], Field(min_length=1)]
     """the comparisons, at least one"""
-    metadata: dict[str, Any] | None = None
+    metadata: JsonObject | None = None
     """free-form JSON kept with the batch"""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return _no_nul(value, "source")
 
 
 class AgreementPublic(BaseModel):

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from api.schemas.common import Public
+from api.schemas.common import NO_NUL, JsonObject, Public
 from api.schemas.feedback import AgreementPublic
 
 
@@ -89,9 +89,9 @@ class DeploymentPublic(Public):
 class RollbackCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="default", min_length=1, max_length=200)
+    name: str = Field(default="default", min_length=1, max_length=200, pattern=NO_NUL)
     """the deployment target"""
-    reason: str = Field(default="", max_length=2000)
+    reason: str = Field(default="", max_length=2000, pattern=NO_NUL)
     """why (kept in the deployment log)"""
 
 
@@ -126,9 +126,9 @@ class CycleDetail(CyclePublic):
 class CycleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    week: str | None = Field(default=None, pattern=r"^\d{4}-W\d{2}$")
+    week: str | None = Field(default=None, pattern=r"^[0-9]{4}-W[0-9]{2}$")
     """the ISO week to run (default: the current one)"""
-    params: dict[str, Any] = {}
+    params: JsonObject = {}
     """overrides of the cycle's settings"""
 
 

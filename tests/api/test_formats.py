@@ -268,3 +268,17 @@ def test_hh_rlhf_sample_parses_and_round_trips_exactly():
         if not response.strip()
     ]
     assert empty == [(87, "chosen", " "), (517, "chosen", " "), (926, "chosen", " ")]
+
+
+def test_decoded_size_is_counted_and_a_runaway_line_is_refused():
+    import gzip as gz
+
+    from api.formats import FormatError, JsonlImportParser
+
+    body = gz.compress(b"x" * 10_000)
+    parser = JsonlImportParser("trl", max_line_bytes=5_000)
+    with pytest.raises(FormatError, match="longer than 5000 bytes"):
+        parser.feed(body)
+    ok = JsonlImportParser("trl")
+    ok.feed(gz.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3))
+    assert ok.decoded_bytes == 48 * 3
