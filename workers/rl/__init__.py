@@ -1,0 +1,11 @@
+"""The RL math of PPO for language models, in small pure modules.
+
+- ``types``: NamedTuple carriers with their tensor shapes.
+- ``kl``: KL estimators, per-token KL-penalised rewards, KL controllers.
+- ``advantages``: masked whitening and GAE over response tokens.
+- ``losses``: the clipped policy and value losses, with detached stats.
+
+Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et
+al. 2019 (per-token KL penalty, adaptive controller), Schulman 2020
+("Approximating KL divergence", the k1/k3 estimators), Bai et al. 2022.
+"""
