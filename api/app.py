@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api import errors
+from api.deps import KeyCache
 from api.routes import admin, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
@@ -61,6 +62,7 @@ def create_app(
     app.state.database = database
     app.state.artifacts = artifacts
     app.state.cycle_launcher = cycle_launcher
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
     errors.install(app)
 
     @app.exception_handler(IdempotentReplay)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
-from store.keys import authenticate
-from store.models import ApiKey
+from store.keys import authenticate, hash_token
 from store.settings import Settings
 
 MAX_ID = 2**31 - 1
@@ -54,34 +56,80 @@ ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 bearer = HTTPBearer(auto_error=False, description="An API key from `ratchet keys create`")
 
 
-def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
-    if credentials is None or not credentials.credentials:
-        raise HTTPException(401, "missing API key: send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"})
-    key = authenticate(session, credentials.credentials)
-    if key is None:
-        raise HTTPException(401, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-    return key
+@dataclass(frozen=True)
+class Caller:
+    """The API key a request came with (a snapshot: id, name and role)."""
+
+    id: int
+    name: str
+    role: str
+
+
+class KeyCache:
+    """Authenticated keys, remembered for ``ttl_s`` seconds.
+
+    A hit costs no database round trip. Revoking a key through this server
+    drops it at once; a revocation made elsewhere (the CLI, another server)
+    takes effect within ``ttl_s`` (``RATCHET_AUTH_CACHE_S``; 0 turns the
+    cache off). Unknown and revoked tokens are never cached.
+    """
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Caller, float]] = {}
+
+    def get(self, token_sha256: str) -> Caller | None:
+        entry = self._entries.get(token_sha256)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token_sha256: str, caller: Caller) -> None:
+        if self.ttl_s > 0:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[token_sha256] = (caller, time.monotonic() + self.ttl_s)
+
+    def drop(self, key_id: int) -> None:
+        for sha, (caller, _) in list(self._entries.items()):
+            if caller.id == key_id:
+                self._entries.pop(sha, None)
+
+
+def _lookup(database: Database, token: str) -> Caller | None:
+    with database.session() as session:
+        key = authenticate(session, token)
+        return None if key is None else Caller(id=key.id, name=key.name, role=key.role)
 
 
 def require_role(role: str):
-    """A dependency that admits keys of ``role`` or a higher one (labeler < operator < admin).
+    """A dependency that admits keys of ``role`` or a higher one (labeler < operator < admin)."""
 
-    The key is checked in the request's own session (one connection, one
-    transaction per request), so a revoked key is refused at once.
-    """
-
-    def check(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
-        key = _authenticate(session, credentials)
-        if ROLE_RANK[key.role] < ROLE_RANK[role]:
-            raise HTTPException(403, f"this needs the {role} role; key {key.name!r} is a {key.role}")
-        return key
+    async def check(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Caller:
+        if credentials is None or not credentials.credentials:
+            raise HTTPException(
+                401, "missing API key: send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"}
+            )
+        cache: KeyCache = request.app.state.key_cache
+        digest = hash_token(credentials.credentials)
+        caller = cache.get(digest)
+        if caller is None:
+            caller = await run_in_threadpool(_lookup, request.app.state.database, credentials.credentials)
+            if caller is None:
+                raise HTTPException(401, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+            cache.put(digest, caller)
+        if ROLE_RANK[caller.role] < ROLE_RANK[role]:
+            raise HTTPException(403, f"this needs the {role} role; key {caller.name!r} is a {caller.role}")
+        return caller
 
     return check
 
 
-Labeler = Annotated[ApiKey, Depends(require_role("labeler"))]
-Operator = Annotated[ApiKey, Depends(require_role("operator"))]
-Admin = Annotated[ApiKey, Depends(require_role("admin"))]
+Labeler = Annotated[Caller, Depends(require_role("labeler"))]
+Operator = Annotated[Caller, Depends(require_role("operator"))]
+Admin = Annotated[Caller, Depends(require_role("admin"))]
 
 
 # --- paging ----------------------------------------------------------------------

@@ -147,17 +147,25 @@ def ours_post(client: httpx.Client, body: bytes, headers: dict) -> float:
 async def latency(base: str, headers: dict, clients: int, requests: int) -> list[float]:
     samples: list[float] = []
 
+    bodies = [
+        [json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat{c}-{k}")}).encode() for k in range(requests)]
+        for c in range(clients)
+    ]
+
     async def one_client(c: int) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            for k in range(requests):
-                body = json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat{c}-{k}")}).encode()
+            for body in bodies[c]:
                 start = time.perf_counter()
                 r = await client.post("/v1/feedback-batches", content=body, headers=headers)
                 samples.append(time.perf_counter() - start)
                 if r.status_code != 201:
                     raise SystemExit(f"POST failed: {r.status_code} {r.text[:300]}")
 
+    cpu = time.process_time()
+    wall = time.perf_counter()
     await asyncio.gather(*(one_client(c) for c in range(clients)))
+    print(f"latency client: {len(samples) / (time.perf_counter() - wall):.0f} requests/s, "
+          f"client CPU {(time.process_time() - cpu) / len(samples) * 1000:.2f} ms per request")
     return samples
 
 

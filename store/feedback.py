@@ -62,7 +62,10 @@ class ContentHash:
         self._digest = hashlib.sha256()
 
     def update(self, lines: Sequence[str]) -> None:
-        self._digest.update(("\n".join(lines) + "\n").encode())
+        self.update_encoded([line.encode() for line in lines])
+
+    def update_encoded(self, lines: Sequence[bytes]) -> None:
+        self._digest.update(b"".join(line + b"\n" for line in lines))
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
@@ -172,9 +175,7 @@ class BatchWriter:
             if unknown:
                 raise InvalidInput(f"{len(unknown)} comparison(s) name unknown tasks", unknown[:100])
             self._task_ids |= task_ids
-        lines = encode_rows(comparisons)
-        _insert_comparisons(self.session, self.batch_id, comparisons, lines, start=self.count)
-        self._hash.update(lines)
+        _insert_comparisons(self.session, self.batch_id, comparisons, self._hash, start=self.count)
         self.count += len(comparisons)
 
     def finish(
@@ -189,23 +190,26 @@ class BatchWriter:
             self._fields["meta"] = {**self._fields["meta"], **metadata}
         if self.count == 0:
             raise InvalidInput("a feedback batch needs at least one comparison", [])
-        batch = FeedbackBatch(
-            id=self.batch_id,
-            idempotency_key=idempotency_key,
-            request_sha256=request_sha256,
-            content_sha256=self._hash.hexdigest(),
-            comparison_count=self.count,
+        values = {
+            "id": self.batch_id,
+            "idempotency_key": idempotency_key,
+            "request_sha256": request_sha256,
+            "content_sha256": self._hash.hexdigest(),
+            "comparison_count": self.count,
+            "created_at": utcnow(),
             **self._fields,
-        )
+        }
+        # A Core insert: a batch row is never changed after this, so the ORM's
+        # unit of work would only add cost on the hot path.
+        statement = insert(FeedbackBatch).values(**values)
         if idempotency_key is None:
-            self.session.add(batch)
-            self.session.flush()
+            self.session.execute(statement)
         else:
             # Under a SAVEPOINT: a concurrent request with the same key that
             # commits first makes this insert fail; answer with its batch.
             try:
                 with self.session.begin_nested():
-                    self.session.add(batch)
+                    self.session.execute(statement)
             except IntegrityError:
                 first = find_replay(self.session, idempotency_key=idempotency_key, request_sha256=request_sha256)
                 if first is None:
@@ -217,7 +221,7 @@ class BatchWriter:
                 .where(ComparisonTask.id.in_(self._task_ids), ComparisonTask.status == "open")
                 .values(status="done", done_at=utcnow(), leased_by=None, leased_until=None)
             )
-        return batch
+        return FeedbackBatch(**values)
 
 
 def _allocate_batch_id(session: Session) -> int:
@@ -263,19 +267,53 @@ def create_feedback_batch(
 _COPY_COLUMNS = "batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata"
 
 
+class _CopySource:
+    """A file-like source for COPY that encodes comparisons as it is read.
+
+    psycopg2 reads it chunk by chunk, so PostgreSQL parses and inserts one
+    chunk while Python encodes the next (two processes, two cores); the
+    bytes sent are hashed on the way.
+    """
+
+    ROWS_PER_READ = 500
+
+    def __init__(self, batch_id: int, comparisons: Sequence[NewComparison], start: int, content_hash: ContentHash):
+        self.batch_id, self.comparisons, self.start, self.hash = batch_id, comparisons, start, content_hash
+        self.offset = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.comparisons[self.offset : self.offset + self.ROWS_PER_READ]
+        if not chunk:
+            return b""
+        lines = [line.encode() for line in encode_rows(chunk)]
+        self.hash.update_encoded(lines)
+        first = self.start + self.offset
+        self.offset += len(chunk)
+        return b"".join(b"%d\t%d\t%b\n" % (self.batch_id, first + i, line) for i, line in enumerate(lines))
+
+    readline = read
+
+
 def _insert_comparisons(
-    session: Session, batch_id: int, comparisons: Sequence[NewComparison], lines: list[str], *, start: int = 0
+    session: Session,
+    batch_id: int,
+    comparisons: Sequence[NewComparison],
+    content_hash: ContentHash,
+    *,
+    start: int = 0,
 ) -> None:
-    """Insert a batch's comparisons: COPY on Postgres (the fast path), executemany elsewhere."""
+    """Insert a batch's comparisons and add them to ``content_hash``: a streamed
+    COPY on PostgreSQL (the fast path), executemany elsewhere."""
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        payload = "".join(f"{batch_id}\t{start + i}\t{line}\n" for i, line in enumerate(lines))
         cursor = connection.connection.dbapi_connection.cursor()
         try:
-            cursor.copy_expert(f"COPY comparisons ({_COPY_COLUMNS}) FROM STDIN", io.StringIO(payload))
+            source = _CopySource(batch_id, comparisons, start, content_hash)
+            cursor.copy_expert(f"COPY comparisons ({_COPY_COLUMNS}) FROM STDIN", source, size=1 << 20)
         finally:
             cursor.close()
         return
+    content_hash.update(encode_rows(comparisons))
     session.execute(
         insert(Comparison),
         [

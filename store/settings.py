@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     """largest JSON request body in bytes (over it: 413)"""
     max_import_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1024)
     """largest JSONL import body in bytes, counted after gzip decoding (over it: 413)"""
+    auth_cache_s: float = Field(default=5.0, ge=0)
+    """how long the API remembers an authenticated key; a revocation made elsewhere takes effect within it"""
     task_lease_s: int = Field(default=600, ge=1)
     """how long a labeler holds a fetched comparison task before others may get it"""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,5 +73,7 @@ def keys(_: Admin, session: SessionDep) -> Any:
 
 
 @router.post("/v1/api-keys/{name}/revoke", response_model=ApiKeyPublic, responses=responses(401, 403, 404, 422))
-def revoke_key(name: Annotated[str, Path(pattern=NO_NUL)], _: Admin, session: SessionDep) -> Any:
-    return revoke_api_key(session, name=name)
+def revoke_key(name: Annotated[str, Path(pattern=NO_NUL)], _: Admin, session: SessionDep, request: Request) -> Any:
+    key = revoke_api_key(session, name=name)
+    request.app.state.key_cache.drop(key.id)
+    return key
