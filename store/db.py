@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -136,8 +137,9 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+@lru_cache(maxsize=1)
 def head_revision() -> str:
-    """The head revision of the migrations shipped with this code."""
+    """The head revision of the migrations shipped with this code (read once per process)."""
     heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
     if len(heads) != 1:
         raise errors.StoreError(f"migrations have {len(heads)} heads ({heads}); merge them")
