@@ -1,0 +1,85 @@
+"""The PPO step on tiny models: it runs, it resumes exactly, it refuses bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.config import ConfigError, WorkerError
+from workers.ppo import PPOConfig, run
+from workers.testing import build_tiny_model
+
+
+def ppo_config(tmp_path: Path, policy: Path, pm_dir: str, prompts: Path, **changes) -> PPOConfig:
+    base = dict(
+        policy_path=str(policy), reference_path=str(policy), pm_path=pm_dir, prompts_path=str(prompts),
+        output_dir=str(tmp_path / "ppo"), total_episodes=16, rollout_batch_size=8, mini_batch_size=4,
+        ppo_epochs=2, response_length=8, learning_rate=1e-3, kl_coef=0.05, progress=False, seed=3,
+    )
+    base.update(changes)
+    return PPOConfig(**base)
+
+
+def test_ppo_runs_changes_weights_and_saves_an_hf_policy(tmp_path, tiny_gpt2, trained_pm, prompts_path):
+    _, pm_result = trained_pm
+    cfg = ppo_config(tmp_path, tiny_gpt2, pm_result.outputs["pm"], prompts_path, test_pm_path=pm_result.outputs["pm"])
+    result = run(cfg)
+    assert result.complete and result.step == "ppo"
+    policy = Path(result.outputs["policy"])
+    before, after = load_file(str(tiny_gpt2 / "model.safetensors")), load_file(str(policy / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for key in ("ppo/reward", "ppo/reward_test_pm", "ppo/kl", "ppo/sqrt_kl", "ppo/entropy", "ppo/approx_kl",
+                "ppo/clipfrac", "losses/value", "ppo/explained_variance", "ppo/response_length", "charts/episodes_per_s"):
+        assert key in result.metrics
+    assert not (Path(cfg.output_dir) / "checkpoints").exists()
+    # A finished run is not run again.
+    assert run(cfg).metrics == result.metrics
+
+
+def test_a_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny_gpt2, trained_pm, prompts_path):
+    pm_dir = trained_pm[1].outputs["pm"]
+    whole = run(ppo_config(tmp_path / "a", tiny_gpt2, pm_dir, prompts_path, total_episodes=24))
+    partial_cfg = ppo_config(tmp_path / "b", tiny_gpt2, pm_dir, prompts_path, total_episodes=24, max_rollouts_this_run=2)
+    partial = run(partial_cfg)
+    assert not partial.complete
+    resumed = run(ppo_config(tmp_path / "b", tiny_gpt2, pm_dir, prompts_path, total_episodes=24))
+    a = [json.loads(x) for x in (tmp_path / "a" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("losses/policy", "losses/value", "ppo/reward", "ppo/kl"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-4), key
+    wa = load_file(str(Path(whole.outputs["policy"]) / "model.safetensors"))
+    wb = load_file(str(Path(resumed.outputs["policy"]) / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_lora_trains_adapters_and_saves_a_merged_policy(tmp_path, tiny_gpt2, trained_pm, prompts_path):
+    cfg = ppo_config(tmp_path, tiny_gpt2, trained_pm[1].outputs["pm"], prompts_path, lora_r=4, learning_rate=1e-2)
+    result = run(cfg)
+    after = load_file(str(Path(result.outputs["policy"]) / "model.safetensors"))
+    before = load_file(str(tiny_gpt2 / "model.safetensors"))
+    assert set(after) == set(before)  # merged: plain GPT-2 weights, no adapter tensors
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.metrics["ppo/kl"] == pytest.approx(result.metrics["ppo/kl"])  # finite
+
+
+def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, tiny_llama, trained_pm, prompts_path):
+    pm_dir = trained_pm[1].outputs["pm"]
+    with pytest.raises(WorkerError, match="preference model"):
+        run(ppo_config(tmp_path, tiny_gpt2, str(tmp_path / "missing"), prompts_path))
+    with pytest.raises(WorkerError, match="different tokenizer"):
+        run(ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, reference_path=str(tiny_llama)))
+    other_vocab = build_tiny_model(tmp_path / "other", vocab_size=400, seed=5)
+    with pytest.raises(WorkerError, match=r"vocabulary \d+ vs \d+ tokens"):
+        run(ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, reference_path=str(other_vocab)))
+    with pytest.raises(ConfigError, match=r"rollout_batch_size \(8\) must be divisible by mini_batch_size \(3\)"):
+        ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, mini_batch_size=3).validate()
+    with pytest.raises(ConfigError, match="reference_path"):
+        ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, lora_r=4, reference_path=str(tiny_llama)).validate()

@@ -1,0 +1,160 @@
+"""Training checkpoints: model, optimizer, RNG states and data position; no pickle.
+
+A checkpoint is a directory ``step-00000040/`` holding
+
+- ``model.safetensors``: the module's parameters and buffers (shared tensors once),
+- ``optimizer.safetensors``: every tensor of the optimizer state, flattened,
+- ``rng.safetensors``: torch's CPU (and CUDA) generator states,
+- ``state.json``: the step, data position, optimizer scalars and param groups,
+  Python/NumPy RNG states, the config it was written with and anything else
+  the step adds.
+
+It is written under a temporary name and renamed into place, so a directory
+named ``step-*`` is always complete; a kill mid-write leaves only a
+``.tmp-*`` directory, which the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from workers.config import WorkerError
+from workers.metrics import atomic_write_text
+from workers.modeling import staging_dir
+from workers.runtime import rng_state, set_rng_state
+
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint after ``step`` optimizer steps."""
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+# -- optimizer state as tensors + JSON ---------------------------------------------
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's ``state_dict`` split into named CPU tensors and JSON-able values."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = json.loads(json.dumps(sd["param_groups"], default=_not_json))
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"optimizer state value {obj!r} ({type(obj).__name__}) cannot be checkpointed as JSON")
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load what ``optimizer_to_flat`` produced into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = tensor
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = meta["param_groups"]
+    current = optimizer.param_groups
+    if len(groups) != len(current):
+        raise WorkerError(f"checkpoint has {len(groups)} optimizer param groups, the optimizer has {len(current)}")
+    for saved, live in zip(groups, current):
+        if len(saved["params"]) != len(live["params"]):
+            raise WorkerError(
+                f"checkpoint optimizer group has {len(saved['params'])} parameters, the model has {len(live['params'])}"
+            )
+        for key, value in live.items():  # JSON turned tuples (betas) into lists
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- save / load -------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 1,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and keep the newest ``keep`` of them."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / checkpoint_name(step)
+    tmp = staging_dir(final)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_values = rng_state()
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        payload = {"step": step, "optimizer": opt_meta, "rng": rng_values, **state}
+        atomic_write_text(tmp / "state.json", json.dumps(payload, sort_keys=True) + "\n")
+        for path in tmp.iterdir():  # the rename below must not outrun the data
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(root)[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and global RNG states from a checkpoint; return its ``state.json``."""
+    path = Path(path)
+    device = next(model.parameters()).device
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    if missing or unexpected:
+        raise WorkerError(
+            f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    state = read_checkpoint_state(path)
+    optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state

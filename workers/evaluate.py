@@ -1,0 +1,236 @@
+"""Evaluate a candidate policy against the deployed one on held-out prompts.
+
+    python -m workers.evaluate --config evaluate.json [key=value ...]
+
+Both policies answer every prompt ``num_samples`` times with the same random
+numbers. Reported (what the deploy gate reads):
+
+- win rate of the candidate under the test PM and under the train PM (a tie
+  counts half), and the implied Elo difference, 400 * log10(w / (1 - w));
+- mean score change under each PM (candidate minus baseline): reward hacking
+  shows as the train PM's score rising while the test PM's falls;
+- mean KL(policy || reference) per response, for both policies (the k1
+  estimate on each policy's own samples);
+- a gold score of both when a scoring function is given ("module:function",
+  called as function(prompt, response) -> float), and mean response length.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.config import ConfigError, WorkerError, cli, save_config
+from workers.data import load_prompts
+from workers.metrics import StepResult, collect_result, write_json
+from workers.modeling import check_model_dir, load_causal_lm, load_tokenizer
+from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, pm_scores, response_logprobs
+from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.sample import generate, row_seed, row_uniforms
+from workers.score import load_pm
+
+STEP = "evaluate"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Config of the evaluate step."""
+
+    candidate_path: str
+    """the policy that wants to be deployed"""
+    baseline_path: str
+    """the deployed policy it must beat"""
+    reference_path: str
+    """the reference policy KL is measured against (the initial policy)"""
+    pm_path: str
+    """the train PM (the one PPO optimised)"""
+    test_pm_path: str
+    """the held-out test PM (the gate's judge)"""
+    prompts_path: str
+    """held-out prompt set JSONL, one {"id", "prompt"} a line"""
+    output_dir: str
+    """where report.json, samples.jsonl and the config go"""
+    num_samples: int = 1
+    """responses per prompt and policy"""
+    max_new_tokens: int = 32
+    """longest response in tokens (EOS included)"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs and KL are taken at it)"""
+    max_prompt_tokens: int | None = None
+    """keep only the last this-many prompt tokens; None: prompts must fit as they are"""
+    gold: str | None = None
+    """a gold scoring function, "module:function", called as function(prompt, response) -> float"""
+    batch_size: int = 32
+    """prompts generated and scored together"""
+    seed: int = 0
+    """seed of the sampled tokens (both policies get the same random numbers)"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
+        if self.gold is not None and ":" not in self.gold:
+            raise ConfigError(f"gold ({self.gold!r}) must be 'module:function'")
+
+
+def load_gold(spec: str) -> Callable[[str, str], float]:
+    """The gold scoring function named ``module:function``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise WorkerError(f"gold function {spec!r} cannot be loaded: {exc}") from None
+    if not callable(fn):
+        raise WorkerError(f"gold {spec!r} is not callable")
+    return fn
+
+
+def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of pairs where ``a`` scores higher than ``b``; ties count half."""
+    return float(((a > b).float() + 0.5 * (a == b).float()).mean())
+
+
+def elo_difference(w: float, n: int) -> float:
+    """400 * log10(w / (1 - w)), with w kept half a game away from 0 and 1 (finite for a sweep)."""
+    eps = 0.5 / max(n, 1)
+    w = min(max(w, eps), 1 - eps)
+    return 400 * math.log10(w / (1 - w))
+
+
+@torch.no_grad()
+def _answer(model, reference, prompts: Sequence[list[int]], uniforms: torch.Tensor, cfg: EvaluateConfig, eos_id: int, pad_id: int, device):
+    gens = generate(
+        model, prompts, uniforms=uniforms, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+    )
+    responses = [g.tokens for g in gens]
+    rollout = Rollout(prompts, responses, response_length=cfg.max_new_tokens, pad_id=pad_id).to(device)
+    logits = {}
+    for name, net in (("policy", model), ("reference", reference)):
+        logits[name] = net(
+            input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, net),
+            position_ids=rollout.position_ids, use_cache=False,
+        ).logits
+    logp = response_logprobs(logits["policy"], rollout.query_responses, rollout.context_length, cfg.temperature)
+    ref = response_logprobs(logits["reference"], rollout.query_responses, rollout.context_length, cfg.temperature)
+    kl = ((logp - ref) * rollout.response_mask).sum(1).cpu()
+    return responses, kl
+
+
+def run(cfg: EvaluateConfig) -> StepResult:
+    """Compare candidate and baseline; write report.json and samples.jsonl."""
+    cfg.validate()
+    for path, what in ((cfg.candidate_path, "candidate policy"), (cfg.baseline_path, "baseline policy"),
+                       (cfg.reference_path, "reference policy")):
+        check_model_dir(path, what=what)
+        check_same_vocabulary(cfg.candidate_path, path, what)
+    for path, what in ((cfg.pm_path, "train preference model"), (cfg.test_pm_path, "test preference model")):
+        check_model_dir(path, what=what)
+        check_same_vocabulary(cfg.candidate_path, path, what)
+    gold = load_gold(cfg.gold) if cfg.gold else None
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+
+    tokenizer = load_tokenizer(cfg.candidate_path)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = load_prompts(cfg.prompts_path)
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens=cfg.max_prompt_tokens)
+    candidate = load_causal_lm(cfg.candidate_path, device=device, dtype=dtype)
+    baseline = load_causal_lm(cfg.baseline_path, device=device, dtype=dtype)
+    reference = load_causal_lm(cfg.reference_path, device=device, dtype=dtype)
+    train_pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
+    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype)
+
+    rows = [(i, s) for i in range(len(prompts)) for s in range(cfg.num_samples)]
+    collected: dict[str, dict[str, list]] = {
+        name: {"responses": [], "kl": [], "train": [], "test": []} for name in ("candidate", "baseline")
+    }
+    bar = progress(len(rows), desc="evaluate", enabled=cfg.progress, unit="prompt")
+    for start in range(0, len(rows), cfg.batch_size):
+        chunk = rows[start : start + cfg.batch_size]
+        batch_prompts = [prompt_ids[i] for i, _ in chunk]
+        uniforms = torch.stack(
+            [row_uniforms(row_seed(cfg.seed, "evaluate", json.dumps(prompts[i].id), s), cfg.max_new_tokens) for i, s in chunk]
+        )
+        for name, model in (("candidate", candidate), ("baseline", baseline)):
+            responses, kl = _answer(model, reference, batch_prompts, uniforms, cfg, eos_id, pad_id, device)
+            part = collected[name]
+            part["responses"] += responses
+            part["kl"].append(kl)
+            part["train"].append(pm_scores(train_pm, batch_prompts, responses, cfg.batch_size))
+            part["test"].append(pm_scores(test_pm, batch_prompts, responses, cfg.batch_size))
+        bar.update(len(chunk))
+    bar.close()
+
+    texts = {name: tokenizer.batch_decode(part["responses"], skip_special_tokens=True) for name, part in collected.items()}
+    scores = {name: {k: torch.cat(part[k]) for k in ("kl", "train", "test")} for name, part in collected.items()}
+    c, b = scores["candidate"], scores["baseline"]
+    n = len(rows)
+    w_test, w_train = win_rate(c["test"], b["test"]), win_rate(c["train"], b["train"])
+    metrics: dict[str, Any] = {
+        "eval/win_rate_test_pm": w_test,
+        "eval/win_rate_train_pm": w_train,
+        "eval/elo_diff": elo_difference(w_test, n),
+        "eval/elo_diff_train_pm": elo_difference(w_train, n),
+        "eval/test_pm_delta": float((c["test"] - b["test"]).mean()),
+        "eval/train_pm_delta": float((c["train"] - b["train"]).mean()),
+        "eval/test_pm_candidate": float(c["test"].mean()),
+        "eval/train_pm_candidate": float(c["train"].mean()),
+        "eval/kl": float(c["kl"].mean()),
+        "eval/kl_baseline": float(b["kl"].mean()),
+        "eval/length_candidate": sum(len(r) for r in collected["candidate"]["responses"]) / n,
+        "eval/length_baseline": sum(len(r) for r in collected["baseline"]["responses"]) / n,
+        "eval/comparisons": n,
+    }
+    golds: dict[str, list[float]] = {}
+    if gold is not None:
+        for name in ("candidate", "baseline"):
+            golds[name] = [float(gold(prompts[i].text, text)) for (i, _), text in zip(rows, texts[name])]
+            metrics[f"eval/gold_{name}"] = sum(golds[name]) / n
+
+    samples = []
+    for k, (i, s) in enumerate(rows):
+        record = {"prompt_id": prompts[i].id, "sample": s}
+        for name in ("candidate", "baseline"):
+            record[name] = {
+                "response": texts[name][k], "train_pm": float(scores[name]["train"][k]),
+                "test_pm": float(scores[name]["test"][k]), "kl": float(scores[name]["kl"][k]),
+            }
+            if golds:
+                record[name]["gold"] = golds[name][k]
+        samples.append(json.dumps(record, ensure_ascii=False))
+    (out / "samples.jsonl").write_text("\n".join(samples) + "\n", encoding="utf-8")
+    report = out / "report.json"
+    write_json(report, {"metrics": metrics, "candidate": cfg.candidate_path, "baseline": cfg.baseline_path})
+    return collect_result(STEP, out, {"report": report, "samples": out / "samples.jsonl"}, metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(EvaluateConfig, run, argv, prog="python -m workers.evaluate", description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

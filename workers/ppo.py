@@ -1,0 +1,474 @@
+"""PPO against a preference model, with a per-token KL penalty to a reference policy.
+
+    python -m workers.ppo --config ppo.json [key=value ...]
+
+One rollout is: sample responses to a batch of prompts with the policy, score
+them with the PM at EOS, penalise every token by beta * KL(policy || reference)
+(Bai et al. 2022 use r_PM - beta * KL with beta = 0.001), estimate advantages
+with GAE, then run several epochs of clipped-PPO mini-batch updates. The math
+lives in ``workers.rl``; this file is the loop, read top to bottom.
+
+The value function is a linear head on the policy's last hidden state
+(``value_model="head"``: one forward pass per mini-batch) or a separate critic
+trunk initialised from the PM's trunk (``value_model="critic"``, as TRL does).
+With ``lora_r > 0`` only LoRA adapters train and the reference policy is the
+same network with its adapters switched off, so no second copy is held; the
+saved policy has the adapters merged, an ordinary Hugging Face directory.
+
+Checkpoints (policy, value head, optimizer, KL coefficient, data position) are
+written every ``checkpoint_every`` rollouts; every random draw is seeded from
+(seed, rollout, ...), so a killed and resumed run computes the same losses as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.data import load_prompts
+from workers.metrics import MetricsWriter, StepResult, collect_result, read_metrics, write_json
+from workers.modeling import check_model_dir, disable_dropout, load_causal_lm, load_tokenizer, load_trunk, save_model_dir
+from workers.rl.advantages import gae, masked_mean, masked_var, whiten
+from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
+from workers.rl.losses import ppo_loss
+from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, entropy_of, pm_scores, response_logprobs
+from workers.sample import generate, row_seed, row_uniforms
+from workers.score import load_pm
+
+STEP = "ppo"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Config of the PPO step."""
+
+    policy_path: str
+    """the policy to start from (the deployed policy, or the initial one): a Hugging Face causal LM directory"""
+    reference_path: str
+    """the frozen reference policy of the KL penalty (the initial policy, as in the paper)"""
+    pm_path: str
+    """the preference model that scores responses (the train PM)"""
+    prompts_path: str
+    """prompt set JSONL, one {"id", "prompt"} a line"""
+    output_dir: str
+    """where the trained policy (policy/), metrics, summary, checkpoints and the config go"""
+    test_pm_path: str | None = None
+    """a held-out PM scored alongside (metrics only), to see over-optimisation"""
+    total_episodes: int = 256
+    """responses to train on in all (a multiple of rollout_batch_size)"""
+    rollout_batch_size: int = 16
+    """responses sampled per rollout"""
+    mini_batch_size: int = 8
+    """responses per optimiser step (rollout_batch_size must be a multiple)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per mini-batch (mini_batch_size must be a multiple)"""
+    ppo_epochs: int = 4
+    """passes over each rollout"""
+    response_length: int = 32
+    """longest response in tokens (EOS included)"""
+    max_prompt_tokens: int | None = None
+    """keep only the last this-many prompt tokens; None: prompts must fit as they are"""
+    temperature: float = 1.0
+    """sampling temperature of rollouts (log-probs are taken at this temperature)"""
+    kl_coef: float = 0.001
+    """beta, the KL penalty coefficient (the start value when kl_target is set)"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator: k1 (log ratio) or k3 (always >= 0)"""
+    kl_target: float | None = None
+    """adaptive KL: steer beta so the per-response KL approaches this (None: fixed beta)"""
+    kl_horizon: int = 10_000
+    """episodes over which the adaptive controller moves beta"""
+    gamma: float = 1.0
+    """discount over response tokens"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient (epsilon)"""
+    value_clip: float = 0.2
+    """how far a value may move from its rollout estimate before its loss is clipped"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    whiten_rewards: bool = False
+    """scale per-token rewards to unit variance before GAE"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the PM score of a response that ran out of tokens before EOS"""
+    value_model: str = "head"
+    """head: a value head on the policy; critic: a separate trunk initialised from the PM's"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the adapter switched off"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    lora_dropout: float = 0.0
+    """LoRA dropout"""
+    pm_batch_size: int = 32
+    """responses per PM forward pass"""
+    checkpoint_every: int = 1
+    """write a checkpoint every this many rollouts"""
+    max_rollouts_this_run: int | None = None
+    """stop after this many rollouts in this invocation; a re-run resumes after them"""
+    seed: int = 0
+    """seed of sampling, mini-batch order and the value head's initialisation"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        for name in ("total_episodes", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                     "ppo_epochs", "response_length", "pm_batch_size", "checkpoint_every", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.total_episodes % self.rollout_batch_size:
+            raise ConfigError(
+                f"total_episodes ({self.total_episodes}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
+            )
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"mini_batch_size ({self.mini_batch_size}) must be divisible by "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if self.rollout_batch_size < 2:
+            raise ConfigError(f"rollout_batch_size ({self.rollout_batch_size}) must be >= 2 to whiten advantages")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ConfigError(f"kl_estimator ({self.kl_estimator!r}) must be k1 or k3")
+        if self.value_model not in ("head", "critic"):
+            raise ConfigError(f"value_model ({self.value_model!r}) must be head or critic")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef ({self.kl_coef}) must be >= 0")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ConfigError(f"kl_target ({self.kl_target}) must be > 0 or null")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"gamma ({self.gamma}) and lam ({self.lam}) must be in [0, 1]")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r ({self.lora_r}) must be >= 0")
+        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
+            raise ConfigError(
+                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
+                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
+            )
+        if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
+            raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM and its value function (a head on its trunk, or a separate critic)."""
+
+    def __init__(self, lm: nn.Module, value_head: nn.Linear, critic: nn.Module | None = None):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        """(logits [b, n, vocab], values [b, n]) of every position; ``attention_mask`` is 2-D [b, n]."""
+        full = causal_mask_4d(attention_mask, self.lm)
+        critic_mask = causal_mask_4d(attention_mask, self.critic) if self.critic is not None else None
+        attention_mask = full
+        out = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            output_hidden_states=self.critic is None, use_cache=False,
+        )
+        if self.critic is None:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = self.critic(
+                input_ids=input_ids, attention_mask=critic_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        return out.logits, self.value_head(hidden).squeeze(-1).float()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens (1 is perfect, <= 0 is no better than a constant)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns <= 0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+def _build_model(cfg: PPOConfig, device: torch.device, dtype: torch.dtype) -> PolicyWithValue:
+    lm = load_causal_lm(cfg.policy_path, device=device, dtype=dtype)
+    disable_dropout(lm)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+    critic = None
+    if cfg.value_model == "critic":
+        critic = load_trunk(cfg.pm_path, device=device, dtype=dtype)
+        disable_dropout(critic)
+    hidden = (critic.config if critic is not None else lm.config).hidden_size
+    head = nn.Linear(hidden, 1, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        # A small random head (std 1/sqrt(h+1), as TRL's value head) and zero bias: values start near 0.
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(hidden + 1))
+        head.bias.zero_()
+    return PolicyWithValue(lm, head, critic)
+
+
+def _prompt_order(n_prompts: int, seed: int, episode: int, count: int) -> list[int]:
+    """Prompt indices for episodes [episode, episode + count): a seeded shuffle per pass over the set."""
+    out = []
+    for e in range(episode, episode + count):
+        epoch, offset = divmod(e, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def run(cfg: PPOConfig) -> StepResult:
+    """Train the policy with PPO; resumes from the newest checkpoint under output_dir."""
+    cfg.validate()
+    # 0. Setup: derived sizes, device, models, data.
+    num_rollouts = cfg.total_episodes // cfg.rollout_batch_size
+    num_mini_batches = cfg.rollout_batch_size // cfg.mini_batch_size
+    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    out = Path(cfg.output_dir)
+    final_dir = out / "policy"
+    if (out / "summary.json").is_file() and final_dir.is_dir():
+        return _result(cfg, out, final_dir, _read_summary(out))
+    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
+        check_model_dir(path, what=what)
+    check_model_dir(cfg.pm_path, what="preference model")
+    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
+    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
+    if cfg.test_pm_path:
+        check_model_dir(cfg.test_pm_path, what="test preference model")
+        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+
+    tokenizer = load_tokenizer(cfg.policy_path)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
+
+    model = _build_model(cfg, device, dtype)
+    reference = None
+    if not cfg.lora_r:
+        reference = load_causal_lm(cfg.reference_path, device=device, dtype=dtype)
+        disable_dropout(reference)
+        reference.requires_grad_(False)
+    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
+    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
+    if cfg.kl_target is None:
+        kl_ctl = FixedKLController(cfg.kl_coef)
+    else:
+        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+    start_rollout = 0
+    checkpoints = out / "checkpoints"
+    if (latest := latest_checkpoint(checkpoints)) is not None:
+        state = load_checkpoint(latest, model=model, optimizer=optimizer)
+        _check_resume(cfg, state)
+        start_rollout, kl_ctl.value = state["rollout"], state["kl_coef"]
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics.rewind(after_step=start_rollout)
+
+    bar = progress(num_rollouts, desc="ppo", enabled=cfg.progress, initial=start_rollout, unit="rollout")
+    last: dict[str, Any] = {}
+    rollouts_this_run = 0
+    for k in range(start_rollout, num_rollouts):
+        if cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run:
+            break
+        started = time.perf_counter()
+        model.eval()
+        # 1. Sample responses; every token's random number comes from (seed, rollout, row).
+        order = _prompt_order(len(prompt_ids), cfg.seed, k * cfg.rollout_batch_size, cfg.rollout_batch_size)
+        batch_prompts = [prompt_ids[i] for i in order]
+        uniforms = torch.stack(
+            [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))]
+        )
+        with torch.no_grad():
+            generations = generate(
+                model.lm, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
+                temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+            )
+        responses = [g.tokens for g in generations]
+        ended = torch.tensor([g.finish_reason == "eos" for g in generations])
+        rollout = Rollout(batch_prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
+        ctx, mask = rollout.context_length, rollout.response_mask
+
+        # 2. Log-probs and values of the policy, log-probs of the reference, PM scores.
+        with torch.no_grad():
+            logits, all_values = model(rollout.query_responses, rollout.attention_mask, rollout.position_ids)
+            logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
+            values = all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
+            entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
+            del logits
+            ref_model = model.lm if reference is None else reference
+            ref_inputs = dict(
+                input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, ref_model),
+                position_ids=rollout.position_ids, use_cache=False,
+            )
+            if reference is None:
+                with model.lm.disable_adapter():
+                    ref_logits = model.lm(**ref_inputs).logits
+            else:
+                ref_logits = reference(**ref_inputs).logits
+            ref_logprobs = response_logprobs(ref_logits, rollout.query_responses, ctx, cfg.temperature)
+            del ref_logits
+            scores = pm_scores(pm, batch_prompts, responses, cfg.pm_batch_size)
+            test_scores = pm_scores(test_pm, batch_prompts, responses, cfg.pm_batch_size) if test_pm else None
+            penalised = scores.clone()
+            if cfg.missing_eos_penalty is not None:
+                penalised[~ended] -= cfg.missing_eos_penalty
+
+            # 3. Per-token rewards: -beta * KL everywhere, the PM score at the last token.
+            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            rewards = penalised_rewards(penalised.to(device), kl, mask, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+
+            # 4. GAE over response tokens (gamma 1 by default), then whitened advantages.
+            advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            advantages = whiten(advantages, mask)
+
+        # 5. Several epochs of clipped-PPO mini-batch updates.
+        model.train()
+        disable_dropout(model)
+        stats: list = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(
+                cfg.rollout_batch_size, generator=torch.Generator().manual_seed(row_seed(cfg.seed, "minibatch", k, epoch))
+            )
+            for m in range(num_mini_batches):
+                mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                for a in range(cfg.gradient_accumulation_steps):
+                    idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
+                    new_logits, new_all_values = model(
+                        rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
+                    )
+                    new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
+                    new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
+                    loss, loss_stats = ppo_loss(
+                        logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
+                        values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
+                        clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                    )
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                    stats.append(loss_stats)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+
+        # 6. The KL controller sees this rollout's mean per-response KL.
+        episode_kl = (kl_estimate(logprobs, ref_logprobs, "k1") * mask).sum(1)
+        mean_kl = float(episode_kl.mean())
+        beta = kl_ctl.value
+        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+
+        # 7. Metrics (namespaced, as cleanrl) and a checkpoint.
+        elapsed = time.perf_counter() - started
+        last = {
+            "ppo/reward": float(scores.mean()),
+            "ppo/kl": mean_kl,
+            "ppo/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
+            "ppo/kl_coef": beta,
+            "ppo/non_score_reward": float((-beta * kl).sum(1).mean()),
+            "ppo/entropy": float(entropy),
+            "ppo/eos_fraction": float(ended.float().mean()),
+            "ppo/response_length": float(mask.sum(1).mean()),
+            "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
+            "losses/value": float(torch.stack([s.value_loss for s in stats]).mean()),
+            "ppo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
+            "ppo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
+            "ppo/value_clipfrac": float(torch.stack([s.value_clipfrac for s in stats]).mean()),
+            "ppo/explained_variance": explained_variance(values, returns, mask),
+            "ppo/episodes": (k + 1) * cfg.rollout_batch_size,
+            "charts/episodes_per_s": cfg.rollout_batch_size / elapsed,
+        }
+        if test_scores is not None:
+            last["ppo/reward_test_pm"] = float(test_scores.mean())
+        metrics.log({"step": k + 1, **last})
+        bar.set_postfix({"reward": f"{last['ppo/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
+        bar.update(1)
+        rollouts_this_run += 1
+        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == num_rollouts:
+            save_checkpoint(
+                checkpoints, k + 1, model=model, optimizer=optimizer,
+                state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": _comparable(cfg)},
+            )
+    bar.close()
+    done = latest_checkpoint(checkpoints)
+    finished = done is not None and int(done.name.split("-")[1]) >= num_rollouts
+    if not finished:
+        return collect_result(STEP, out, {}, last, complete=False)
+
+    # 8. Save the policy as an ordinary Hugging Face directory (LoRA merged).
+    lm = model.lm.merge_and_unload() if cfg.lora_r else model.lm
+    save_model_dir(lm, tokenizer, final_dir)
+    summary = {**read_metrics(out / "metrics.jsonl")[-1], "ppo/rollouts": num_rollouts}
+    summary.pop("step", None)
+    write_json(out / "summary.json", summary)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return _result(cfg, out, final_dir, summary)
+
+
+def _comparable(cfg: PPOConfig) -> dict[str, Any]:
+    data = to_dict(cfg)
+    for name in ("max_rollouts_this_run", "progress", "num_threads", "checkpoint_every"):
+        data.pop(name, None)
+    return data
+
+
+def _check_resume(cfg: PPOConfig, state: dict[str, Any]) -> None:
+    saved, current = state.get("config", {}), _comparable(cfg)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise WorkerError(
+            f"the checkpoint under {cfg.output_dir} was written with a different config ({', '.join(changed)} changed); "
+            "use a new output_dir or restore the config"
+        )
+
+
+def _read_summary(out: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+
+def _result(cfg: PPOConfig, out: Path, final_dir: Path, summary: dict[str, Any]) -> StepResult:
+    return collect_result(STEP, out, {"policy": final_dir}, summary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(PPOConfig, run, argv, prog="python -m workers.ppo", description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

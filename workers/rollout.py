@@ -1,0 +1,105 @@
+"""Shared pieces of the steps that sample and score a policy (ppo, evaluate, best_of_n):
+prompt encoding, the padded rollout layout, per-token log-probs, PM scores of
+token ids, and the same-tokenizer check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from workers.config import WorkerError
+from workers.data import Prompt
+from workers.modeling import causal_mask_4d, load_tokenizer
+from workers.pm import pad_sequences, special_prefix
+from workers.score import LoadedPM
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, max_prompt_tokens: int | None) -> list[list[int]]:
+    """Token ids of each prompt (leading special tokens kept; the last ``max_prompt_tokens`` when set)."""
+    prefix = special_prefix(tokenizer)
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, ids in zip(prompts, encoded):
+        ids = prefix + ids
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = prefix + ids[len(ids) - max(max_prompt_tokens - len(prefix), 1) :]
+        if not ids:
+            raise WorkerError(f"prompt {p.id!r} is empty and the tokenizer adds no BOS token")
+        out.append(ids)
+    return out
+
+
+class Rollout:
+    """A rollout's padded tensors (b episodes, p prompt positions, r response positions)."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, response_length: int, pad_id: int):
+        b = len(prompts)
+        p = max(len(x) for x in prompts)
+        r = response_length
+        self.query_responses = torch.full((b, p + r), pad_id, dtype=torch.long)
+        """prompt (left-padded) then response (right-padded); shape [b, p + r]"""
+        self.attention_mask = torch.zeros((b, p + r), dtype=torch.long)
+        self.response_mask = torch.zeros((b, r), dtype=torch.float32)
+        """1 for response tokens up to and including EOS; shape [b, r]"""
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            self.query_responses[i, p - len(prompt) : p] = torch.tensor(list(prompt), dtype=torch.long)
+            self.query_responses[i, p : p + len(response)] = torch.tensor(list(response), dtype=torch.long)
+            self.attention_mask[i, p - len(prompt) : p + len(response)] = 1
+            self.response_mask[i, : len(response)] = 1
+        self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.context_length = p
+
+    def to(self, device: torch.device) -> Rollout:
+        for name in ("query_responses", "attention_mask", "response_mask", "position_ids"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, context_length: int, temperature: float) -> torch.Tensor:
+    """Log-probs [b, r] of the response tokens: position t is predicted by the logits at context_length - 1 + t."""
+    r = tokens.shape[1] - context_length
+    step_logits = logits[:, context_length - 1 : context_length - 1 + r].float() / temperature
+    targets = tokens[:, context_length:]
+    return torch.log_softmax(step_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, context_length: int, r: int, temperature: float) -> torch.Tensor:
+    """Per-token entropy [b, r] of the policy over the response positions."""
+    step = logits[:, context_length - 1 : context_length - 1 + r].float() / temperature
+    logp = torch.log_softmax(step, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def check_same_vocabulary(policy_dir: str, other_dir: str, what: str) -> None:
+    """Refuse a reference or PM whose tokenizer is not the policy's: token ids would mean different text."""
+    a, b = load_tokenizer(policy_dir), load_tokenizer(other_dir)
+    if a.get_vocab() != b.get_vocab() or a.eos_token_id != b.eos_token_id or special_prefix(a) != special_prefix(b):
+        raise WorkerError(
+            f"the {what} at {other_dir} has a different tokenizer from the policy at {policy_dir} "
+            f"(vocabulary {len(b)} vs {len(a)} tokens, EOS {b.eos_token_id} vs {a.eos_token_id}, "
+            f"leading special tokens {special_prefix(b)} vs {special_prefix(a)}); "
+            "PPO scores and compares token ids, so all three must share one tokenizer"
+        )
+
+
+@torch.no_grad()
+def pm_scores(pm: LoadedPM, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """The PM's score [b] of each (prompt tokens, response tokens), laid out as the PM was trained."""
+    layout = pm.layout
+    seqs = []
+    for prompt, response in zip(prompts, responses):
+        response = list(response)
+        if layout.append_eos and (not response or response[-1] != layout.eos_id):
+            response = response + [layout.eos_id]
+        if not response:
+            response = [layout.eos_id]
+        fitted_prompt, (fitted_response,), _, _ = layout.fit(list(prompt), [response])
+        seqs.append(fitted_prompt + fitted_response)
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        out.append(pm.model.score_sequences(pad_sequences(seqs[start : start + batch_size], pad_id=layout.pad_id)))
+    return torch.cat(out).float().cpu()
+
+

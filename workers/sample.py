@@ -1,0 +1,521 @@
+"""sample: K responses to every prompt of a prompt set, from one or more policies.
+
+    python -m workers.sample --config sample.json [key=value ...]
+
+Batched generation with left padding and a KV cache, written as a plain
+decode loop rather than ``model.generate``: the loop reads each step's
+log-probabilities directly, drops finished rows from the batch and the cache
+as they reach EOS, and draws each token by inverse-CDF sampling with a
+uniform number that depends only on (seed, policy, prompt id, sample index,
+token position). So a response does not depend on which other rows share
+its batch, on the batch size or on a resume: the same config gives the same
+samples.
+
+Output under ``output_dir``: ``samples.jsonl``, one record per response:
+
+    prompt_id, policy, sample_index, prompt, response,
+    prompt_tokens, response_tokens, finish_reason ("eos" | "length"),
+    logprob            sum of the response tokens' log-probs under the policy (temperature 1, full vocabulary)
+    sampling_logprob   the same under the distribution actually sampled (temperature, top-p); 0 for greedy
+
+plus ``metrics.jsonl`` (a line per batch), ``summary.json`` (tokens/s and
+lengths per policy) and ``ratchet_step_config.json``. Batches are appended as they finish; a killed
+run resumes after the last complete batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from transformers import DynamicCache
+
+from workers.config import CONFIG_FILENAME, ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.data import Prompt, load_prompts
+from workers.metrics import METRICS_FILENAME, SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, write_json
+from workers.modeling import causal_mask_4d, check_model_dir, key_mask_4d, load_causal_lm, load_tokenizer, max_positions, model_config
+from workers.pm import special_prefix
+from workers.runtime import progress, resolve_device, resolve_dtype, set_threads, synchronize
+
+STEP = "sample"
+SAMPLES_FILENAME = "samples.jsonl"
+PARTIAL_FILENAME = "samples.jsonl.partial"
+RUN_ONLY_FIELDS = {"output_dir", "progress", "num_threads", "device", "max_batches_this_run"}
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Config of the sample step."""
+
+    policies: dict[str, str]
+    """policy label (its version, e.g. "policy-v3") -> model directory; each prompt is sampled from each policy"""
+    prompts_path: str
+    """prompt set JSONL, one {"id", "prompt"} a line"""
+    output_dir: str
+    """where samples.jsonl, summary.json and the config go"""
+    num_samples: int = 4
+    """responses per prompt and policy (K)"""
+    max_new_tokens: int = 128
+    """longest response in tokens (EOS included)"""
+    temperature: float = 1.0
+    """softmax temperature; 0 means greedy decoding"""
+    top_p: float = 1.0
+    """nucleus sampling: sample from the smallest set of tokens holding this much probability"""
+    max_prompt_tokens: int | None = None
+    """keep only the last this-many prompt tokens (BOS kept); None: prompts must fit as they are"""
+    batch_size: int = 32
+    """sequences generated together"""
+    seed: int = 0
+    """seed of every sampled token (with the policy, prompt id, sample index and position)"""
+    max_batches_this_run: int | None = None
+    """stop after this many batches in this invocation; a re-run resumes after them"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
+    attn_implementation: str | None = None
+    """attention kernel passed to from_pretrained (None: the model's default)"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        if not self.policies:
+            raise ConfigError("policies ({}) must name at least one policy: {\"label\": \"model dir\"}")
+        for label in self.policies:
+            if not label or label != label.strip():
+                raise ConfigError(f"policies: label {label!r} must be a non-empty string without surrounding spaces")
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.max_batches_this_run is not None and self.max_batches_this_run < 1:
+            raise ConfigError(f"max_batches_this_run ({self.max_batches_this_run}) must be >= 1 or null")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens ({self.max_prompt_tokens}) must be >= 1 or null")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads ({self.num_threads}) must be >= 1 or null")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p ({self.top_p}) must be in (0, 1]")
+
+
+# -- token sampling (pure) ------------------------------------------------------------
+
+
+def row_seed(seed: int, policy: str, prompt_id: Any, sample_index: int) -> int:
+    """The 63-bit seed of one response's random numbers."""
+    key = json.dumps([seed, policy, prompt_id, sample_index], separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+def row_uniforms(seed: int, n: int) -> torch.Tensor:
+    """``n`` uniform numbers in [0, 1) (float64) from ``seed``: one per token position."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sample_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row by inverse CDF; return (tokens [n], log-prob under the sampled distribution [n]).
+
+    Args:
+        logits: next-token logits, shape [n, vocab]
+        uniforms: one uniform in [0, 1) per row, shape [n] (float64)
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches
+    ``top_p`` (as transformers' TopPLogitsWarper). The CDF is summed in
+    float64, so a token of zero probability is never drawn.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1).double()
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    else:
+        order = None
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    # first index whose CDF exceeds u * total: always a token of positive probability
+    j = torch.searchsorted(cdf, uniforms[:, None].to(cdf) * total, right=True).clamp(max=probs.shape[-1] - 1)
+    p = probs.gather(-1, j) / total
+    tokens = j if order is None else order.gather(-1, j)
+    return tokens.squeeze(-1), torch.log(p.squeeze(-1))
+
+
+# -- generation -----------------------------------------------------------------------
+
+
+class Generation(NamedTuple):
+    """One generated response."""
+
+    tokens: list[int]
+    """response token ids (EOS included when generated)"""
+    logprob: float
+    """sum of token log-probs under the policy (temperature 1)"""
+    sampling_logprob: float
+    """sum of token log-probs under the sampled (tempered, top-p) distribution"""
+    finish_reason: str
+    """eos or length"""
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    uniforms: torch.Tensor | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int | Sequence[int],
+    pad_id: int,
+) -> list[Generation]:
+    """Generate one response per prompt with a KV cache; left padding, finished rows dropped.
+
+    ``uniforms`` has shape [len(prompts), max_new_tokens] (None for greedy,
+    ``temperature == 0``). ``eos_id`` may list several stop tokens (Llama 3
+    chat models end turns with one and documents with another).
+    """
+    device = next(model.parameters()).device
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token to condition on")
+    stop = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # Left padding: positions count real tokens only, so padding shifts nothing.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    # Ready-made 4-D masks: transformers' own mask construction costs more than a
+    # small model's whole forward pass on a CPU.
+    out = model(
+        input_ids=ids, attention_mask=causal_mask_4d(mask, model), position_ids=positions, use_cache=True, **extra
+    )
+    cache = out.past_key_values
+    if isinstance(cache, tuple):  # a model that still returns the legacy tuple cache
+        cache = DynamicCache.from_legacy_cache(cache)
+    logits = out.logits[:, -1, :]
+    next_pos = mask.sum(-1)
+
+    out_tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    logprob = torch.zeros(b, dtype=torch.float64, device=device)
+    sampling_logprob = torch.zeros(b, dtype=torch.float64, device=device)
+    hit_eos = torch.zeros(b, dtype=torch.bool, device=device)
+    active = torch.arange(b, device=device)  # the batch rows still in the cache
+    if uniforms is not None:
+        uniforms = uniforms.to(device)
+
+    for t in range(max_new_tokens):
+        # 1. Choose the next token of every active row.
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if temperature == 0:
+            token = logits.argmax(-1)
+            token_sampling_lp = torch.zeros(len(active), dtype=torch.float64, device=device)
+        else:
+            token, token_sampling_lp = sample_tokens(logits, uniforms[active, t], temperature=temperature, top_p=top_p)
+        # 2. Record it.
+        out_tokens[active, t] = token
+        lengths[active] += 1
+        logprob[active] += logp.gather(-1, token[:, None]).squeeze(-1).double()
+        sampling_logprob[active] += token_sampling_lp
+        finished = torch.isin(token, stop)
+        hit_eos[active[finished]] = True
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        # 3. Drop finished rows from the batch and the cache, then feed the new tokens.
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, token, mask, next_pos = active[keep], token[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=key_mask_4d(mask, model),
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1
+
+    out_tokens, lengths = out_tokens.cpu(), lengths.cpu()
+    return [
+        Generation(
+            tokens=out_tokens[i, : lengths[i]].tolist(),
+            logprob=float(logprob[i]),
+            sampling_logprob=float(sampling_logprob[i]),
+            finish_reason="eos" if bool(hit_eos[i]) else "length",
+        )
+        for i in range(b)
+    ]
+
+
+def stop_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and the model's generation-config EOS id(s)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    return sorted(i for i in ids if i is not None)
+
+
+# -- the step -------------------------------------------------------------------------
+
+
+@dataclass
+class _PolicyStats:
+    """Generated tokens and generation time of this invocation, per policy."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class _Row(NamedTuple):
+    policy: str
+    prompt: Prompt
+    sample_index: int
+
+
+def _plan(cfg: SampleConfig, prompts: list[Prompt]) -> list[list[_Row]]:
+    """Batches of rows: policy by policy, prompt by prompt, K samples of a prompt adjacent."""
+    batches = []
+    for label in cfg.policies:
+        rows = [_Row(label, p, k) for p in prompts for k in range(cfg.num_samples)]
+        batches.extend(rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size))
+    return batches
+
+
+def _encode_prompts(cfg: SampleConfig, tokenizer, prompts: list[Prompt], limit: int | None, label: str) -> dict[Any, list[int]]:
+    prefix = special_prefix(tokenizer)
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    out = {}
+    for prompt, ids in zip(prompts, encoded):
+        ids = prefix + ids
+        if cfg.max_prompt_tokens is not None and len(ids) > cfg.max_prompt_tokens:
+            keep = max(cfg.max_prompt_tokens - len(prefix), 0)
+            ids = prefix[: cfg.max_prompt_tokens] + (ids[len(ids) - keep :] if keep else [])
+        if not ids:
+            raise WorkerError(
+                f"prompt {prompt.id!r} is empty and policy {label}'s tokenizer adds no BOS token; "
+                "there is nothing to condition on"
+            )
+        if limit is not None and len(ids) + cfg.max_new_tokens > limit:
+            raise WorkerError(
+                f"prompt {prompt.id!r} has {len(ids)} tokens; with max_new_tokens {cfg.max_new_tokens} that exceeds "
+                f"policy {label}'s {limit} positions; set max_prompt_tokens (at most {limit - cfg.max_new_tokens})"
+            )
+        out[json.dumps(prompt.id)] = ids
+    return out
+
+
+def _completed_rows(partial: Path, batches: list[list[_Row]]) -> int:
+    """How many leading batches ``partial`` holds completely; the file is cut back to them."""
+    if not partial.exists():
+        return 0
+    lines = partial.read_bytes().split(b"\n")
+    valid = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        valid.append(line)
+    done_batches, rows = 0, 0
+    for batch in batches:
+        if rows + len(batch) > len(valid):
+            break
+        rows += len(batch)
+        done_batches += 1
+    with open(partial, "wb") as fh:
+        fh.write(b"".join(line + b"\n" for line in valid[:rows]))
+    return done_batches
+
+
+def _sample_batch(
+    cfg: SampleConfig,
+    label: str,
+    batch: list[_Row],
+    model: torch.nn.Module,
+    tokenizer,
+    encoded: dict[Any, list[int]],
+    st: _PolicyStats,
+    device: torch.device,
+) -> list[str]:
+    """Generate one batch; return its JSONL lines and add to the policy's stats."""
+    prompt_ids = [encoded[json.dumps(row.prompt.id)] for row in batch]
+    uniforms = None
+    if cfg.temperature > 0:
+        uniforms = torch.stack(
+            [row_uniforms(row_seed(cfg.seed, label, row.prompt.id, row.sample_index), cfg.max_new_tokens) for row in batch]
+        )
+    t0 = time.perf_counter()
+    gens = generate(
+        model,
+        prompt_ids,
+        uniforms=uniforms,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        eos_id=stop_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+    )
+    synchronize(device)
+    st.seconds += time.perf_counter() - t0
+    lines = []
+    for row, ids, gen in zip(batch, prompt_ids, gens):
+        body = gen.tokens[:-1] if gen.finish_reason == "eos" else gen.tokens
+        record = {
+            "prompt_id": row.prompt.id,
+            "policy": label,
+            "sample_index": row.sample_index,
+            "prompt": row.prompt.text,
+            "response": tokenizer.decode(body, skip_special_tokens=True),
+            "prompt_tokens": len(ids),
+            "response_tokens": len(gen.tokens),
+            "finish_reason": gen.finish_reason,
+            "logprob": gen.logprob,
+            "sampling_logprob": gen.sampling_logprob,
+        }
+        lines.append(json.dumps(record, ensure_ascii=False))
+        st.tokens += len(gen.tokens)
+    return lines
+
+
+def run(cfg: SampleConfig) -> StepResult:
+    """Sample ``num_samples`` responses per prompt from each policy; write samples.jsonl."""
+    # 1. Setup: validate, machine, inputs, and what an earlier run already did.
+    cfg.validate()
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    for label, path in cfg.policies.items():
+        check_model_dir(path, what=f"policy {label!r}")
+    out = Path(cfg.output_dir)
+    final, partial = out / SAMPLES_FILENAME, out / PARTIAL_FILENAME
+    previous = out / CONFIG_FILENAME
+    if previous.is_file():
+        saved = json.loads(previous.read_text(encoding="utf-8")).get("config", {})
+        diffs = diff_configs(saved, to_dict(cfg), ignore=RUN_ONLY_FIELDS)
+        if diffs and (final.exists() or partial.exists()):
+            raise WorkerError(
+                f"output_dir {out} holds samples of a different config ({'; '.join(diffs)}); use a new output_dir"
+            )
+    if final.exists():  # finished before (if killed before its summary, the file still has it all)
+        summary_path = out / SUMMARY_FILENAME
+        if summary_path.is_file():
+            metrics = json.loads(summary_path.read_text(encoding="utf-8"))["metrics"]
+        else:
+            metrics = _summarize(final, {})
+            write_json(summary_path, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
+        return collect_result(STEP, out, {"samples": final}, metrics)
+    prompts = load_prompts(cfg.prompts_path)
+    # Every policy's prompts are tokenized and length-checked before any generation.
+    tokenizers, encoded = {}, {}
+    for label, path in cfg.policies.items():
+        tokenizers[label] = load_tokenizer(path)
+        limit = max_positions(model_config(path))
+        encoded[label] = _encode_prompts(cfg, tokenizers[label], prompts, limit, label)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+    batches = _plan(cfg, prompts)
+    done = _completed_rows(partial, batches)
+
+    # 2. Generate policy by policy, appending each finished batch.
+    stats = {label: _PolicyStats() for label in cfg.policies}
+    total_rows = sum(len(b) for b in batches)
+    bar = progress(total_rows, desc="sample", enabled=cfg.progress, initial=sum(len(b) for b in batches[:done]), unit="resp")
+    budget = cfg.max_batches_this_run if cfg.max_batches_this_run is not None else len(batches)
+    todo = batches[done : done + budget]
+    writer = MetricsWriter(out / METRICS_FILENAME)
+    writer.rewind(after_step=done)  # lines of batches that were not saved
+    with open(partial, "ab") as sink:
+        for label in cfg.policies:
+            mine = [b for b in todo if b[0].policy == label]
+            if not mine:
+                continue
+            model = load_causal_lm(
+                cfg.policies[label], device=device, dtype=dtype, attn_implementation=cfg.attn_implementation
+            )
+            for batch in mine:
+                tokens, seconds = stats[label].tokens, stats[label].seconds
+                lines = _sample_batch(cfg, label, batch, model, tokenizers[label], encoded[label], stats[label], device)
+                sink.write(("\n".join(lines) + "\n").encode("utf-8"))
+                sink.flush()
+                os.fsync(sink.fileno())
+                done += 1
+                tokens, seconds = stats[label].tokens - tokens, stats[label].seconds - seconds
+                writer.log({"step": done, "policy": label, "responses": len(batch), "perf/generated_tokens": tokens,
+                            "perf/tokens_per_s": tokens / seconds if seconds else None})
+                bar.update(len(batch))
+            del model  # free this policy before loading the next
+    bar.close()
+    if done < len(batches):
+        return collect_result(STEP, out, {}, {"batches_done": done, "batches": len(batches)}, complete=False)
+    os.replace(partial, final)
+
+    # 3. Summary: throughput of this invocation, lengths over the whole file.
+    metrics = _summarize(final, stats)
+    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
+    return collect_result(STEP, out, {"samples": final}, metrics)
+
+
+def _summarize(path: Path, stats: dict[str, _PolicyStats]) -> dict[str, Any]:
+    per_policy: dict[str, dict[str, float]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        agg = per_policy.setdefault(rec["policy"], {"responses": 0, "tokens": 0, "eos": 0, "logprob": 0.0})
+        agg["responses"] += 1
+        agg["tokens"] += rec["response_tokens"]
+        agg["eos"] += rec["finish_reason"] == "eos"
+        agg["logprob"] += rec["logprob"]
+    metrics: dict[str, Any] = {}
+    tokens = sum(s.tokens for s in stats.values())
+    seconds = sum(s.seconds for s in stats.values())
+    metrics["samples/responses"] = sum(a["responses"] for a in per_policy.values())
+    metrics["perf/generated_tokens"] = tokens
+    metrics["perf/generate_seconds"] = seconds
+    metrics["perf/tokens_per_s"] = tokens / seconds if seconds else None
+    for label, agg in per_policy.items():
+        n = agg["responses"]
+        metrics[f"samples/{label}/responses"] = n
+        metrics[f"samples/{label}/mean_response_tokens"] = agg["tokens"] / n
+        metrics[f"samples/{label}/eos_fraction"] = agg["eos"] / n
+        metrics[f"samples/{label}/mean_logprob"] = agg["logprob"] / n
+        st = stats.get(label)
+        if st is not None and st.seconds:
+            metrics[f"perf/{label}/tokens_per_s"] = st.tokens / st.seconds
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workers.sample --config FILE [key=value ...]``."""
+    return cli(SampleConfig, run, argv, prog="workers.sample", description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,710 @@
+"""train_pm: train a preference model on comparisons (Bradley-Terry, Bai et al. 2022 sec. 2).
+
+    python -m workers.train_pm --config train_pm.json [key=value ...]
+
+A PM is the base LM's trunk plus a scalar head read at the response's last
+token (``workers.pm``). Each comparison is one packed row, ``[prompt | A |
+B]``, so the shared prompt is encoded once per comparison (see
+``workers.pm``). The dataset splits into train / held-out by a hash of each
+comparison's prompt; with ``two_pms`` the dataset first splits into two
+halves and a PM is trained on each: the "train PM" (``pm``) that PPO
+optimises against and the "test PM" (``test_pm``) the gate checks it with.
+
+Outputs under ``output_dir``:
+
+    pm/ (and test_pm/)          PM directories (see workers.score), loadable with load_pm
+    metrics.jsonl               one line per logged step, tagged with the PM's name
+    summary.json                final metrics and the config
+    ratchet_step_config.json    this config
+    checkpoints/<pm>/step-*/    while training; removed once the PM directory is written
+
+A killed run resumes from its newest checkpoint and ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from workers.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from workers.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.data import Comparison, load_comparisons, half_of, split_comparisons
+from workers.metrics import (
+    SUMMARY_FILENAME,
+    MetricsWriter,
+    StepResult,
+    calibration,
+    collect_result,
+    write_json,
+)
+from workers.modeling import (
+    ATTN_IMPLEMENTATIONS,
+    check_model_dir,
+    disable_dropout,
+    load_tokenizer,
+    load_trunk,
+    max_positions,
+    model_config,
+)
+from workers.pm import (
+    PreferenceModel,
+    TokenLayout,
+    bradley_terry_loss,
+    check_pair_packing,
+    pack_pairs,
+    pad_sequences,
+)
+from workers.runtime import autocast, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.score import is_pm_dir, load_head, read_pm_spec, save_pm
+
+STEP = "train_pm"
+
+# Fields that may differ between a run and the run that resumes it.
+RUN_ONLY_FIELDS = {
+    "output_dir",
+    "max_steps_this_run",
+    "progress",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "resume",
+    "eval_batch_size",
+    "log_every",
+    "device",
+}
+
+
+@dataclass(frozen=True)
+class TrainPMConfig:
+    """Config of the train_pm step."""
+
+    model_path: str
+    """the base causal LM directory (Hugging Face, safetensors) whose trunk the PM is built on"""
+    dataset_path: str
+    """comparisons JSONL, one {"prompt", "response_a", "response_b", "choice"} a line (a store snapshot)"""
+    output_dir: str
+    """where the PM directories, metrics, summary and checkpoints go"""
+    warm_start_path: str | None = None
+    """an earlier PM directory whose trunk and head initialise this one (None: the base model and a new head)"""
+    eval_dataset_path: str | None = None
+    """a fixed held-out comparisons JSONL; when set, all of dataset_path trains and heldout_fraction is unused"""
+    heldout_fraction: float = 0.1
+    """fraction of comparisons held out for evaluation, chosen by hash of split_by"""
+    split_by: Literal["prompt", "record"] = "prompt"
+    """hash key of the train/held-out and half splits: the prompt (no prompt in both) or the whole comparison"""
+    two_pms: bool = False
+    """train two PMs on the two halves of the dataset: pm (the train PM) and test_pm (the test PM)"""
+    seed: int = 0
+    """seed of the head init, data order and dropout (the second PM uses seed + 1)"""
+    batch_size: int = 32
+    """comparisons per optimizer step"""
+    micro_batch_size: int | None = None
+    """comparisons per forward pass (gradient accumulation); None means batch_size"""
+    eval_batch_size: int = 32
+    """comparisons per forward pass when evaluating"""
+    learning_rate: float = 1e-5
+    """peak AdamW learning rate"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """decay after warmup: none, linear to 0, or cosine to 0"""
+    warmup_steps: int = 0
+    """steps of linear warmup from 0 to learning_rate"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (matrices only; biases and norms never decay)"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float | None = 1.0
+    """clip the gradient's global L2 norm to this (None: no clipping)"""
+    num_epochs: float = 1.0
+    """passes over the training comparisons (fractions allowed); ignored when max_steps is set"""
+    max_steps: int | None = None
+    """total optimizer steps per PM (None: from num_epochs)"""
+    max_steps_this_run: int | None = None
+    """stop (with a checkpoint) after this many steps in this invocation; a re-run resumes"""
+    max_length: int | None = None
+    """longest prompt + response in tokens, EOS included (None: the model's position limit, at most 1024)"""
+    truncation: Literal["left", "drop"] = "left"
+    """over-long pairs: keep the end of the prompt (left) or drop the comparison (drop)"""
+    append_eos: bool = True
+    """append EOS to each response; the score is read at the response's last token"""
+    margin: float = 0.0
+    """required score gap for decisive labels in the loss (0: plain Bradley-Terry)"""
+    head_init_std: float | None = None
+    """std of the new head's weights (None: the model's initializer_range, else 0.02)"""
+    disable_dropout: bool = True
+    """turn off dropout in the trunk while training"""
+    pair_mode: Literal["packed", "concat"] = "packed"
+    """packed: one row [prompt|A|B] per comparison (prompt encoded once); concat: two full sequences"""
+    checkpoint_every: int = 200
+    """steps between checkpoints (0: only when stopping early)"""
+    keep_checkpoints: int = 1
+    """checkpoints kept per PM (newest)"""
+    resume: bool = True
+    """resume from the newest checkpoint in output_dir (False: discard checkpoints and start over)"""
+    calibration_bins: int = 10
+    """equal-width bins of the reliability diagram and ECE"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (weights stay float32)"""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """attention kernel of the trunk (both accept the packed comparison mask)"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    log_every: int = 1
+    """steps between metrics.jsonl lines"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        positive = {
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "keep_checkpoints": self.keep_checkpoints,
+            "calibration_bins": self.calibration_bins,
+            "log_every": self.log_every,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} ({value}) must be >= 1")
+        for name in ("micro_batch_size", "max_steps", "max_steps_this_run", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size})"
+            )
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction ({self.heldout_fraction}) must be in [0, 1)")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"warmup_steps ({self.warmup_steps}) and checkpoint_every ({self.checkpoint_every}) must be >= 0"
+            )
+        if self.weight_decay < 0 or self.margin < 0:
+            raise ConfigError(f"weight_decay ({self.weight_decay}) and margin ({self.margin}) must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps ({self.adam_eps}) must be > 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0 or null")
+        if self.max_steps is None and not self.num_epochs > 0:
+            raise ConfigError(f"num_epochs ({self.num_epochs}) must be > 0")
+        if self.max_length is not None and self.max_length < 4:
+            raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
+        if self.head_init_std is not None and not self.head_init_std > 0:
+            raise ConfigError(f"head_init_std ({self.head_init_std}) must be > 0 or null")
+        if self.dtype.strip().lower() == "float16":
+            raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation ({self.attn_implementation!r}) must be one of {ATTN_IMPLEMENTATIONS}")
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+class EncodedPair(NamedTuple):
+    """One comparison as token ids, fitted to max_length."""
+
+    prompt: list[int]
+    """prompt tokens (leading special tokens included)"""
+    response_a: list[int]
+    """response A tokens (EOS appended)"""
+    response_b: list[int]
+    """response B tokens (EOS appended)"""
+    target: float
+    """labelled P(A preferred): 1, 0 or 0.5"""
+    source: str | None
+    """metadata.source, for per-source accuracy"""
+
+
+@dataclass
+class EncodeStats:
+    """What fitting to max_length did to a split."""
+
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    dropped: int = 0
+
+
+def encode(comps: Sequence[Comparison], layout: TokenLayout, *, truncation: str) -> tuple[list[EncodedPair], EncodeStats]:
+    """Tokenize comparisons with the PM's token layout; cut or drop over-long ones."""
+    stats = EncodeStats()
+    prompts = layout.prompts([c.prompt for c in comps])
+    responses_a = layout.responses([c.response_a for c in comps])
+    responses_b = layout.responses([c.response_b for c in comps])
+    out = []
+    for comp, p, a, b in zip(comps, prompts, responses_a, responses_b):
+        too_long = len(p) + max(len(a), len(b)) > layout.max_length
+        if too_long and truncation == "drop":
+            stats.dropped += 1
+            continue
+        p, (a, b), cut_prompt, cut_response = layout.fit(p, [a, b])
+        stats.truncated_prompts += cut_prompt
+        stats.truncated_responses += cut_response
+        out.append(EncodedPair(p, a, b, comp.target, comp.source))
+    return out, stats
+
+
+class DataOrder:
+    """A stream of training indices: epoch e is a permutation seeded by (seed, e).
+
+    Step s takes stream positions [s * batch_size, (s + 1) * batch_size), so
+    the data position of a run is its step count: nothing is dropped at epoch
+    ends, and a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, n: int, *, seed: int):
+        self.n = n
+        self.seed = seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def batch(self, step: int, batch_size: int) -> list[int]:
+        """Indices of step ``step``'s batch."""
+        start = step * batch_size
+        return [int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + batch_size)]
+
+    def epoch_of(self, step: int, batch_size: int) -> float:
+        """Epochs completed at the start of ``step``."""
+        return step * batch_size / self.n
+
+
+def lr_at(step: int, *, base: float, warmup: int, total: int, schedule: str) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine decay.
+
+    Linear decay without warmup gives base * (total - step) / total, the
+    schedule of transformers' ``get_linear_schedule_with_warmup``.
+    """
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * max(0.0, 1.0 - progress_)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+    return base
+
+
+# -- the step -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One PM to train."""
+
+    name: str
+    index: int
+    train: list[Comparison]
+    heldout: list[Comparison]
+
+
+def run(cfg: TrainPMConfig) -> StepResult:
+    """Train the PM(s) described by ``cfg``; return checksums of the outputs and held-out metrics."""
+    # 1. Setup: validate, resolve the machine, read the data.
+    cfg.validate()
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    out = Path(cfg.output_dir)
+    source_dir = Path(cfg.warm_start_path or cfg.model_path)
+    check_model_dir(cfg.model_path, what="base model")
+    if cfg.warm_start_path is not None:
+        check_model_dir(cfg.warm_start_path, what="warm-start preference model")
+        read_pm_spec(cfg.warm_start_path)
+    limit = max_positions(model_config(source_dir))
+    if cfg.max_length is not None and limit is not None and cfg.max_length > limit:
+        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's {limit} position embeddings")
+    max_length = cfg.max_length or min(limit or 1024, 1024)
+
+    finished = _finished_result(cfg, out)
+    if finished is not None:
+        return finished
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+
+    comps = load_comparisons(cfg.dataset_path)
+    if not comps:
+        raise WorkerError(f"comparison dataset {cfg.dataset_path} is empty: there is nothing to train on")
+    fixed_eval = load_comparisons(cfg.eval_dataset_path) if cfg.eval_dataset_path else None
+    jobs = _plan_jobs(cfg, comps, fixed_eval)
+
+    tokenizer = load_tokenizer(source_dir)
+    layout = TokenLayout(tokenizer, max_length=max_length, append_eos=cfg.append_eos)
+    writer = MetricsWriter(out / "metrics.jsonl")
+
+    # 2. Train each PM (one, or the train/test pair), skipping those already written.
+    outputs: dict[str, Path] = {}
+    metrics: dict[str, Any] = {}
+    for job in jobs:
+        pm_dir = out / job.name
+        if is_pm_dir(pm_dir) and read_pm_spec(pm_dir).get("run_config") == _comparable(cfg):
+            job_metrics = read_pm_spec(pm_dir)["metrics"]
+        else:
+            job_metrics = _train_one(cfg, job, layout=layout, device=device, compute_dtype=compute_dtype, writer=writer)
+            if job_metrics is None:  # stopped early by max_steps_this_run
+                return collect_result(STEP, out, {}, {"stopped_in": job.name}, complete=False)
+        outputs[job.name] = pm_dir
+        prefix = "" if job.name == "pm" else f"{job.name}/"
+        metrics.update({f"{prefix}{k}": v for k, v in job_metrics.items()})
+
+    # 3. The summary marks the run finished; a re-run with the same config returns it.
+    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return collect_result(STEP, out, outputs, metrics)
+
+
+def _comparable(cfg: TrainPMConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY_FIELDS}
+
+
+def _finished_result(cfg: TrainPMConfig, out: Path) -> StepResult | None:
+    """The result of a finished run of the same config in ``out``; an error for a different config."""
+    summary_path = out / SUMMARY_FILENAME
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    diffs = diff_configs(summary.get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS)
+    if diffs:
+        raise WorkerError(
+            f"output_dir {out} already holds a finished train_pm run with a different config ({'; '.join(diffs)}); "
+            "use a new output_dir"
+        )
+    names = ["pm", "test_pm"] if cfg.two_pms else ["pm"]
+    return collect_result(STEP, out, {n: out / n for n in names}, summary["metrics"])
+
+
+def _plan_jobs(cfg: TrainPMConfig, comps: list[Comparison], fixed_eval: list[Comparison] | None) -> list[_Job]:
+    """Which PMs to train on which comparisons; errors for splits that cannot train or evaluate."""
+    halves = [comps]
+    names = ["pm"]
+    if cfg.two_pms:
+        halves = [[c for c in comps if half_of(c, split_by=cfg.split_by) == h] for h in (0, 1)]
+        names = ["pm", "test_pm"]
+    jobs = []
+    for index, (name, part) in enumerate(zip(names, halves)):
+        if fixed_eval is not None:
+            train, heldout = part, fixed_eval
+        else:
+            train, heldout = split_comparisons(part, fraction=cfg.heldout_fraction, split_by=cfg.split_by)
+        where = f" (the {'first' if index == 0 else 'second'} half, for {name})" if cfg.two_pms else ""
+        if not train:
+            raise WorkerError(
+                f"no training comparisons{where}: {len(part)} comparison(s), all held out "
+                f"(heldout_fraction {cfg.heldout_fraction}); add data or lower heldout_fraction"
+            )
+        if all(c.choice == "tie" for c in train):
+            raise WorkerError(
+                f"the training comparisons{where} are all ties ({len(train)} of them): one class only, "
+                "so there is no preference to learn; a PM needs comparisons with choice 'a' or 'b'"
+            )
+        if cfg.heldout_fraction > 0 and fixed_eval is None and not heldout:
+            raise WorkerError(
+                f"the held-out split{where} is empty: {len(part)} comparison(s) and heldout_fraction "
+                f"{cfg.heldout_fraction} selected none; add data, raise heldout_fraction, set it to 0 to train "
+                "without evaluation, or give eval_dataset_path"
+            )
+        jobs.append(_Job(name=name, index=index, train=train, heldout=heldout))
+    return jobs
+
+
+def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> PreferenceModel:
+    """Trunk and head from the base model (new head) or a warm-start PM; float32 master weights."""
+    source = cfg.warm_start_path or cfg.model_path
+    trunk = load_trunk(source, device=device, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    hidden = trunk.config.hidden_size
+    if cfg.warm_start_path is not None:
+        head = load_head(cfg.warm_start_path, hidden_size=hidden, device=device, dtype=torch.float32)
+    else:
+        std = cfg.head_init_std or getattr(trunk.config, "initializer_range", None) or 0.02
+        head = PreferenceModel.new_head(hidden, std=std, seed=seed).to(device)
+    pm = PreferenceModel(trunk, head)
+    if cfg.disable_dropout:
+        disable_dropout(pm)
+    return pm
+
+
+def _optimizer(cfg: TrainPMConfig, pm: PreferenceModel) -> torch.optim.Optimizer:
+    decay = [p for p in pm.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in pm.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (CPU and CUDA) is the fastest AdamW and as deterministic as the others.
+    fused = pm.device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused
+    )
+
+
+def _forward(pm: PreferenceModel, items: Sequence[EncodedPair], *, pair_mode: str, pad_id: int):
+    """(r_A, r_B, real tokens, padded tokens) of a micro-batch."""
+    if pair_mode == "packed":
+        batch = pack_pairs([(it.prompt, it.response_a, it.response_b) for it in items], pad_id=pad_id)
+        r_a, r_b = pm.score_pairs(batch)
+        real = int((batch.segments >= 0).sum())
+        return r_a, r_b, real, batch.input_ids.numel()
+    seqs = [it.prompt + it.response_a for it in items] + [it.prompt + it.response_b for it in items]
+    batch = pad_sequences(seqs, pad_id=pad_id)
+    scores = pm.score_sequences(batch)
+    return scores[: len(items)], scores[len(items) :], int(batch.attention_mask.sum()), batch.input_ids.numel()
+
+
+def _train_one(
+    cfg: TrainPMConfig,
+    job: _Job,
+    *,
+    layout: TokenLayout,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    writer: MetricsWriter,
+) -> dict[str, Any] | None:
+    """Train, evaluate and save one PM; None when stopped early by max_steps_this_run."""
+    out = Path(cfg.output_dir)
+    seed = cfg.seed + job.index
+
+    # 1. Tokenize; derived sizes, computed once.
+    train, train_stats = encode(job.train, layout, truncation=cfg.truncation)
+    heldout, heldout_stats = encode(job.heldout, layout, truncation=cfg.truncation)
+    if not train:
+        raise WorkerError(
+            f"every training comparison for {job.name} is longer than max_length ({layout.max_length}) and "
+            "truncation=drop dropped it; raise max_length or use truncation=left"
+        )
+    if all(it.target == 0.5 for it in train):
+        raise WorkerError(f"the training comparisons for {job.name} left after truncation are all ties")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train) / cfg.batch_size))
+    order = DataOrder(len(train), seed=seed)
+
+    # 2. Model and optimizer; the packed layout is checked on this very model.
+    pm = _build_pm(cfg, seed=seed, device=device)
+    if cfg.pair_mode == "packed":
+        probe = [i for i in range(len(layout.tokenizer)) if i not in layout.tokenizer.all_special_ids][:10]
+        try:
+            check_pair_packing(pm, token_ids=probe, atol=1e-3 if compute_dtype == torch.float32 else 5e-2)
+        except ValueError as exc:
+            raise WorkerError(str(exc)) from None
+    pm.train()
+    optimizer = _optimizer(cfg, pm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # 3. Resume from the newest checkpoint, or start clean.
+    ckpt_root = out / "checkpoints" / job.name
+    start_step = 0
+    latest = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if not cfg.resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    if latest is not None:
+        saved = read_checkpoint_state(latest).get("config", {})
+        diffs = diff_configs(saved, to_dict(cfg), ignore=RUN_ONLY_FIELDS)
+        if diffs:
+            raise WorkerError(
+                f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
+                "run with the same config to resume it, or resume=false to start over"
+            )
+        state = load_checkpoint(latest, model=pm, optimizer=optimizer)
+        start_step = state["step"]
+        writer.rewind(after_step=start_step, where={"pm": job.name})
+    else:
+        writer.clear(where={"pm": job.name})
+        seed_everything(seed)
+
+    # 4. The loop: one optimizer step per batch of comparisons.
+    targets_all = torch.tensor([it.target for it in train])
+    bar = progress(total_steps, desc=f"train_pm {job.name}", enabled=cfg.progress, initial=start_step)
+    train_seconds = train_cpu_seconds = 0.0
+    comparisons = real_tokens = padded_tokens = 0
+    loss_value = float("nan")
+    steps_this_run = 0
+    for step in range(start_step, total_steps):
+        if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
+            _checkpoint(cfg, job, step, pm, optimizer)
+            bar.close()
+            return None
+        t0, c0 = time.perf_counter(), time.process_time()
+        lr = lr_at(step, base=cfg.learning_rate, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = order.batch(step, cfg.batch_size)
+        sums = defaultdict(float)
+        for start in range(0, cfg.batch_size, micro):
+            chunk = indices[start : start + micro]
+            with autocast(device, compute_dtype):
+                r_a, r_b, real, padded = _forward(pm, [train[i] for i in chunk], pair_mode=cfg.pair_mode, pad_id=layout.pad_id)
+            losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device), margin=cfg.margin)
+            # Mean over the whole batch, whatever the micro-batching.
+            (losses.sum() / cfg.batch_size).backward()
+            sums["loss"] += losses.detach().sum().item()
+            n_dec = stats.num_decisive.item()
+            if n_dec:
+                sums["correct"] += stats.accuracy.item() * n_dec
+                sums["margin"] += stats.margin.item() * n_dec
+            sums["decisive"] += n_dec
+            sums["reward"] += stats.mean_reward.item() * len(chunk)
+            real_tokens += real
+            padded_tokens += padded
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        train_seconds += time.perf_counter() - t0
+        train_cpu_seconds += time.process_time() - c0
+        comparisons += cfg.batch_size
+        steps_this_run += 1
+        loss_value = sums["loss"] / cfg.batch_size
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            writer.log(
+                {
+                    "pm": job.name,
+                    "step": done,
+                    "losses/bt": loss_value,
+                    "train/accuracy": sums["correct"] / sums["decisive"] if sums["decisive"] else None,
+                    "train/margin": sums["margin"] / sums["decisive"] if sums["decisive"] else None,
+                    "train/reward_mean": sums["reward"] / cfg.batch_size,
+                    "optim/lr": lr,
+                    "optim/grad_norm": float(grad_norm),
+                    "data/epoch": order.epoch_of(done, cfg.batch_size),
+                    "perf/comparisons_per_s": comparisons / train_seconds,
+                }
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+            _checkpoint(cfg, job, done, pm, optimizer)
+    bar.close()
+
+    # 5. Held-out evaluation, then the PM directory (the durable output).
+    results = evaluate(pm, heldout, layout=layout, batch_size=cfg.eval_batch_size, n_bins=cfg.calibration_bins,
+                       pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype)
+    results.update(
+        {
+            "train/loss_last": loss_value,
+            "train/steps": total_steps,
+            "data/train_comparisons": len(train),
+            "data/heldout_comparisons": len(heldout),
+            "data/truncated_prompts": train_stats.truncated_prompts + heldout_stats.truncated_prompts,
+            "data/truncated_responses": train_stats.truncated_responses + heldout_stats.truncated_responses,
+            "data/dropped": train_stats.dropped + heldout_stats.dropped,
+            "perf/train_seconds": train_seconds,
+            "perf/train_cpu_seconds": train_cpu_seconds,
+            "perf/comparisons_per_s": comparisons / train_seconds if train_seconds else None,
+            "perf/tokens_per_s": real_tokens / train_seconds if train_seconds else None,
+            "perf/pad_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
+        }
+    )
+    spec = {
+        "append_eos": cfg.append_eos,
+        "max_length": layout.max_length,
+        "base_model": str(Path(cfg.model_path).resolve()),
+        "warm_start": str(Path(cfg.warm_start_path).resolve()) if cfg.warm_start_path else None,
+        "name": job.name,
+        "metrics": results,
+        "run_config": _comparable(cfg),
+    }
+    pm.eval()
+    save_pm(pm, layout.tokenizer, out / job.name, spec=spec, config=cfg, step=STEP)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return results
+
+
+def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer) -> None:
+    save_checkpoint(
+        Path(cfg.output_dir) / "checkpoints" / job.name,
+        step,
+        model=pm,
+        optimizer=optimizer,
+        state={"config": to_dict(cfg), "pm": job.name, "data_position": step * cfg.batch_size},
+        keep=cfg.keep_checkpoints,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    pm: PreferenceModel,
+    items: Sequence[EncodedPair],
+    *,
+    layout: TokenLayout,
+    batch_size: int,
+    n_bins: int = 10,
+    pair_mode: str = "packed",
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Held-out accuracy, log-loss, ECE, reliability bins and per-source accuracy.
+
+    P(A preferred) = sigmoid(r_A - r_B). Accuracy counts decisive labels;
+    log-loss is the Bradley-Terry loss (a tie's target is 1/2); calibration
+    bins P(A preferred) against the labelled outcome (a tie counts 1/2).
+    """
+    if not items:
+        return {"heldout/count": 0}
+    was_training = pm.training
+    pm.eval()
+    r_a_all, r_b_all = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        with autocast(device, compute_dtype):
+            r_a, r_b, _, _ = _forward(pm, chunk, pair_mode=pair_mode, pad_id=layout.pad_id)
+        r_a_all.append(r_a.float().cpu())
+        r_b_all.append(r_b.float().cpu())
+    pm.train(was_training)
+    r_a = torch.cat(r_a_all)
+    r_b = torch.cat(r_b_all)
+    targets = torch.tensor([it.target for it in items])
+    losses, stats = bradley_terry_loss(r_a, r_b, targets)
+    probs = torch.sigmoid(r_a - r_b)
+    ece, bins = calibration(probs.tolist(), targets.tolist(), n_bins=n_bins)
+    decisive = targets != 0.5
+    correct = ((probs > 0.5) == (targets > 0.5)) & decisive
+    by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for it, ok, dec in zip(items, correct.tolist(), decisive.tolist()):
+        if it.source is not None and dec:
+            by_source[it.source][0] += ok
+            by_source[it.source][1] += 1
+    rewards = torch.cat([r_a, r_b])
+    return {
+        "heldout/count": len(items),
+        "heldout/decisive": int(decisive.sum()),
+        "heldout/accuracy": stats.accuracy.item() if stats.num_decisive > 0 else None,
+        "heldout/log_loss": losses.mean().item(),
+        "heldout/ece": ece,
+        "heldout/reliability": [dataclasses.asdict(b) for b in bins],
+        "heldout/accuracy_by_source": {s: {"accuracy": c / n, "count": n} for s, (c, n) in sorted(by_source.items())},
+        "heldout/reward_mean": rewards.mean().item(),
+        "heldout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workers.train_pm --config FILE [key=value ...]``."""
+    return cli(TrainPMConfig, run, argv, prog="workers.train_pm", description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
