@@ -121,6 +121,10 @@ class PPOConfig:
     """LoRA dropout"""
     pm_batch_size: int = 32
     """responses per PM forward pass"""
+    eval_prompts_path: str | None = None
+    """held-out prompts scored every eval_every rollouts with fixed random numbers (a smooth reward-vs-KL curve)"""
+    eval_every: int = 0
+    """rollouts between evaluations on eval_prompts_path (0: never)"""
     checkpoint_every: int = 1
     """write a checkpoint every this many rollouts"""
     max_rollouts_this_run: int | None = None
@@ -176,6 +180,8 @@ class PPOConfig:
                 f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
                 f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
             )
+        if self.eval_every < 0 or (self.eval_every and not self.eval_prompts_path):
+            raise ConfigError(f"eval_every ({self.eval_every}) must be >= 0 and needs eval_prompts_path")
         if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
             raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
 
@@ -236,6 +242,39 @@ def _build_model(cfg: PPOConfig, device: torch.device, dtype: torch.dtype) -> Po
     return PolicyWithValue(lm, head, critic)
 
 
+@torch.no_grad()
+def evaluate_policy(model: PolicyWithValue, reference, pm, test_pm, prompts: Sequence[list[int]], cfg: PPOConfig,
+                    eos_id: int, pad_id: int, device: torch.device) -> dict[str, float]:
+    """Mean PM score and KL(policy || reference) per response on fixed prompts and fixed random numbers."""
+    was_training = model.training
+    model.eval()
+    uniforms = torch.stack([row_uniforms(row_seed(cfg.seed, "ppo-eval", i, 0), cfg.response_length) for i in range(len(prompts))])
+    responses = [g.tokens for g in generate(
+        model.lm, prompts, uniforms=uniforms, max_new_tokens=cfg.response_length, temperature=cfg.temperature,
+        top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+    )]
+    rollout = Rollout(prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
+    logits, _ = model(rollout.query_responses, rollout.attention_mask, rollout.position_ids)
+    ref_model = model.lm if reference is None else reference
+    inputs = dict(input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, ref_model),
+                  position_ids=rollout.position_ids, use_cache=False)
+    if reference is None:
+        with model.lm.disable_adapter():
+            ref_logits = model.lm(**inputs).logits
+    else:
+        ref_logits = reference(**inputs).logits
+    ctx = rollout.context_length
+    logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
+    ref_logprobs = response_logprobs(ref_logits, rollout.query_responses, ctx, cfg.temperature)
+    kl = float(((logprobs - ref_logprobs) * rollout.response_mask).sum(1).mean())
+    out = {"eval/reward": float(pm_scores(pm, prompts, responses, cfg.pm_batch_size).mean()),
+           "eval/kl": kl, "eval/sqrt_kl": math.sqrt(max(kl, 0.0))}
+    if test_pm is not None:
+        out["eval/reward_test_pm"] = float(pm_scores(test_pm, prompts, responses, cfg.pm_batch_size).mean())
+    model.train(was_training)
+    return out
+
+
 def _prompt_order(n_prompts: int, seed: int, episode: int, count: int) -> list[int]:
     """Prompt indices for episodes [episode, episode + count): a seeded shuffle per pass over the set."""
     out = []
@@ -275,6 +314,10 @@ def run(cfg: PPOConfig) -> StepResult:
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
 
+    eval_ids = (
+        encode_prompts(tokenizer, load_prompts(cfg.eval_prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
+        if cfg.eval_prompts_path else []
+    )
     model = _build_model(cfg, device, dtype)
     reference = None
     if not cfg.lora_r:
@@ -305,6 +348,10 @@ def run(cfg: PPOConfig) -> StepResult:
     for k in range(start_rollout, num_rollouts):
         if cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run:
             break
+        # 0. On schedule, score the fixed held-out prompts before this rollout's update.
+        evaluation = {}
+        if cfg.eval_every and k % cfg.eval_every == 0:
+            evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id, device)
         started = time.perf_counter()
         model.eval()
         # 1. Sample responses; every token's random number comes from (seed, rollout, row).
@@ -414,6 +461,7 @@ def run(cfg: PPOConfig) -> StepResult:
         }
         if test_scores is not None:
             last["ppo/reward_test_pm"] = float(test_scores.mean())
+        last.update(evaluation)
         metrics.log({"step": k + 1, **last})
         bar.set_postfix({"reward": f"{last['ppo/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
         bar.update(1)
