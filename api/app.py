@@ -43,9 +43,15 @@ def create_app(
     database: Database | None = None,
     artifacts: ArtifactStore | None = None,
     cycle_launcher: Callable | None = None,
+    on_deploy: Callable | None = None,
 ) -> FastAPI:
     """The API app. Without ``database`` it opens the configured one and
-    refuses a schema that is not at head."""
+    refuses a schema that is not at head.
+
+    ``cycle_launcher(week=, params=, actor=)`` starts a cycle for
+    ``POST /v1/cycles`` (503 without one); ``on_deploy(deployment)`` is told of
+    every rollback made through the API (the orchestrator's deploy hook).
+    """
     settings = settings or get_settings()
     owns_database = database is None
     database = database or open_database(settings.resolved_database_url)
@@ -62,6 +68,7 @@ def create_app(
     app.state.database = database
     app.state.artifacts = artifacts
     app.state.cycle_launcher = cycle_launcher
+    app.state.on_deploy = on_deploy
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     errors.install(app)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -18,8 +19,12 @@ from store.settings import get_settings
 app = typer.Typer(help="Ratchet: iterated online RLHF as a service.", no_args_is_help=True)
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+cycle_app = typer.Typer(help="Weekly cycles.", no_args_is_help=True)
+deploy_app = typer.Typer(help="Deployments.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(cycle_app, name="cycle")
+app.add_typer(deploy_app, name="deploy")
 
 console = Console(stderr=True)
 
@@ -102,26 +107,179 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] =
     _status(as_json)
 
 
+def _prefect_env(home) -> None:
+    """Prefect settings for commands that run flows, set before Prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # A first run keeps Prefect's state (its temporary server's database) under RATCHET_HOME.
+    if "PREFECT_HOME" not in os.environ:
+        prefect_home = (home / "prefect").resolve()
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(prefect_home)
+
+
 @app.command()
 def demo(
-    cycles: Annotated[int, typer.Option(help="how many cycles to run")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="end with a JSON summary line")] = False,
+    cycles: Annotated[int, typer.Option(min=1, max=50, help="how many weekly cycles to run")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="end with a JSON summary line on stdout")] = False,
+    noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the labeler's judgements that are coin flips")] = 0.1,
 ) -> None:
-    """Set up the embedded store (SQLite, local artifacts) and show its status.
+    """Run N full cycles of iterated online RLHF on the demo world, end to end.
 
-    Full cycles on a demo world arrive with the orchestrator; until then the
-    demo creates the store, migrates it to head and prints what it holds.
+    Embedded by default: a fresh SQLite store under RATCHET_HOME/demo, Prefect's
+    temporary local server, the REST API on a loopback port, a simulated labeler
+    posting through it. Set RATCHET_DATABASE_URL to run it on PostgreSQL.
     """
-    from store.artifacts import ArtifactStore
+    settings = get_settings()
+    _prefect_env(settings.home)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator.demo import json_line, run_demo, summary_table
+
+    hf_logging.set_verbosity_error()
+    try:
+        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise)
+    except errors.StoreError as exc:
+        _fail(str(exc))
+    Console().print(summary_table(result))
+    console.print(
+        f"gold score of the deployed policy: {result['gold_score_initial']:.3f} (P0) -> "
+        f"{result['gold_score_final']:.3f} after {len(result['cycles'])} cycle(s); wall time {result['wall_s']:.0f} s"
+        if result["gold_score_final"] is not None and result["gold_score_initial"] is not None
+        else f"wall time {result['wall_s']:.0f} s"
+    )
+    if as_json:
+        typer.echo(json_line(result))
+    if any(row["status"] != "succeeded" for row in result["cycles"]) or len(result["cycles"]) < cycles:
+        raise typer.Exit(1)
+
+
+def _parse_params(items: list[str], raw: str | None) -> dict:
+    """``--params JSON`` deep-merged with ``--param a.b=value`` items (values parsed as JSON when they can be)."""
+    params: dict = {}
+    if raw:
+        try:
+            params = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            _fail(f"--params is not valid JSON: {exc}")
+        if not isinstance(params, dict):
+            _fail("--params must be a JSON object")
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            _fail(f"--param {item!r} is not of the form key=value (dotted keys for sections: ppo.learning_rate=1e-4)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                _fail(f"--param {item!r}: {part} is not a section")
+        node[leaf] = value
+    return params
+
+
+@cycle_app.command("run")
+def cycle_run(
+    week: Annotated[str | None, typer.Option(help="ISO week, e.g. 2026-W48 (default: this week)")] = None,
+    param: Annotated[list[str], typer.Option("--param", help="a setting override, key=value (dotted: ppo.learning_rate=1e-4)")] = [],  # noqa: B006
+    params: Annotated[str | None, typer.Option(help="setting overrides as a JSON object")] = None,
+    via_deployment: Annotated[bool, typer.Option("--via-deployment", help="create a flow run of the weekly-cycle deployment instead of running here")] = False,
+) -> None:
+    """Start the week's cycle now (or resume it, after a crash or a failure).
+
+    By default the flow runs in this process (worker steps run as the cycle's
+    settings say: in-process, or as deployments on the gpu pool) and the
+    cycle's summary is printed as JSON. A week's cycle that already succeeded
+    is not run again.
+    """
+    from datetime import UTC, datetime
+
+    from orchestrator.settings import week_of
 
     settings = get_settings()
-    before, after = upgrade(settings.resolved_database_url)
-    ArtifactStore(settings.resolved_artifacts_url)
-    console.print(f"store at {settings.resolved_database_url} (schema {before or '(empty)'} -> {after})")
-    console.print(f"artifacts at {settings.resolved_artifacts_url}")
-    if cycles:
-        console.print(f"[yellow]note:[/yellow] running {cycles} cycle(s) needs the orchestrator; none were run")
-    _status(as_json)
+    _prefect_env(settings.home)
+    overrides = _parse_params(param, params)
+    week = week or week_of(datetime.now(UTC))
+    if via_deployment:
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(
+            settings.cycle_deployment, parameters={"week": week, "params": overrides, "trigger": "cli"},
+            idempotency_key=f"cycle:{week}", timeout=0, as_subflow=False,
+        )
+        typer.echo(json.dumps({"week": week, "flow_run_id": str(flow_run.id), "deployment": settings.cycle_deployment}))
+        return
+    from orchestrator.flow import weekly_cycle
+
+    try:
+        summary = weekly_cycle(week=week, params=overrides, trigger="cli")
+    except errors.StoreError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(summary, default=str))
+    if summary.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+@cycle_app.command("show")
+def cycle_show(week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")]) -> None:
+    """Print a cycle's summary (versions, metrics, gate decision, stages) as JSON."""
+    from sqlalchemy import select
+
+    from orchestrator.report import cycle_summary
+    from store.models import Cycle
+
+    db = _database()
+    try:
+        with db.session() as session:
+            cycle_id = session.scalar(select(Cycle.id).where(Cycle.week == week))
+        if cycle_id is None:
+            _fail(f"there is no cycle for week {week}")
+        typer.echo(json.dumps(cycle_summary(db, cycle_id), default=str))
+    finally:
+        db.dispose()
+
+
+@deploy_app.command("rollback")
+def deploy_rollback(
+    target: Annotated[str, typer.Option(help="the deployment target")] = "default",
+    reason: Annotated[str, typer.Option(help="why (kept in the deployment log)")] = "",
+) -> None:
+    """Restore the deployment that was active before the current one, then call the deploy hook."""
+    import getpass
+
+    from orchestrator.hooks import HookFailed, deploy_event, hook_from_settings
+    from store.deployments import rollback
+
+    settings = get_settings()
+    hook = hook_from_settings(settings)
+    db = _database()
+    try:
+        with db.session() as session:
+            row = rollback(session, name=target, reason=reason, actor=f"cli:{getpass.getuser()}")
+            event = deploy_event(session, row)
+    except errors.StoreError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    policy = event["policy"]
+    console.print(
+        f"rolled {target!r} back: deployment v{event['deployment']['version']} serves "
+        f"{policy['name']} v{policy['version']}"
+    )
+    if hook is not None:
+        try:
+            hook(event)
+        except HookFailed as exc:
+            _fail(f"the rollback is recorded, but the deploy hook failed: {exc}")
+        console.print(f"deploy hook {hook!r} called")
+    typer.echo(json.dumps(event))
 
 
 @keys_app.command("create")
@@ -185,12 +343,18 @@ def api(
     port: Annotated[int, typer.Option(help="port to bind")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
-    """Serve the REST API (and, later, the dashboard) with uvicorn."""
+    """Serve the REST API (and, later, the dashboard) with uvicorn.
+
+    POST /v1/cycles starts cycles as RATCHET_CYCLE_LAUNCHER says (a thread here on the
+    embedded store, run_deployment of the weekly-cycle deployment otherwise), and
+    rollbacks call RATCHET_DEPLOY_HOOK.
+    """
     import uvicorn
 
+    _prefect_env(get_settings().home)
     _database().dispose()  # refuse a schema not at head before binding the port
     uvicorn.run(
-        "api.app:create_app", factory=True, host=host, port=port, workers=workers,
+        "orchestrator.service:create_service_app", factory=True, host=host, port=port, workers=workers,
         log_level=get_settings().log_level.lower(), access_log=False,
     )
 

@@ -61,9 +61,32 @@ def finish_cycle(session: Session, *, cycle_id: int, status: str, reason: str | 
     return cycle
 
 
-def get_stage(session: Session, *, cycle_id: int, stage: str) -> StageRun | None:
-    """The stage run of (cycle, stage), or None if it never started."""
-    return session.scalar(select(StageRun).where(StageRun.cycle_id == cycle_id, StageRun.stage == stage))
+def claim_cycle(session: Session, *, cycle_id: int, flow_run_id: str | None) -> Cycle:
+    """Record the flow run that now runs a cycle; a failed cycle becomes running again.
+
+    This is how a re-run resumes a cycle: after a crash (the cycle is still
+    running) or a final failure (failed). A finished cycle (succeeded or
+    cancelled) is never run again: ``Conflict``.
+    """
+    cycle = get_cycle(session, cycle_id)
+    if cycle.status in ("succeeded", "cancelled"):
+        raise Conflict(f"cycle {cycle.week} is already {cycle.status}")
+    cycle.status, cycle.reason, cycle.finished_at = "running", None, None
+    cycle.flow_run_id = flow_run_id
+    return cycle
+
+
+def get_stage(session: Session, *, cycle_id: int, stage: str, for_update: bool = False) -> StageRun | None:
+    """The stage run of (cycle, stage), or None if it never started.
+
+    ``for_update`` locks the row until the transaction ends (Postgres; SQLite
+    transactions are serialised anyway), so whoever records the stage's
+    outputs first is the only one who does.
+    """
+    query = select(StageRun).where(StageRun.cycle_id == cycle_id, StageRun.stage == stage)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
 
 
 def start_stage(session: Session, *, cycle_id: int, stage: str) -> StageRun:

@@ -9,6 +9,7 @@ rolled back (``rolled_back_id``).
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.errors import Conflict, NotFound
@@ -66,6 +67,28 @@ def rollback(session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", 
         reason=reason,
         actor=actor,
     )
+
+
+def cycle_deployment(session: Session, *, cycle_id: int, name: str = DEFAULT_TARGET) -> Deployment | None:
+    """The deploy a cycle made to target ``name``, or None (a cycle deploys at most once)."""
+    return session.scalar(
+        select(Deployment)
+        .where(Deployment.name == name, Deployment.cycle_id == cycle_id, Deployment.action == "deploy")
+        .order_by(Deployment.id)
+        .limit(1)
+    )
+
+
+def deployed_policy_ids(session: Session, *, name: str = DEFAULT_TARGET, limit: int = 1) -> list[int]:
+    """The policies most recently active on target ``name``, newest first, each once (at most ``limit``)."""
+    out: list[int] = []
+    query = select(Deployment.policy_id).where(Deployment.name == name).order_by(Deployment.version.desc())
+    for policy_id in session.scalars(query.limit(max(limit, 1) * 20)):
+        if policy_id not in out:
+            out.append(policy_id)
+            if len(out) == limit:
+                break
+    return out
 
 
 def list_deployments(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,21 @@ class Settings(BaseSettings):
     task_lease_s: int = Field(default=600, ge=1)
     """how long a labeler holds a fetched comparison task before others may get it"""
 
+    work_dir: Path | None = None
+    """where in-process worker steps write (one folder per cycle and stage, so a re-run resumes); default ``<home>/work``"""
+    cycle_config: Path | None = None
+    """JSON file of the weekly cycle's settings (orchestrator.settings.CycleSettings); unset: the built-in defaults"""
+    cycle_launcher: Literal["thread", "deployment", "off"] | None = None
+    """how ``ratchet api`` starts a cycle for POST /v1/cycles: in a thread of the server, with run_deployment of
+    ``cycle_deployment``, or not at all (503); default: thread on the embedded store, deployment otherwise"""
+    cycle_deployment: str = "weekly-cycle/weekly-cycle"
+    """the Prefect deployment (flow name/deployment name) of the weekly cycle"""
+    deploy_hook: str | None = None
+    """called after every deploy and rollback so a serving stack reloads: an http(s) URL (POSTed the event as
+    JSON) or a command (split like a shell, run without one; the event as JSON on stdin)"""
+    deploy_hook_timeout_s: float = Field(default=30.0, gt=0)
+    """how long a deploy hook may take before it counts as failed"""
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -60,6 +76,18 @@ class Settings(BaseSettings):
         if self.artifacts_url:
             return self.artifacts_url
         return str((self.home / "artifacts").resolve())
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        """The folder of in-process worker outputs, with the default filled in."""
+        return (self.work_dir or self.home / "work").resolve()
+
+    @property
+    def resolved_cycle_launcher(self) -> str:
+        """``thread``, ``deployment`` or ``off``, with the default filled in."""
+        if self.cycle_launcher is not None:
+            return self.cycle_launcher
+        return "thread" if self.is_embedded else "deployment"
 
     @property
     def is_embedded(self) -> bool:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from store.models import ComparisonTask, utcnow
@@ -64,3 +64,13 @@ def lease_tasks(
         row.leased_by, row.leased_until = labeler, now + lease
     session.flush()
     return rows
+
+
+def task_counts(session: Session, *, cycle_id: int) -> dict[str, int]:
+    """How many of a cycle's comparison tasks are open and done."""
+    rows = session.execute(
+        select(ComparisonTask.status, func.count()).where(ComparisonTask.cycle_id == cycle_id).group_by(ComparisonTask.status)
+    )
+    counts = {status: 0 for status in ("open", "done")}
+    counts.update({status: int(n) for status, n in rows})
+    return counts

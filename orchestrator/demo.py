@@ -1,0 +1,320 @@
+"""``ratchet demo``: N full cycles of iterated online RLHF on the demo world, end to end.
+
+Everything is the real system, embedded in one process:
+
+- the store: SQLite under ``$RATCHET_HOME/demo`` (recreated each run), or the
+  database ``RATCHET_DATABASE_URL`` names (PostgreSQL: the demo adds to it);
+- Prefect: the API ``PREFECT_API_URL`` names, else Prefect's temporary local
+  server (started once, up front);
+- the REST API, served by uvicorn on a free loopback port in a thread, with a
+  launcher that runs each cycle's flow in a thread of this process;
+- a simulated labeler that fetches comparison tasks and posts feedback
+  batches over HTTP, judging by the world's gold preference with noise.
+
+The demo builds the world (P0 fine-tuned, registered and deployed), then for
+each simulated week triggers a cycle with ``POST /v1/cycles`` as an operator
+would, and follows it with ``GET /v1/cycles/{id}`` until it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.labeler import SimulatedLabeler
+from orchestrator.report import cycle_summary
+from orchestrator.settings import CycleSettings, shift_week, week_monday, week_of
+from orchestrator.stages import STAGES, CycleEnv
+from orchestrator.world import GOLD, WorldConfig, build_world
+from store.artifacts import ArtifactStore
+from store.cycles import list_cycles
+from store.db import Database, open_database, upgrade
+from store.keys import create_api_key
+from store.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def demo_cycle_settings() -> CycleSettings:
+    """Cycle settings sized for the demo world on a 2-core CPU (~30 s a cycle)."""
+    return CycleSettings.model_validate(
+        {
+            "prompt_set": "prompts",
+            "sample": {"prompts_per_cycle": 240, "num_samples": 4, "max_new_tokens": 32, "batch_size": 64},
+            "gather": {"min_comparisons": 200, "all_tasks": True, "deadline_s": 300, "poll_interval_s": 0.25},
+            "pm": {"learning_rate": 1e-3, "batch_size": 32, "num_epochs": 2, "max_length": 96, "heldout_fraction": 0.15},
+            "ppo": {
+                "total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
+                "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0,
+            },
+            "evaluate": {"prompt_set": "eval-prompts", "num_samples": 2, "max_new_tokens": 32},
+            "gate": {"win_margin": 0.02, "kl_budget": 10.0, "max_pm_gap": 0.2},
+            "gold": GOLD,
+            "device": "cpu",
+            "num_threads": 1,
+            "stage_retries": 1,
+            "retry_delay_s": 1.0,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo keeps its store, artifacts and worker outputs."""
+
+    database_url: str
+    artifacts_url: str
+    work_dir: Path
+    fresh: bool
+    """True when the demo owns a fresh embedded store"""
+
+
+def demo_paths(settings: Settings) -> DemoPaths:
+    """The demo's store: a fresh SQLite home under RATCHET_HOME/demo, or the configured database."""
+    home = (settings.home / "demo").resolve()
+    if settings.database_url:
+        work = home / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        return DemoPaths(settings.database_url, settings.artifacts_url or str(home / "artifacts"), work, fresh=False)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    return DemoPaths(f"sqlite:///{home / 'ratchet.db'}", str(home / "artifacts"), home / "work", fresh=True)
+
+
+def free_weeks(database: Database, n: int, *, now: datetime | None = None) -> list[str]:
+    """``n`` consecutive weeks for simulated cycles: from this week, or after the newest cycle in the store."""
+    with database.session() as session:
+        weeks = [c.week for c in list_cycles(session, limit=100_000)]
+    start = week_of(now or datetime.now(UTC))
+    if weeks:
+        latest = max(weeks, key=week_monday)
+        start = max(start, shift_week(latest, 1), key=week_monday)
+    return [shift_week(start, i) for i in range(n)]
+
+
+class ApiThread:
+    """The API app served by uvicorn on a loopback port, in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="api")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the demo's API server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_prefect() -> str:
+    """The Prefect API to use: PREFECT_API_URL, or Prefect's temporary local server (started now)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process-wide instance Prefect's client uses without an API URL
+    server.start(timeout=120)
+    return server.api_url
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    cycles: int,
+    console: Console,
+    world_config: WorldConfig = WorldConfig(),
+    cycle_settings: CycleSettings | None = None,
+    labeler_noise: float = 0.1,
+) -> dict[str, Any]:
+    """Build the world, run ``cycles`` cycles through the API, and return the summary."""
+    from api.app import create_app
+    from orchestrator.flow import use_env
+    from orchestrator.launcher import ThreadLauncher
+
+    t_start = time.perf_counter()
+    paths = demo_paths(settings)
+    upgrade(paths.database_url)
+    database = open_database(paths.database_url)
+    artifacts = ArtifactStore(paths.artifacts_url)
+    defaults = cycle_settings or demo_cycle_settings()
+    shown = database.engine.url.render_as_string(hide_password=True)
+    console.print(f"[bold]Ratchet demo[/bold]: store {shown}{' (fresh)' if paths.fresh else ''}, artifacts {paths.artifacts_url}")
+    weeks = free_weeks(database, cycles)
+
+    # 1. The world: prompt sets, P0 fine-tuned, registered, deployed.
+    with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
+        world = build_world(database, artifacts, paths.work_dir, config=world_config, tag=f"world-{weeks[0]}",
+                            num_threads=defaults.num_threads)
+    console.print(
+        f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
+        f"registered as policy v{world.policy_version} and deployed"
+    )
+
+    # 2. Prefect, the API with a cycle launcher, keys, the labeler.
+    with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
+        prefect_api = start_prefect()
+    console.print(f"Prefect API at {prefect_api}")
+    env = CycleEnv(database, artifacts, work_dir=paths.work_dir, defaults=defaults)
+    api_settings = settings.model_copy(update={"database_url": paths.database_url, "artifacts_url": paths.artifacts_url})
+    launcher = ThreadLauncher(database, defaults)
+    stop = threading.Event()
+    summaries: list[dict[str, Any]] = []
+    with use_env(env):
+        server = ApiThread(create_app(api_settings, database=database, artifacts=artifacts, cycle_launcher=launcher))
+        server.start()
+        console.print(f"REST API at {server.url}")
+        suffix = weeks[0].lower()
+        with database.session() as session:
+            operator = create_api_key(session, name=f"demo-operator-{suffix}", role="operator")[1]
+            labeler_token = create_api_key(session, name=f"demo-labeler-{suffix}", role="labeler")[1]
+        from workers.demo_world import gold_score
+
+        labeler = SimulatedLabeler(server.url, labeler_token, gold=gold_score, noise=labeler_noise, seed=0)
+        labeler_thread = threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2},
+                                          daemon=True, name="labeler")
+        labeler_thread.start()
+        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {operator}"}, timeout=30)
+        try:
+            # 3. One cycle per simulated week, triggered and followed through the API.
+            for index, week in enumerate(weeks, start=1):
+                summaries.append(_run_one(client, database, console, index, week, cycles))
+                if summaries[-1]["status"] != "succeeded":
+                    break
+        finally:
+            stop.set()
+            labeler_thread.join(timeout=10)
+            labeler.close()
+            client.close()
+            server.stop()
+    database.dispose()
+
+    rows = [
+        {
+            "cycle": i,
+            "week": s["week"],
+            "status": s["status"],
+            "pm_accuracy": s["pm_accuracy"],
+            "test_pm_accuracy": s["test_pm_accuracy"],
+            "ppo_reward": s["ppo_reward"],
+            "kl": s["kl"],
+            "eval_kl": s["eval_kl"],
+            "win_rate": s["win_rate"],
+            "deployed": s["deployed"],
+            "gold_score": s["gold_score"],
+            "policy_version": s["policy_version"],
+            "comparisons": s["comparisons"],
+            "reason": s["reason"],
+        }
+        for i, s in enumerate(summaries, start=1)
+    ]
+    return {
+        "cycles": rows,
+        "gold_score_initial": summaries[0]["gold_baseline"] if summaries else None,
+        "gold_score_final": rows[-1]["gold_score"] if rows else None,
+        "labeler": {"comparisons": labeler.stats.comparisons, "batches": labeler.stats.batches, "noise": labeler_noise},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "store": shown,
+    }
+
+
+def _run_one(client: httpx.Client, database: Database, console: Console, index: int, week: str, total: int) -> dict:
+    started = client.post("/v1/cycles", json={"week": week})
+    if started.status_code not in (200, 202):
+        raise RuntimeError(f"POST /v1/cycles answered {started.status_code}: {started.text}")
+    cycle_id = started.json()["cycle"]["id"]
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stage]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(f"cycle {index}/{total} ({week})", total=len(STAGES), stage="open")
+        while True:
+            body = client.get(f"/v1/cycles/{cycle_id}").json()
+            done = [s for s in body["stages"] if s["status"] in ("succeeded", "skipped")]
+            running = [s["stage"] for s in body["stages"] if s["status"] in ("running", "failed")]
+            label = running[-1] if running else (done[-1]["stage"] if done else "open")
+            if any(s["status"] == "failed" for s in body["stages"]):
+                label += " (retrying)"
+            progress.update(bar, completed=len(done), stage=label)
+            if body["status"] != "running":
+                progress.update(bar, stage=body["status"])
+                break
+            time.sleep(0.25)
+    summary = cycle_summary(database, cycle_id)
+    if summary["status"] == "succeeded":
+        verdict = "[green]deployed[/green]" if summary["deployed"] else "[yellow]kept the deployed policy[/yellow]"
+        console.print(
+            f"  PM accuracy {_fmt(summary['pm_accuracy'])}, PPO reward {_fmt(summary['ppo_reward'])}, "
+            f"KL {_fmt(summary['kl'])}, win rate {_fmt(summary['win_rate'])}: {verdict}; "
+            f"gold {_fmt(summary['gold_score'])}"
+        )
+        if not summary["deployed"]:
+            console.print(f"  [dim]{summary['reason']}[/dim]")
+    else:
+        console.print(f"  [red]cycle {week} {summary['status']}[/red]: {summary['reason']}")
+    return summary
+
+
+def summary_table(result: dict[str, Any]) -> Table:
+    """The demo's summary as a rich table."""
+    table = Table(title="Ratchet demo: one row per cycle (gold: of the policy deployed at the end of the cycle)")
+    for column in ("cycle", "week", "PM acc", "PPO reward", "KL", "win rate", "deployed", "gold"):
+        table.add_column(column, justify="right")
+    table.add_row("0", "-", "-", "-", "-", "-", "P0", _fmt(result["gold_score_initial"]))
+    for row in result["cycles"]:
+        table.add_row(
+            str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"]), _fmt(row["ppo_reward"]), _fmt(row["kl"]),
+            _fmt(row["win_rate"]), _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
+            _fmt(row["gold_score"]),
+        )
+    return table
+
+
+def json_line(result: dict[str, Any]) -> str:
+    """The summary as one JSON line (the last line of ``ratchet demo --json``)."""
+    keys = ("cycle", "week", "pm_accuracy", "ppo_reward", "kl", "win_rate", "deployed", "gold_score", "status")
+    payload = {
+        "cycles": [{k: row[k] for k in keys} for row in result["cycles"]],
+        "gold_score_initial": result["gold_score_initial"],
+        "gold_score_final": result["gold_score_final"],
+        "wall_s": result["wall_s"],
+    }
+    return json.dumps(payload, sort_keys=False)

@@ -1,0 +1,174 @@
+"""The Prefect flow ``weekly-cycle``: one task per stage, each idempotent on (cycle, stage).
+
+    open -> sample -> gather -> snapshot -> train_pm -> ppo -> evaluate -> gate -> deploy
+
+The stage logic lives in ``orchestrator.stages`` (plain functions over a
+``CycleContext``); this module gives each stage a Prefect task with retries
+and exponential backoff, derives the week of a scheduled run from its
+scheduled start time (scheduled runs get no parameters), marks the cycle
+failed after a stage's last retry, and publishes the cycle's report as a
+Prefect markdown artifact.
+
+What a cycle runs against (the store, the artifact store, the step runner)
+comes from the ``RATCHET_*`` settings, or from ``use_env`` (tests, the demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from orchestrator import stages
+from orchestrator.report import cycle_markdown, cycle_summary
+from orchestrator.settings import week_of
+from orchestrator.stages import STAGES, CycleContext, CycleEnv, CycleFinished
+from store.errors import InvalidInput, NotFound
+
+log = logging.getLogger("ratchet.cycle")
+
+# -- the environment -----------------------------------------------------------------------
+
+_override: list[CycleEnv] = []
+_from_settings: dict[tuple, CycleEnv] = {}
+_lock = threading.Lock()
+
+
+@contextmanager
+def use_env(env: CycleEnv) -> Iterator[CycleEnv]:
+    """Run cycles against ``env`` inside the block (any thread of this process)."""
+    _override.append(env)
+    try:
+        yield env
+    finally:
+        _override.remove(env)
+
+
+def current_env() -> CycleEnv:
+    """The env of ``use_env``, or one built from the ``RATCHET_*`` settings (one per process)."""
+    if _override:
+        return _override[-1]
+    from orchestrator.hooks import hook_from_settings
+    from orchestrator.settings import load_defaults
+    from store.artifacts import ArtifactStore
+    from store.db import open_database
+    from store.settings import get_settings
+
+    settings = get_settings()
+    key = (settings.resolved_database_url, settings.resolved_artifacts_url, str(settings.resolved_work_dir))
+    with _lock:
+        if key not in _from_settings:
+            _from_settings[key] = CycleEnv(
+                open_database(settings.resolved_database_url),
+                ArtifactStore(settings.resolved_artifacts_url),
+                work_dir=settings.resolved_work_dir,
+                defaults=load_defaults(settings.cycle_config),
+                deploy_hook=hook_from_settings(settings),
+            )
+        return _from_settings[key]
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+NOT_RETRYABLE = (InvalidInput, NotFound)
+"""errors a retry cannot fix (bad settings, a missing prompt set); a worker's WorkerError (its config or
+inputs are wrong: the message says what to fix) too"""
+
+
+def _retryable(task_, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False) if state is not None else None
+    if isinstance(exc, NOT_RETRYABLE):
+        return False
+    from workers.config import WorkerError  # no torch: workers.config imports it lazily
+
+    return not isinstance(exc, WorkerError)
+
+
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retryable)
+def stage_task(ctx: CycleContext, stage: str) -> dict[str, Any]:
+    """One stage of the cycle (skipped when it already succeeded)."""
+    return stages.run_stage(ctx, stage)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    week = (flow_run.parameters or {}).get("week") or week_of(flow_run.scheduled_start_time)
+    return f"cycle-{week}"
+
+
+def scheduled_week() -> str:
+    """The ISO week of this flow run's scheduled start (now, for an unscheduled run)."""
+    from prefect.runtime import flow_run
+
+    return week_of(flow_run.scheduled_start_time)
+
+
+@flow(name="weekly-cycle", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
+def weekly_cycle(week: str | None = None, params: dict[str, Any] | None = None, trigger: str | None = None) -> dict[str, Any]:
+    """One iteration of the loop for ``week`` (default: the week of the scheduled start time).
+
+    Two runs for the same week are one cycle: a finished cycle is not run
+    again (its report is returned), a crashed or failed one is resumed, and
+    its finished stages are skipped.
+    """
+    from prefect.context import FlowRunContext
+
+    env = current_env()
+    week = week or scheduled_week()
+    run = FlowRunContext.get().flow_run if FlowRunContext.get() else None
+    trigger = trigger or ("schedule" if run is not None and run.auto_scheduled else "manual")
+    flow_run_id = str(run.id) if run is not None else None
+    try:
+        ctx = stages.open_stage(env, week=week, params=params, trigger=trigger, flow_run_id=flow_run_id)
+    except CycleFinished as done:
+        log.info("cycle %s is already %s; nothing to do", week, done.status)
+        return cycle_summary(env.database, done.cycle_id)
+    except Exception as exc:
+        cycle_id = _cycle_id(env, week)
+        if cycle_id is not None:
+            stages.fail_cycle(env, cycle_id, "open", exc)
+            _publish(env, cycle_id)
+        raise
+    stage = "open"
+    try:
+        for stage in STAGES[1:]:
+            options = {"name": stage, "retries": ctx.settings.stage_retries,
+                       "retry_delay_seconds": ctx.settings.retry_delays() or 0}
+            stage_task.with_options(**options)(ctx, stage)
+        stages.finish(ctx)
+    except Exception as exc:
+        stages.fail_cycle(env, ctx.cycle_id, stage, exc)
+        raise
+    finally:
+        _publish(env, ctx.cycle_id)
+    return cycle_summary(env.database, ctx.cycle_id)
+
+
+def _cycle_id(env: CycleEnv, week: str) -> int | None:
+    from sqlalchemy import select
+
+    from store.models import Cycle
+
+    with env.database.session() as session:
+        return session.scalar(select(Cycle.id).where(Cycle.week == week))
+
+
+def _publish(env: CycleEnv, cycle_id: int) -> None:
+    """The cycle's report as a Prefect markdown artifact (best effort: the store holds the record)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        summary = cycle_summary(env.database, cycle_id)
+        create_markdown_artifact(
+            markdown=cycle_markdown(summary),
+            key=f"cycle-{summary['week'].lower()}",
+            description=f"Ratchet cycle {summary['week']}: {summary['status']}",
+        )
+    except Exception:  # noqa: BLE001 - a report must never fail the cycle it reports on
+        log.exception("could not publish the report of cycle %s", cycle_id)

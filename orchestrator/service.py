@@ -1,0 +1,39 @@
+"""The API server as ``ratchet api`` runs it: the app plus the orchestrator's wiring.
+
+``create_service_app`` is the uvicorn factory: ``api.app.create_app`` with a
+cycle launcher for ``POST /v1/cycles`` and the deploy hook for rollbacks.
+``RATCHET_CYCLE_LAUNCHER`` picks the launcher:
+
+- ``deployment`` (the default off the embedded store; production): the
+  route opens the week's cycle and creates a flow run of the ``weekly-cycle``
+  deployment (``RATCHET_CYCLE_DEPLOYMENT``) with ``run_deployment``; a Prefect
+  worker runs it. The API process does no training.
+- ``thread`` (the default on the embedded store): the flow runs in a thread
+  of the API process, against the configured Prefect API or its temporary
+  server: a single-machine setup.
+- ``off``: ``POST /v1/cycles`` answers 503.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.app import create_app
+from orchestrator.hooks import api_on_deploy, hook_from_settings
+from orchestrator.launcher import DeploymentLauncher, ThreadLauncher
+from orchestrator.settings import load_defaults
+from store.settings import Settings, get_settings
+
+
+def create_service_app(settings: Settings | None = None) -> FastAPI:
+    """The API app with its cycle launcher and deploy hook, from the ``RATCHET_*`` settings."""
+    settings = settings or get_settings()
+    hook = hook_from_settings(settings)
+    app = create_app(settings, on_deploy=api_on_deploy(hook) if hook else None)
+    defaults = load_defaults(settings.cycle_config)
+    mode = settings.resolved_cycle_launcher
+    if mode == "thread":
+        app.state.cycle_launcher = ThreadLauncher(app.state.database, defaults)
+    elif mode == "deployment":
+        app.state.cycle_launcher = DeploymentLauncher(app.state.database, defaults, deployment=settings.cycle_deployment)
+    return app

@@ -1,0 +1,200 @@
+"""Fakes and builders for orchestration tests: a step runner without torch, a store labeler, a tiny world.
+
+``FakeRunner`` honours the ``StepRunner`` contract (inputs localized from the
+artifact store, outputs written under a (week, stage)-keyed folder and
+uploaded with the real ``InProcessRunner.upload``) but computes nothing: the
+tests here are about orchestration (idempotency, crashes, the gate), and the
+full-cycle test runs the real workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from orchestrator.faults import kill_point
+from orchestrator.runners import InProcessRunner, StepFailed, StepOutcome, StepRequest
+from orchestrator.settings import CycleSettings
+from store.artifacts import ArtifactStore, sha256_bytes
+from store.datasets import create_dataset
+from store.db import Database
+from store.deployments import deploy
+from store.feedback import NewComparison, create_feedback_batch
+from store.policies import create_policy
+from store.tasks import lease_tasks
+
+RESPONSES = (" Sure! Here is how.", " Sorry, I can't help with that.", " Hmm.", " Maybe later.")
+
+GOOD_EVAL = {
+    "eval/win_rate_test_pm": 0.7,
+    "eval/win_rate_train_pm": 0.72,
+    "eval/kl": 0.5,
+    "eval/test_pm_delta": 0.3,
+    "eval/train_pm_delta": 0.35,
+    "eval/gold_candidate": 0.8,
+    "eval/gold_baseline": 0.2,
+}
+
+
+def _h(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:4], "big")
+
+
+class FakeRunner:
+    """Runs no model: writes small deterministic outputs, uploads them like the real runner."""
+
+    def __init__(self, artifacts: ArtifactStore, work_dir: str | Path, *, eval_metrics: dict | None = None,
+                 fail: dict[str, int] | None = None):
+        self.inner = InProcessRunner(artifacts, work_dir)
+        self.eval_metrics = dict(GOOD_EVAL if eval_metrics is None else eval_metrics)
+        self.fail = dict(fail or {})
+        """step -> how many of its next runs raise"""
+        self.calls: list[str] = []
+
+    def run(self, request: StepRequest) -> StepOutcome:
+        self.calls.append(request.step)
+        stage = request.key.split(":")[-1]
+        kill_point(stage, "in_step")
+        if self.fail.get(request.step, 0) > 0:
+            self.fail[request.step] -= 1
+            raise StepFailed(f"injected failure of {request.step}")
+        paths = {ref.uri: self.inner.localize(ref) for ref in request.inputs}
+        out = self.inner.work_dir / request.work_subdir
+        out.mkdir(parents=True, exist_ok=True)
+        outputs, metrics = getattr(self, f"_{request.step}")(request.config, paths, out)
+        uploaded = {name: self.inner.upload(request, name, Path(outputs[name]), None) for name in request.outputs}
+        result = {"step": request.step, "output_dir": str(out), "outputs": {k: str(v) for k, v in outputs.items()},
+                  "files": {}, "manifests": {}, "metrics": metrics, "complete": True}
+        return StepOutcome(result=result, outputs=uploaded, compute_s=0.01)
+
+    @staticmethod
+    def _model_dir(path: Path, label: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"fake": label}))
+        (path / "model.safetensors").write_bytes(label.encode())
+        return path
+
+    def _sample(self, config: dict, paths: dict, out: Path):
+        prompts = [json.loads(line) for line in Path(paths[config["prompts_path"]]).read_text().splitlines()]
+        lines = []
+        for label in config["policies"]:
+            for p in prompts:
+                for k in range(config["num_samples"]):
+                    response = RESPONSES[_h(config["seed"], label, p["id"], k) % len(RESPONSES)]
+                    lines.append(json.dumps({"prompt_id": p["id"], "policy": label, "sample_index": k,
+                                             "prompt": p["prompt"], "response": response}))
+        path = out / "samples.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        return {"samples": path}, {"samples/responses": len(lines)}
+
+    def _train_pm(self, config: dict, paths: dict, out: Path):
+        data = Path(paths[config["dataset_path"]]).read_bytes()
+        label = sha256_bytes(data)[:12]
+        metrics = {"heldout/accuracy": 0.8, "heldout/ece": 0.05, "data/train_comparisons": data.count(b"\n"),
+                   "test_pm/heldout/accuracy": 0.75}
+        return {"pm": self._model_dir(out / "pm", f"pm-{label}"),
+                "test_pm": self._model_dir(out / "test_pm", f"test-pm-{label}")}, metrics
+
+    def _ppo(self, config: dict, paths: dict, out: Path):
+        label = f"policy-{config['seed']}-{Path(paths[config['pm_path']]).name}"
+        return {"policy": self._model_dir(out / "policy", label)}, {"ppo/reward": 0.4, "ppo/kl": 0.5, "ppo/episodes": 64}
+
+    def _evaluate(self, config: dict, paths: dict, out: Path):
+        path = out / "report.json"
+        path.write_text(json.dumps({"metrics": self.eval_metrics}))
+        samples = out / "samples.jsonl"
+        samples.write_text(json.dumps({"prompt_id": "p", "candidate": {}, "baseline": {}}) + "\n")
+        return {"report": path, "samples": samples}, dict(self.eval_metrics)
+
+
+def fast_settings(**changes: Any) -> CycleSettings:
+    """Cycle settings for orchestration tests: tiny, no waiting, no retry delay."""
+    base = {
+        "sample": {"prompts_per_cycle": 6, "num_samples": 3},
+        "gather": {"min_comparisons": 5, "all_tasks": True, "deadline_s": 60, "poll_interval_s": 0.05},
+        "stage_retries": 1,
+        "retry_delay_s": 0,
+        "evaluate": {"prompt_set": "eval-prompts"},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return CycleSettings.model_validate(base)
+
+
+def fake_world(database: Database, artifacts: ArtifactStore, work_dir: Path, *, prompts: int = 12) -> int:
+    """Prompt sets and a deployed fake P0 (a model folder with no real weights); returns P0's id."""
+    with database.session() as session:
+        for name, n in (("prompts", prompts), ("eval-prompts", 4)):
+            body = "".join(json.dumps({"id": f"{name}-{i}", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:"}) + "\n"
+                           for i in range(n)).encode()
+            ref = artifacts.put_bytes(f"datasets/{name}.jsonl", body)
+            create_dataset(session, name=name, kind="prompts", content_sha256=ref.sha256, row_count=n, artifact=ref)
+        model = FakeRunner._model_dir(work_dir / "p0", "p0")
+        policy = create_policy(session, name="policy", base_model="fake", artifact=artifacts.put_dir("world/p0", model))
+        deploy(session, policy_id=policy.id, reason="P0", actor="test")
+        return policy.id
+
+
+class StoreLabeler:
+    """Answers open comparison tasks straight through the store (a labeling tool without HTTP).
+
+    Every committed batch id is appended to ``ack_path`` (when given) after
+    the commit, so a test can check that no acknowledged comparison was lost.
+    """
+
+    def __init__(self, database: Database, *, ack_path: Path | None = None, rater: str = "store-labeler"):
+        self.database = database
+        self.ack_path = ack_path
+        self.rater = rater
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="store-labeler")
+
+    def label_once(self) -> int:
+        with self.database.session() as session:
+            tasks = lease_tasks(session, labeler=self.rater, limit=50, lease=timedelta(minutes=5))
+            if not tasks:
+                return 0
+            comparisons = [
+                NewComparison(prompt=t.prompt, response_a=t.response_a, response_b=t.response_b,
+                              choice="a" if "Sure" in t.response_a else "b", rater_id=self.rater, task_id=t.id)
+                for t in tasks
+            ]
+            batch, _ = create_feedback_batch(session, source="store-labeler", comparisons=comparisons)
+            batch_id = batch.id
+        if self.ack_path is not None:
+            with open(self.ack_path, "a") as fh:
+                fh.write(f"{batch_id}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        return len(comparisons)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            if not self.label_once():
+                self.stop.wait(0.05)
+
+    def __enter__(self) -> StoreLabeler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true (fails the test after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval_s)
