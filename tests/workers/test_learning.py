@@ -112,3 +112,38 @@ def test_ppo_raises_the_gold_score_and_reward_is_linear_in_sqrt_kl(world):
     assert early[-1]["eval/reward"] > early[0]["eval/reward"]
     assert fit >= 0.6
     assert math.isfinite(report["eval/kl"]) and report["eval/kl"] > 0
+
+
+def test_over_optimising_a_weak_pm_is_exposed_by_evaluate(world):
+    """A PM trained on 24 comparisons, optimised with no KL penalty: its score (and the
+    test PM's, trained on the same few) keeps rising while the gold score falls."""
+    import random
+
+    rows = [json.loads(x) for x in (world["root"] / "comparisons.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(rows)
+    weak_data = write_jsonl(world["root"] / "weak.jsonl", rows[:24])
+    weak = train_pm(TrainPMConfig(
+        model_path=str(world["p0"]), dataset_path=str(weak_data), output_dir=str(world["root"] / "weak-pm"),
+        two_pms=True, batch_size=8, learning_rate=3e-3, num_epochs=3, max_length=96, heldout_fraction=0.2,
+        progress=False,
+    ))
+    out = world["root"] / "weak-ppo"
+    result = ppo(PPOConfig(
+        policy_path=str(world["p0"]), reference_path=str(world["p0"]), pm_path=weak.outputs["pm"],
+        test_pm_path=weak.outputs["test_pm"], prompts_path=str(world["train"]), output_dir=str(out),
+        total_episodes=32 * 30, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, response_length=24,
+        learning_rate=1e-3, kl_coef=0.0, lam=1.0, seed=0, progress=False,
+        eval_prompts_path=str(world["eval"]), eval_every=3,
+    ))
+    curve = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in curve if "eval/reward" in r]
+    report = evaluate(EvaluateConfig(
+        candidate_path=result.outputs["policy"], baseline_path=str(world["p0"]), reference_path=str(world["p0"]),
+        pm_path=weak.outputs["pm"], test_pm_path=weak.outputs["test_pm"], prompts_path=str(world["eval"]),
+        output_dir=str(world["root"] / "weak-eval"), num_samples=2, max_new_tokens=24, gold=GOLD, progress=False,
+    )).metrics
+    print(f"weak PM: train-PM delta {report['eval/train_pm_delta']:+.3f}, "
+          f"gold {report['eval/gold_baseline']:.3f} -> {report['eval/gold_candidate']:.3f}")
+    assert curve[-1]["eval/reward"] > curve[0]["eval/reward"]  # the proxy keeps improving
+    assert report["eval/train_pm_delta"] > 0 and report["eval/win_rate_train_pm"] > 0.5
+    assert report["eval/gold_candidate"] < report["eval/gold_baseline"] - 0.1  # the true goal got worse
