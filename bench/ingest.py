@@ -144,8 +144,9 @@ def ours_post(client: httpx.Client, body: bytes, headers: dict) -> float:
     return elapsed
 
 
-async def latency(base: str, headers: dict, clients: int, requests: int) -> list[float]:
+async def latency(base: str, headers: dict, clients: int, requests: int) -> tuple[list[float], list[float]]:
     samples: list[float] = []
+    server: list[float] = []
 
     bodies = [
         [json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat{c}-{k}")}).encode() for k in range(requests)]
@@ -158,6 +159,7 @@ async def latency(base: str, headers: dict, clients: int, requests: int) -> list
                 start = time.perf_counter()
                 r = await client.post("/v1/feedback-batches", content=body, headers=headers)
                 samples.append(time.perf_counter() - start)
+                server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
                 if r.status_code != 201:
                     raise SystemExit(f"POST failed: {r.status_code} {r.text[:300]}")
 
@@ -166,7 +168,13 @@ async def latency(base: str, headers: dict, clients: int, requests: int) -> list
     await asyncio.gather(*(one_client(c) for c in range(clients)))
     print(f"latency client: {len(samples) / (time.perf_counter() - wall):.0f} requests/s, "
           f"client CPU {(time.process_time() - cpu) / len(samples) * 1000:.2f} ms per request")
-    return samples
+    return samples, server
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` (seconds) in milliseconds."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
 
 
 def main() -> None:
@@ -208,15 +216,15 @@ def main() -> None:
         ours = args.size / statistics.median(ours_s)
         peer = args.size / statistics.median(peer_s)
 
-        samples = asyncio.run(latency(base, headers, args.clients, args.requests))
-        samples.sort()
-        p50 = samples[len(samples) // 2] * 1000
-        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
-        print(f"latency: {len(samples)} requests of 10 comparisons, {args.clients} clients: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        samples, server = asyncio.run(latency(base, headers, args.clients, args.requests))
+        p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+        s50, s99 = percentile(server, 0.5), percentile(server, 0.99)
+        print(f"latency: {len(samples)} requests of 10 comparisons, {args.clients} clients: p50 {p50:.1f} ms, "
+              f"p99 {p99:.1f} ms as the clients saw it; in the server (Server-Timing) p50 {s50:.1f} ms, p99 {s99:.1f} ms")
         print(json.dumps({
             "ours": round(ours), "peer": round(peer), "ratio": round(ours / peer, 3),
             "batch_size": args.size, "rounds": args.rounds, "workers": args.workers,
-            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "latency_clients": args.clients,
+            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "server_p50_ms": round(s50, 1), "server_p99_ms": round(s99, 1), "latency_clients": args.clients,
             "latency_requests": len(samples),
         }))
     finally:

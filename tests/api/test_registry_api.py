@@ -65,6 +65,7 @@ def test_admin_creates_and_revokes_keys(client, keys):
 def test_health_reports_schema_and_database(client):
     r = client.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.headers["server-timing"].startswith("app;dur=")
 
 
 def test_health_is_503_when_the_schema_falls_behind(pg_db, pg_url, artifacts, api_settings):
