@@ -177,6 +177,27 @@ class StepResult:
         }
 
 
+def finished_metrics(out: Path, cfg: Any, *, step: str, ignore: set[str]) -> dict[str, Any] | None:
+    """The metrics of a finished run of the same config in ``out`` (its summary.json), or None.
+
+    A finished run whose config differs (fields in ``ignore`` aside) is an
+    error: reusing its outputs would hand back the wrong results.
+    """
+    from workers.config import WorkerError, diff_configs, to_dict
+
+    summary_path = Path(out) / SUMMARY_FILENAME
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    diffs = diff_configs(summary.get("config", {}), to_dict(cfg), ignore=ignore)
+    if diffs:
+        raise WorkerError(
+            f"output_dir {out} already holds a finished {step} run with a different config ({'; '.join(diffs)}); "
+            "use a new output_dir"
+        )
+    return summary["metrics"]
+
+
 def collect_result(
     step: str, output_dir: Path, outputs: Mapping[str, Path], metrics: Mapping[str, Any], *, complete: bool = True
 ) -> StepResult:

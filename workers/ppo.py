@@ -38,7 +38,7 @@ from torch import nn
 from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.data import load_prompts
-from workers.metrics import MetricsWriter, StepResult, collect_result, read_metrics, write_json
+from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
 from workers.modeling import check_model_dir, disable_dropout, load_causal_lm, load_tokenizer, load_trunk, save_model_dir
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
@@ -49,6 +49,8 @@ from workers.sample import generate, row_seed, row_uniforms
 from workers.score import load_pm
 
 STEP = "ppo"
+RUN_ONLY_FIELDS = {"output_dir", "max_rollouts_this_run", "progress", "num_threads", "checkpoint_every", "device"}
+"""config fields that do not change what a run computes (a resume or a re-run may change them)"""
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,8 @@ def run(cfg: PPOConfig) -> StepResult:
     micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if (out / "summary.json").is_file() and final_dir.is_dir():
-        return _result(cfg, out, final_dir, _read_summary(out))
+    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
+        return collect_result(STEP, out, {"policy": final_dir}, done)
     for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
         check_model_dir(path, what=what)
     check_model_dir(cfg.pm_path, what="preference model")
@@ -482,14 +484,14 @@ def run(cfg: PPOConfig) -> StepResult:
     save_model_dir(lm, tokenizer, final_dir)
     summary = {**read_metrics(out / "metrics.jsonl")[-1], "ppo/rollouts": num_rollouts}
     summary.pop("step", None)
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
     shutil.rmtree(checkpoints, ignore_errors=True)
-    return _result(cfg, out, final_dir, summary)
+    return collect_result(STEP, out, {"policy": final_dir}, summary)
 
 
 def _comparable(cfg: PPOConfig) -> dict[str, Any]:
     data = to_dict(cfg)
-    for name in ("max_rollouts_this_run", "progress", "num_threads", "checkpoint_every"):
+    for name in RUN_ONLY_FIELDS:
         data.pop(name, None)
     return data
 
@@ -502,16 +504,6 @@ def _check_resume(cfg: PPOConfig, state: dict[str, Any]) -> None:
             f"the checkpoint under {cfg.output_dir} was written with a different config ({', '.join(changed)} changed); "
             "use a new output_dir or restore the config"
         )
-
-
-def _read_summary(out: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
-
-
-def _result(cfg: PPOConfig, out: Path, final_dir: Path, summary: dict[str, Any]) -> StepResult:
-    return collect_result(STEP, out, {"policy": final_dir}, summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

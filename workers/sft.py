@@ -37,7 +37,7 @@ import torch
 from workers.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from workers.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
 from workers.data import read_jsonl
-from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, write_json
+from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, write_json
 from workers.modeling import (
     check_model_dir,
     disable_dropout,
@@ -348,17 +348,8 @@ def _checkpoint(cfg: SFTConfig, step: int, model: torch.nn.Module, optimizer: to
 
 def _finished_result(cfg: SFTConfig, out: Path) -> StepResult | None:
     """The result of a finished run of the same config in ``out``; an error for a different config."""
-    summary_path = out / SUMMARY_FILENAME
-    if not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    diffs = diff_configs(summary.get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS)
-    if diffs:
-        raise WorkerError(
-            f"output_dir {out} already holds a finished sft run with a different config ({'; '.join(diffs)}); "
-            "use a new output_dir"
-        )
-    return collect_result(STEP, out, {"policy": out / POLICY_DIRNAME}, summary["metrics"])
+    metrics = finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)
+    return None if metrics is None else collect_result(STEP, out, {"policy": out / POLICY_DIRNAME}, metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from workers.config import ConfigError, WorkerError, cli, diff_configs, save_con
 from workers.data import Comparison, load_comparisons, half_of, split_comparisons
 from workers.metrics import (
     SUMMARY_FILENAME,
+    finished_metrics,
     MetricsWriter,
     StepResult,
     calibration,
@@ -385,18 +386,11 @@ def _comparable(cfg: TrainPMConfig) -> dict[str, Any]:
 
 def _finished_result(cfg: TrainPMConfig, out: Path) -> StepResult | None:
     """The result of a finished run of the same config in ``out``; an error for a different config."""
-    summary_path = out / SUMMARY_FILENAME
-    if not summary_path.is_file():
+    metrics = finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)
+    if metrics is None:
         return None
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    diffs = diff_configs(summary.get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS)
-    if diffs:
-        raise WorkerError(
-            f"output_dir {out} already holds a finished train_pm run with a different config ({'; '.join(diffs)}); "
-            "use a new output_dir"
-        )
     names = ["pm", "test_pm"] if cfg.two_pms else ["pm"]
-    return collect_result(STEP, out, {n: out / n for n in names}, summary["metrics"])
+    return collect_result(STEP, out, {n: out / n for n in names}, metrics)
 
 
 def _plan_jobs(cfg: TrainPMConfig, comps: list[Comparison], fixed_eval: list[Comparison] | None) -> list[_Job]:

@@ -83,3 +83,10 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, tiny_llama, trained_pm, pro
         ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, mini_batch_size=3).validate()
     with pytest.raises(ConfigError, match="reference_path"):
         ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, lora_r=4, reference_path=str(tiny_llama)).validate()
+
+
+def test_a_finished_output_dir_refuses_another_config(tmp_path, tiny_gpt2, trained_pm, prompts_path):
+    pm_dir = trained_pm[1].outputs["pm"]
+    run(ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path))
+    with pytest.raises(WorkerError, match="different config"):
+        run(ppo_config(tmp_path, tiny_gpt2, pm_dir, prompts_path, kl_coef=0.5))
