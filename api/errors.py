@@ -121,6 +121,11 @@ def install(app: FastAPI) -> None:
     async def _schema(_: Request, exc: errors.SchemaNotAtHead) -> JSONResponse:
         return _body(503, str(exc))
 
+    @app.exception_handler(errors.ServiceUnavailable)
+    async def _service_unavailable(_: Request, exc: errors.ServiceUnavailable) -> JSONResponse:
+        log.error("service unavailable: %s", exc)
+        return _body(503, str(exc), headers={"Retry-After": "5"})
+
     @app.exception_handler(errors.DatabaseUnavailable)
     async def _unavailable(_: Request, exc: errors.DatabaseUnavailable) -> JSONResponse:
         log.error("database unavailable: %s", exc)

@@ -25,7 +25,7 @@ from api.schemas.registry import CyclePublic, CycleStarted
 from orchestrator.settings import CycleSettings, resolve
 from store.cycles import open_cycle
 from store.db import Database
-from store.errors import DatabaseUnavailable
+from store.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class _Launcher:
         raise NotImplementedError
 
 
-class OrchestratorUnavailable(DatabaseUnavailable):
-    """Prefect could not create the cycle's flow run (the API answers 503, as for the database)."""
+class OrchestratorUnavailable(ServiceUnavailable):
+    """Prefect could not create the cycle's flow run (the API answers 503)."""
 
 
 class ThreadLauncher(_Launcher):

@@ -31,7 +31,11 @@ class SchemaNotAtHead(StoreError):
     """The database schema is not at the migrations' head revision."""
 
 
-class DatabaseUnavailable(StoreError):
+class ServiceUnavailable(StoreError):
+    """Something the service depends on cannot be reached right now (answered 503)."""
+
+
+class DatabaseUnavailable(ServiceUnavailable):
     """The database could not be reached."""
 
 
