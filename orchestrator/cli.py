@@ -25,6 +25,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(cycle_app, name="cycle")
 app.add_typer(deploy_app, name="deploy")
+prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
+policy_app = typer.Typer(help="Policies.", no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+app.add_typer(policy_app, name="policy")
 
 console = Console(stderr=True)
 
@@ -335,6 +339,53 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
         _fail(str(exc))
     finally:
         db.dispose()
+
+
+@prompts_app.command("add")
+def prompts_add(
+    path: Annotated[str, typer.Argument(help='JSONL, one {"id", "prompt"} a line')],
+    name: Annotated[str, typer.Option(help="dataset name (cycles sample the one named in their settings)")] = "prompts",
+) -> None:
+    """Register a prompt set (the same file twice is one version)."""
+    from orchestrator.bootstrap import register_prompt_set
+    from store.artifacts import ArtifactStore
+
+    db = _database()
+    try:
+        dataset, created = register_prompt_set(db, ArtifactStore(get_settings().resolved_artifacts_url), path, name=name)
+    except errors.InvalidInput as exc:
+        for problem in exc.errors[:20]:
+            console.print(f"  line {problem.get('index')}: {problem.get('field')}: {problem.get('message')}")
+        _fail(str(exc))
+    except errors.StoreError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(f"{'registered' if created else 'already registered:'} {dataset.name} v{dataset.version} "
+               f"({dataset.row_count} prompts, id {dataset.id})")
+
+
+@policy_app.command("add")
+def policy_add(
+    path: Annotated[str, typer.Argument(help="a Hugging Face model directory (safetensors)")],
+    name: Annotated[str, typer.Option(help="policy name")] = "policy",
+    deploy_to: Annotated[str | None, typer.Option("--deploy", help="deploy it on this target (e.g. default)")] = None,
+) -> None:
+    """Register an initial policy (P0), optionally deploying it; cycles start from the deployed policy."""
+    from orchestrator.bootstrap import register_policy
+    from store.artifacts import ArtifactStore
+
+    db = _database()
+    try:
+        policy, deployment = register_policy(
+            db, ArtifactStore(get_settings().resolved_artifacts_url), path, name=name, deploy_to=deploy_to
+        )
+    except errors.StoreError as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(f"registered policy {policy.name} v{policy.version} (id {policy.id})"
+               + (f", deployed on {deployment.name} v{deployment.version}" if deployment else ""))
 
 
 @app.command()
