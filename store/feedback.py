@@ -199,9 +199,10 @@ class BatchWriter:
             "created_at": utcnow(),
             **self._fields,
         }
-        # A Core insert: a batch row is never changed after this, so the ORM's
-        # unit of work would only add cost on the hot path.
-        statement = insert(FeedbackBatch).values(**values)
+        # A Core insert on the table (not the ORM entity): a batch row is never
+        # changed after this, so the ORM's bulk machinery would only add cost.
+        row = {("metadata" if k == "meta" else k): v for k, v in values.items()}
+        statement = insert(FeedbackBatch.__table__).values(**row)
         if idempotency_key is None:
             self.session.execute(statement)
         else:
@@ -224,10 +225,13 @@ class BatchWriter:
         return FeedbackBatch(**values)
 
 
+_NEXT_BATCH_ID = text("SELECT nextval(pg_get_serial_sequence('feedback_batches', 'id'))")
+
+
 def _allocate_batch_id(session: Session) -> int:
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        return session.scalar(text("SELECT nextval(pg_get_serial_sequence('feedback_batches', 'id'))"))
+        return session.scalar(_NEXT_BATCH_ID)
     # SQLite: the transaction holds the write lock (BEGIN IMMEDIATE), so
     # max + 1 cannot be taken by anyone else before we commit.
     return (session.scalar(select(func.max(FeedbackBatch.id))) or 0) + 1
