@@ -95,11 +95,6 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _refuse_version_updates)
 
-    @property
-    def backend(self) -> str:
-        """``postgresql`` or ``sqlite``."""
-        return self.engine.dialect.name
-
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session that commits on success and rolls back on any error."""

@@ -56,7 +56,8 @@ def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
 
 
 class ContentHash:
-    """The running sha256 of a batch's comparisons, in order (over ``encode_rows`` lines)."""
+    """The running sha256 of a batch's comparisons, in order (over ``encode_rows`` lines):
+    a batch's content address, whatever the JSON it arrived as."""
 
     def __init__(self) -> None:
         self._digest = hashlib.sha256()
@@ -69,13 +70,6 @@ class ContentHash:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
-
-
-def content_sha256(comparisons: Sequence[NewComparison]) -> str:
-    """The sha256 of a batch's comparisons in order (see ``encode_rows``)."""
-    running = ContentHash()
-    running.update(encode_rows(comparisons))
-    return running.hexdigest()
 
 
 def comparison_problems(c: NewComparison, index: int) -> list[dict]:
