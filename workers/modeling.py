@@ -146,6 +146,17 @@ def key_mask_4d(attention_mask: torch.Tensor, model: torch.nn.Module) -> torch.T
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def resolve_max_length(requested: int | None, model_path: str | os.PathLike) -> int:
+    """The sequence length a step trains at: ``requested`` (refused past the model's
+    position embeddings), or the model's limit capped at 1024 when None."""
+    from workers.config import ConfigError
+
+    limit = max_positions(model_config(model_path))
+    if requested is not None and limit is not None and requested > limit:
+        raise ConfigError(f"max_length ({requested}) exceeds the model's {limit} position embeddings")
+    return requested or min(limit or 1024, 1024)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0 (modules and the attention-dropout config attributes)."""
     for module in model.modules():

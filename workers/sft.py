@@ -39,12 +39,11 @@ from workers.config import ConfigError, WorkerError, cli, diff_configs, save_con
 from workers.data import read_jsonl
 from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, write_json
 from workers.modeling import (
+    resolve_max_length,
     check_model_dir,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
-    max_positions,
-    model_config,
     save_model_dir,
 )
 from workers.pm import special_prefix
@@ -226,10 +225,7 @@ def run(cfg: SFTConfig) -> StepResult:
     compute_dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
     check_model_dir(cfg.model_path, what="base model")
-    limit = max_positions(model_config(cfg.model_path))
-    if cfg.max_length is not None and limit is not None and cfg.max_length > limit:
-        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's {limit} position embeddings")
-    max_length = cfg.max_length or min(limit or 1024, 1024)
+    max_length = resolve_max_length(cfg.max_length, cfg.model_path)
     finished = _finished_result(cfg, out)
     if finished is not None:
         return finished

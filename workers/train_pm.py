@@ -51,13 +51,12 @@ from workers.metrics import (
     write_json,
 )
 from workers.modeling import (
+    resolve_max_length,
     ATTN_IMPLEMENTATIONS,
     check_model_dir,
     disable_dropout,
     load_tokenizer,
     load_trunk,
-    max_positions,
-    model_config,
 )
 from workers.pm import (
     PreferenceModel,
@@ -338,10 +337,7 @@ def run(cfg: TrainPMConfig) -> StepResult:
     if cfg.warm_start_path is not None:
         check_model_dir(cfg.warm_start_path, what="warm-start preference model")
         read_pm_spec(cfg.warm_start_path)
-    limit = max_positions(model_config(source_dir))
-    if cfg.max_length is not None and limit is not None and cfg.max_length > limit:
-        raise ConfigError(f"max_length ({cfg.max_length}) exceeds the model's {limit} position embeddings")
-    max_length = cfg.max_length or min(limit or 1024, 1024)
+    max_length = resolve_max_length(cfg.max_length, source_dir)
 
     finished = _finished_result(cfg, out)
     if finished is not None:
