@@ -23,6 +23,7 @@ from api.routes import admin, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
 from store.feedback import IdempotentReplay
+from store.feedback_async import AsyncFeedbackWriter
 from store.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,18 @@ def create_app(
         # out of collection and the young generation is made larger.
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-        yield
-        if owns_database:
-            database.dispose()
+        # PostgreSQL: small feedback batches are written from the event loop
+        # (store.feedback_async); the pool lives in the loop that serves.
+        if database.engine.dialect.name == "postgresql" and settings.inline_batch_bytes > 0:
+            app.state.inline_writer = await AsyncFeedbackWriter.open(database.url)
+        try:
+            yield
+        finally:
+            if app.state.inline_writer is not None:
+                await app.state.inline_writer.close()
+                app.state.inline_writer = None
+            if owns_database:
+                database.dispose()
 
     app = FastAPI(title="Ratchet", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -77,6 +87,7 @@ def create_app(
     app.state.artifacts = artifacts
     app.state.cycle_launcher = cycle_launcher
     app.state.on_deploy = on_deploy
+    app.state.inline_writer = None
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     errors.install(app)
 

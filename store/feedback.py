@@ -37,6 +37,11 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
+def comparison_metadata_json(c: NewComparison) -> str | None:
+    """A comparison's metadata as stored: canonical JSON (sorted keys), or None."""
+    return None if c.metadata is None else json.dumps(c.metadata, sort_keys=True, ensure_ascii=False)
+
+
 def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
     """Each comparison's content as one line of PostgreSQL COPY text format:
     prompt, response_a, response_b, choice, rater_id, task_id, metadata
@@ -48,7 +53,8 @@ def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
     """
     lines = []
     for c in comparisons:
-        meta = "\\N" if c.metadata is None else _escape(json.dumps(c.metadata, sort_keys=True, ensure_ascii=False))
+        meta_json = comparison_metadata_json(c)
+        meta = "\\N" if meta_json is None else _escape(meta_json)
         task = "\\N" if c.task_id is None else str(c.task_id)
         texts = _escape(f"{c.prompt}\x00{c.response_a}\x00{c.response_b}\x00{c.choice}\x00{c.rater_id}")
         lines.append(f"{texts.replace(chr(0), chr(9))}\t{task}\t{meta}")
@@ -109,6 +115,15 @@ def check_comparisons(comparisons: Sequence[NewComparison], *, offset: int = 0, 
         raise InvalidInput(f"{len(problems)} invalid comparison field(s)", problems[:max_errors])
 
 
+def unknown_task_problems(comparisons: Sequence[NewComparison], known: set[int], *, offset: int = 0) -> list[dict]:
+    """``{index, field, message}`` for each comparison whose task id is not in ``known``."""
+    return [
+        {"index": offset + i, "field": "task_id", "message": f"comparison task {c.task_id} does not exist"}
+        for i, c in enumerate(comparisons)
+        if c.task_id is not None and c.task_id not in known
+    ]
+
+
 def find_replay(session: Session, *, idempotency_key: str, request_sha256: str | None) -> FeedbackBatch | None:
     """The batch first registered under ``idempotency_key``, or None.
 
@@ -161,11 +176,7 @@ class BatchWriter:
         task_ids = {c.task_id for c in comparisons if c.task_id is not None}
         if task_ids:
             known = set(self.session.scalars(select(ComparisonTask.id).where(ComparisonTask.id.in_(task_ids))))
-            unknown = [
-                {"index": self.count + i, "field": "task_id", "message": f"comparison task {c.task_id} does not exist"}
-                for i, c in enumerate(comparisons)
-                if c.task_id is not None and c.task_id not in known
-            ]
+            unknown = unknown_task_problems(comparisons, known, offset=self.count)
             if unknown:
                 raise InvalidInput(f"{len(unknown)} comparison(s) name unknown tasks", unknown[:100])
             self._task_ids |= task_ids

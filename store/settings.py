@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     """largest JSON request body in bytes (over it: 413)"""
     max_import_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1024)
     """largest JSONL import body in bytes, counted after gzip decoding (over it: 413)"""
+    inline_batch_bytes: int = Field(default=256 * 1024, ge=0)
+    """on PostgreSQL, feedback batches whose JSON body is at most this many bytes are written from the event loop in
+    one statement (asyncpg); larger ones stream through COPY in a worker thread; 0 sends every batch the COPY way"""
     auth_cache_s: float = Field(default=5.0, ge=0)
     """how long the API remembers an authenticated key; a revocation made elsewhere takes effect within it"""
     task_lease_s: int = Field(default=600, ge=1)

@@ -5,7 +5,23 @@ from sqlalchemy import func, select
 
 from store.models import Comparison, ComparisonTask, FeedbackBatch
 from store.tasks import create_tasks
+from store.settings import Settings
 from tests.api.conftest import batch_body, comparison
+
+
+@pytest.fixture(params=["inline", "copy"])
+def api_settings(request, tmp_path) -> Settings:
+    """Every test runs on both write paths: small batches from the event loop
+    in one statement (inline) and through COPY in a worker thread (copy)."""
+    inline_bytes = 256 * 1024 if request.param == "inline" else 0
+    return Settings(
+        home=tmp_path, max_batch_records=1000, max_request_bytes=1_000_000, max_import_bytes=8_000_000,
+        inline_batch_bytes=inline_bytes,
+    )
+
+
+def test_the_write_path_is_the_one_asked_for(client, api_settings):
+    assert (client.app.state.inline_writer is not None) == (api_settings.inline_batch_bytes > 0)
 
 
 def counts(db) -> tuple[int, int]:

@@ -1,0 +1,193 @@
+"""Small feedback batches on PostgreSQL, written from the event loop.
+
+A labeling tool posts many small batches (a few to a few hundred
+comparisons). For those the API skips its worker thread and the ORM: the
+whole batch is one SQL statement sent with asyncpg, which PostgreSQL runs as
+one transaction (autocommit), so a batch is still written whole or not at all:
+
+* the batch row goes in with ``ON CONFLICT (idempotency_key) DO NOTHING``;
+* its comparisons go in from arrays (``unnest``), under the batch id the
+  first insert returned;
+* the comparison tasks they answer become done.
+
+No returned row means the idempotency key was taken: the first batch is read
+back, a replay when the request hash matches, else ``Conflict``. A task id
+that names no task fails the statement's foreign key; the error then names
+each such comparison by index. Large batches and SQLite keep the COPY path in
+``store.feedback`` (``BatchWriter``); both write the same rows and the same
+content hash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from store.errors import Conflict, DatabaseUnavailable, InvalidInput, StoreError
+from store.feedback import ContentHash, NewComparison, comparison_metadata_json, encode_rows, unknown_task_problems
+from store.models import utcnow
+
+POOL_SIZE = 16
+
+_INSERT_BATCH = """
+WITH batch AS (
+    INSERT INTO feedback_batches (source, idempotency_key, request_sha256, content_sha256, comparison_count,
+                                  cycle_id, api_key_id, metadata, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::json, $9)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+), inserted AS (
+    INSERT INTO comparisons (batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata)
+    SELECT batch.id, r.ordinal - 1, r.prompt, r.response_a, r.response_b, r.choice, r.rater_id, r.task_id, r.metadata::json
+    FROM batch, unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::int[], $16::text[])
+        WITH ORDINALITY AS r(prompt, response_a, response_b, choice, rater_id, task_id, metadata, ordinal)
+), closed AS (
+    UPDATE comparison_tasks SET status = 'done', done_at = $9, leased_by = NULL, leased_until = NULL
+    WHERE id = ANY($15::int[]) AND status = 'open' AND EXISTS (SELECT 1 FROM batch)
+)
+SELECT id FROM batch
+"""
+
+_BY_KEY = """
+SELECT id, source, comparison_count, content_sha256, idempotency_key, cycle_id, created_at,
+       metadata::text AS metadata, request_sha256
+FROM feedback_batches WHERE idempotency_key = $1
+"""
+
+_KNOWN_TASKS = "SELECT id FROM comparison_tasks WHERE id = ANY($1::int[])"
+
+# Errors that mean the database could not be reached or dropped the connection.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Pool reset: nothing to undo. These connections only run single
+    autocommit statements (no SET, LISTEN, cursors or advisory locks), so the
+    default reset query would be a wasted round trip per request; asyncpg
+    still rolls back any open transaction and drops a broken connection."""
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The asyncpg DSN of a SQLAlchemy PostgreSQL URL (``postgresql+psycopg2://…`` → ``postgresql://…``)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise StoreError(f"the event-loop writer needs PostgreSQL, not {parsed.get_backend_name()}")
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class AsyncFeedbackWriter:
+    """An asyncpg pool that registers small batches in one statement each.
+
+    Create it inside the event loop that will use it (the app's lifespan);
+    the pool connects lazily, so a database that is down at start-up is a 503
+    on the first request, not a server that will not start.
+    """
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, max_size: int = POOL_SIZE) -> AsyncFeedbackWriter:
+        pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=0, max_size=max_size, reset=_keep_session)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def register(
+        self,
+        *,
+        source: str,
+        comparisons: Sequence[NewComparison],
+        idempotency_key: str | None,
+        request_sha256: str,
+        api_key_id: int | None = None,
+        cycle_id: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Register a validated batch; returns (batch row as a dict, created).
+
+        Raises ``Conflict`` when the key was used for another request,
+        ``InvalidInput`` for unknown task ids, ``DatabaseUnavailable`` when
+        the database cannot be reached.
+        """
+        if not comparisons:
+            raise InvalidInput("a feedback batch needs at least one comparison", [])
+        content = ContentHash()
+        content.update(encode_rows(comparisons))
+        created_at = utcnow()
+        meta = metadata or {}
+        row = {
+            "source": source,
+            "comparison_count": len(comparisons),
+            "content_sha256": content.hexdigest(),
+            "idempotency_key": idempotency_key,
+            "cycle_id": cycle_id,
+            "created_at": created_at,
+            "meta": meta,
+        }
+        columns = (
+            [c.prompt for c in comparisons],
+            [c.response_a for c in comparisons],
+            [c.response_b for c in comparisons],
+            [c.choice for c in comparisons],
+            [c.rater_id for c in comparisons],
+            [c.task_id for c in comparisons],
+            [comparison_metadata_json(c) for c in comparisons],
+        )
+        try:
+            async with self._pool.acquire() as conn:
+                try:
+                    batch_id = await conn.fetchval(
+                        _INSERT_BATCH,
+                        source, idempotency_key, request_sha256, row["content_sha256"], len(comparisons),
+                        cycle_id, api_key_id, json.dumps(meta), created_at, *columns,
+                    )
+                except asyncpg.ForeignKeyViolationError:
+                    known = {r["id"] for r in await conn.fetch(_KNOWN_TASKS, sorted(set(filter(None, columns[5]))))}
+                    problems = unknown_task_problems(comparisons, known)
+                    if not problems:
+                        raise
+                    raise InvalidInput(f"{len(problems)} comparison(s) name unknown tasks", problems[:100]) from None
+                if batch_id is not None:
+                    return {"id": batch_id, **row}, True
+                first = await self._find(conn, idempotency_key, request_sha256)
+                if first is None:
+                    raise StoreError(f"feedback batch with idempotency key {idempotency_key!r} vanished")
+                return first, False
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+
+    async def find_replay(self, idempotency_key: str, request_sha256: str) -> dict[str, Any] | None:
+        """The batch first registered under ``idempotency_key`` (None if none); ``Conflict``
+        when it was registered for another request."""
+        try:
+            async with self._pool.acquire() as conn:
+                return await self._find(conn, idempotency_key, request_sha256)
+        except _UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+
+    @staticmethod
+    async def _find(conn: asyncpg.Connection, idempotency_key: str | None, request_sha256: str) -> dict[str, Any] | None:
+        if idempotency_key is None:
+            return None
+        record = await conn.fetchrow(_BY_KEY, idempotency_key)
+        if record is None:
+            return None
+        if record["request_sha256"] != request_sha256:
+            raise Conflict(f"idempotency key {idempotency_key!r} was used for a different request")
+        first = dict(record)
+        first.pop("request_sha256")
+        first["meta"] = json.loads(first.pop("metadata"))
+        return first

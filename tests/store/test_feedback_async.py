@@ -1,0 +1,115 @@
+"""The event-loop writer for small batches (PostgreSQL, asyncpg) against the COPY path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+from store.errors import Conflict, DatabaseUnavailable, InvalidInput, StoreError
+from store.feedback import NewComparison, comparisons_of, create_feedback_batch
+from store.feedback_async import AsyncFeedbackWriter, asyncpg_dsn
+from store.models import ComparisonTask, FeedbackBatch
+from store.tasks import create_tasks
+
+pytestmark = pytest.mark.postgres
+
+TRICKY = [
+    NewComparison(prompt="tab\there\nnewline \\ backslash", response_a="", response_b="ünïcødé ✓", choice="a", rater_id="r1"),
+    NewComparison(prompt="p", response_a="same", response_b="same", choice="tie", rater_id="r2",
+                  metadata={"z": 1, "a": ["x", {"k": "é"}]}),
+    NewComparison(prompt="\r\n\n\nHuman: hi\n\nAssistant:", response_a=" a", response_b=" b", choice="b", rater_id="r1"),
+]
+
+
+def run(coro_fn, url):
+    """Open a writer on ``url``, run ``coro_fn(writer)`` in a fresh event loop, close it."""
+    async def main():
+        writer = await AsyncFeedbackWriter.open(url, max_size=4)
+        try:
+            return await coro_fn(writer)
+        finally:
+            await writer.close()
+
+    return asyncio.run(main())
+
+
+def stored(db, batch_id: int) -> list[tuple]:
+    with db.session() as s:
+        return [
+            (c.position, c.prompt, c.response_a, c.response_b, c.choice, c.rater_id, c.task_id, c.meta)
+            for c in comparisons_of(s, [batch_id])
+        ]
+
+
+def test_both_write_paths_store_the_same_rows_and_content_hash(pg_db, pg_url):
+    with pg_db.session() as s:
+        tasks = create_tasks(s, tasks=[{"prompt": "p", "response_a": "x", "response_b": "y"} for _ in range(2)])
+        task_ids = [t.id for t in tasks]
+    comps = [TRICKY[0], TRICKY[1], NewComparison(**{**TRICKY[2].__dict__, "task_id": task_ids[0]})]
+    row, created = run(lambda w: w.register(source="inline", comparisons=comps, idempotency_key=None,
+                                            request_sha256="0" * 64, metadata={"m": 1}), pg_url)
+    assert created and row["comparison_count"] == 3
+    copy_comps = comps[:2] + [NewComparison(**{**TRICKY[2].__dict__, "task_id": task_ids[1]})]
+    with pg_db.session() as s:
+        copied, _ = create_feedback_batch(s, source="copy", comparisons=copy_comps, metadata={"m": 1})
+    inline_rows, copy_rows = stored(pg_db, row["id"]), stored(pg_db, copied.id)
+    assert [r[:6] + r[7:] for r in inline_rows] == [r[:6] + r[7:] for r in copy_rows]
+    assert inline_rows[2][6] == task_ids[0]
+    with pg_db.session() as s:
+        first = s.get(FeedbackBatch, row["id"])
+        assert first.content_sha256 == row["content_sha256"]
+        assert first.meta == {"m": 1} and first.created_at == row["created_at"]
+        assert s.get(FeedbackBatch, copied.id).content_sha256 != row["content_sha256"]  # task ids differ
+        assert {t.status for t in s.scalars(select(ComparisonTask))} == {"done"}
+
+
+def test_replays_race_to_one_batch_and_another_body_conflicts(pg_db, pg_url):
+    async def race(writer):
+        calls = [writer.register(source="s", comparisons=TRICKY, idempotency_key="k-1", request_sha256="a" * 64)
+                 for _ in range(8)]
+        return await asyncio.gather(*calls)
+
+    results = run(race, pg_url)
+    assert len({r["id"] for r, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False] * 7 + [True]
+    replay = results[[c for _, c in results].index(False)][0]
+    assert replay["meta"] == {} and replay["content_sha256"] == results[0][0]["content_sha256"]
+    with pytest.raises(Conflict, match="different request"):
+        run(lambda w: w.register(source="s", comparisons=TRICKY, idempotency_key="k-1", request_sha256="b" * 64), pg_url)
+    with pg_db.session() as s:
+        assert s.query(FeedbackBatch).count() == 1
+        assert len(comparisons_of(s, [results[0][0]["id"]])) == len(TRICKY)
+
+
+def test_unknown_tasks_are_named_and_nothing_is_written(pg_db, pg_url):
+    with pg_db.session() as s:
+        (task,) = create_tasks(s, tasks=[{"prompt": "p", "response_a": "x", "response_b": "y"}])
+        known = task.id
+    comps = [NewComparison(**{**c.__dict__, "task_id": t}) for c, t in zip(TRICKY, [known, 777, 778])]
+    with pytest.raises(InvalidInput) as err:
+        run(lambda w: w.register(source="s", comparisons=comps, idempotency_key=None, request_sha256="c" * 64), pg_url)
+    assert [(e["index"], e["field"]) for e in err.value.errors] == [(1, "task_id"), (2, "task_id")]
+    with pg_db.session() as s:
+        assert s.query(FeedbackBatch).count() == 0
+        assert s.get(ComparisonTask, known).status == "open"
+
+
+def test_an_unreachable_database_is_unavailable_not_a_crash(pg_url):
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = make_url(pg_url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    with pytest.raises(DatabaseUnavailable):
+        run(lambda w: w.register(source="s", comparisons=TRICKY, idempotency_key=None, request_sha256="d" * 64), down)
+
+
+def test_dsn_of_a_sqlalchemy_url():
+    assert asyncpg_dsn("postgresql+psycopg2://u:p@h:5433/db?sslmode=require") == "postgresql://u:p@h:5433/db?sslmode=require"
+    with pytest.raises(StoreError, match="needs PostgreSQL"):
+        asyncpg_dsn("sqlite:///x.db")
