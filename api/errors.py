@@ -64,15 +64,20 @@ def _body(status: int, detail: str, field_errors: list[dict] | None = None, head
     return JSONResponse(payload.model_dump(), status_code=status, headers=headers)
 
 
-def pydantic_field_errors(exc: ValidationError | RequestValidationError, *, record_key: str | None = None) -> list[dict]:
+def pydantic_field_errors(
+    exc: ValidationError | RequestValidationError, *, record_key: str | None = None, first_record: int | None = None
+) -> list[dict]:
     """Pydantic errors as ``{index, field, message}``; ``record_key`` names the list of records
-    (e.g. ``comparisons``) whose position becomes ``index``."""
+    (e.g. ``comparisons``) whose position becomes ``index``. ``first_record``: the value
+    validated was itself a list of records, the first of them at that index."""
     out = []
     for err in exc.errors()[:MAX_REPORTED_ERRORS]:
         loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         index = None
         if record_key is not None and len(loc) >= 2 and loc[0] == record_key and isinstance(loc[1], int):
             index, loc = loc[1], loc[2:]
+        elif first_record is not None and loc and isinstance(loc[0], int):
+            index, loc = first_record + loc[0], loc[1:]
         message = err.get("msg", "invalid")
         if err.get("type") == "identical_responses":
             loc = [*loc, "choice"]

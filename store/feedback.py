@@ -162,18 +162,23 @@ class BatchWriter:
         self._task_ids: set[int] = set()
         self._fields = {"source": source, "api_key_id": api_key_id, "cycle_id": cycle_id, "meta": metadata or {}}
 
-    def add(self, comparisons: Sequence[NewComparison], *, prevalidated: bool = False) -> None:
+    def add(
+        self, comparisons: Sequence[NewComparison], *, prevalidated: bool = False, task_ids: set[int] | None = None
+    ) -> None:
         """Validate and insert the next comparisons (indices continue across calls).
 
         ``prevalidated=True`` skips the per-record rules when the caller has
-        already applied them (the API's request models do); task ids are
-        always checked against the database.
+        already applied them (the API's request models do; a sequence may
+        also validate its records as they are read and raise then). Task ids
+        are always checked against the database; ``task_ids`` gives them when
+        the caller knows them without reading every record.
         """
         if not comparisons:
             return
         if not prevalidated:
             check_comparisons(comparisons, offset=self.count)
-        task_ids = {c.task_id for c in comparisons if c.task_id is not None}
+        if task_ids is None:
+            task_ids = {c.task_id for c in comparisons if c.task_id is not None}
         if task_ids:
             known = set(self.session.scalars(select(ComparisonTask.id).where(ComparisonTask.id.in_(task_ids))))
             unknown = unknown_task_problems(comparisons, known, offset=self.count)
@@ -253,6 +258,7 @@ def create_feedback_batch(
     cycle_id: int | None = None,
     metadata: dict[str, Any] | None = None,
     prevalidated: bool = False,
+    task_ids: set[int] | None = None,
 ) -> tuple[FeedbackBatch, bool]:
     """Register a whole batch in the caller's transaction; returns (batch, created).
 
@@ -269,7 +275,7 @@ def create_feedback_batch(
     if not comparisons:
         raise InvalidInput("a feedback batch needs at least one comparison", [])
     writer = BatchWriter(session, source=source, api_key_id=api_key_id, cycle_id=cycle_id, metadata=metadata)
-    writer.add(comparisons, prevalidated=prevalidated)
+    writer.add(comparisons, prevalidated=prevalidated, task_ids=task_ids)
     return writer.finish(idempotency_key=idempotency_key, request_sha256=request_sha256), True
 
 
@@ -289,8 +295,17 @@ class _CopySource:
     def __init__(self, batch_id: int, comparisons: Sequence[NewComparison], start: int, content_hash: ContentHash):
         self.batch_id, self.comparisons, self.start, self.hash = batch_id, comparisons, start, content_hash
         self.offset = 0
+        self.error: BaseException | None = None
+        """what reading the comparisons raised (psycopg2 reports only its text)"""
 
     def read(self, size: int = -1) -> bytes:
+        try:
+            return self._next_chunk()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def _next_chunk(self) -> bytes:
         chunk = self.comparisons[self.offset : self.offset + self.ROWS_PER_READ]
         if not chunk:
             return b""
@@ -316,12 +331,17 @@ def _insert_comparisons(
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         cursor = connection.connection.dbapi_connection.cursor()
+        source = _CopySource(batch_id, comparisons, start, content_hash)
         try:
-            source = _CopySource(batch_id, comparisons, start, content_hash)
             cursor.copy_expert(f"COPY comparisons ({_COPY_COLUMNS}) FROM STDIN", source, size=1 << 20)
+        except Exception:
+            if source.error is not None:
+                raise source.error from None
+            raise
         finally:
             cursor.close()
         return
+    comparisons = list(comparisons)  # read once: a lazy sequence validates as it is read
     content_hash.update(encode_rows(comparisons))
     session.execute(
         insert(Comparison),

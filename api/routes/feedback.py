@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -12,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
+from api.batches import parse_batch, parse_batch_streaming
 from api.deps import IdPath, DatabaseDep, Labeler, PagingDep, SessionDep, SettingsDep
 from api.errors import PayloadTooLarge, pydantic_field_errors, responses
 from api.formats import FormatError, JsonlImportParser, export_record
@@ -58,19 +60,31 @@ IMPORT_CHUNK_RECORDS = 2_000
 MAX_SKIPPED_REPORTED = 1_000
 
 
-async def read_json_body(request: Request, settings: SettingsDep) -> bytes:
-    """The request body, refused with 413 as soon as it passes the byte limit."""
+@dataclass(frozen=True)
+class JsonBody:
+    """A request body read whole, with its sha256 (hashed as it arrived)."""
+
+    data: bytes
+    sha256: str
+
+
+async def read_json_body(request: Request, settings: SettingsDep) -> JsonBody:
+    """The request body, refused with 413 as soon as it passes the byte limit.
+
+    It is hashed chunk by chunk while the rest is still arriving, so a large
+    body costs no separate hashing pass afterwards."""
     limit = settings.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
+    chunks, size, hasher = [], 0, hashlib.sha256()
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        hasher.update(chunk)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return JsonBody(b"".join(chunks), hasher.hexdigest())
 
 
 @router.post(
@@ -95,14 +109,14 @@ async def create_batch(
     database: DatabaseDep,
     settings: SettingsDep,
     response: Response,
-    body: Annotated[bytes, Depends(read_json_body)],
+    body: Annotated[JsonBody, Depends(read_json_body)],
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
     # Small batches on PostgreSQL: parsed here and written in one statement
     # from the event loop (no thread hop, one round trip). Larger ones: parsed
     # and written through COPY in one thread-pool call.
     inline: AsyncFeedbackWriter | None = request.app.state.inline_writer
-    if inline is not None and len(body) <= settings.inline_batch_bytes:
+    if inline is not None and len(body.data) <= settings.inline_batch_bytes:
         batch, created = await _register_inline(inline, settings, body, api_key_id=key.id, idempotency_key=idempotency_key)
     else:
         batch, created = await run_in_threadpool(
@@ -113,26 +127,12 @@ async def create_batch(
     return batch
 
 
-def _parse_batch(settings, body: bytes) -> FeedbackBatchCreate:
-    """The request body as a batch; 422 naming each bad record and field, 413 over the record limit."""
-    try:
-        batch = FeedbackBatchCreate.model_validate_json(body)
-    except ValidationError as exc:
-        fields = pydantic_field_errors(exc, record_key="comparisons")
-        raise InvalidInput(f"{len(fields)} invalid field(s) in the feedback batch", fields) from None
-    if len(batch.comparisons) > settings.max_batch_records:
-        raise PayloadTooLarge(
-            f"{len(batch.comparisons)} comparisons is over the limit of {settings.max_batch_records} per batch"
-        )
-    return batch
-
-
 async def _register_inline(
-    writer: AsyncFeedbackWriter, settings, body: bytes, *, api_key_id: int, idempotency_key: str | None
+    writer: AsyncFeedbackWriter, settings, body: JsonBody, *, api_key_id: int, idempotency_key: str | None
 ) -> tuple[FeedbackBatchPublic, bool]:
-    request_sha256 = hashlib.sha256(body).hexdigest()
+    request_sha256 = body.sha256
     try:
-        batch = _parse_batch(settings, body)
+        batch = parse_batch(body.data, max_records=settings.max_batch_records)
     except (InvalidInput, PayloadTooLarge):
         # As on the COPY path: a key already used for another request is 409 first.
         if idempotency_key is not None:
@@ -150,19 +150,22 @@ async def _register_inline(
 
 
 def _register(
-    database: Database, settings, body: bytes, *, api_key_id: int, idempotency_key: str | None
+    database: Database, settings, body: JsonBody, *, api_key_id: int, idempotency_key: str | None
 ) -> tuple[FeedbackBatchPublic, bool]:
-    request_sha256 = hashlib.sha256(body).hexdigest()
+    request_sha256 = body.sha256
     with database.session() as session:
         if idempotency_key is not None:
             first = find_replay(session, idempotency_key=idempotency_key, request_sha256=request_sha256)
             if first is not None:
                 return FeedbackBatchPublic.model_validate(first), False
-        batch = _parse_batch(settings, body)
+        # Records are validated chunk by chunk as the COPY reads them, so
+        # PostgreSQL ingests one chunk while Python validates the next.
+        batch, records = parse_batch_streaming(body.data, max_records=settings.max_batch_records)
         row, created = create_feedback_batch(
             session,
             source=batch.source,
-            comparisons=batch.comparisons,
+            comparisons=records,
+            task_ids=records.task_ids(),
             idempotency_key=idempotency_key,
             request_sha256=request_sha256,
             api_key_id=api_key_id,

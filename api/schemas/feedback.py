@@ -39,8 +39,8 @@ class ComparisonCreate(BaseModel):
     """which response the rater preferred"""
     rater_id: Name
     """who judged (a labeler's id in the vendor's system)"""
-    task_id: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
-    """the comparison task this answers, when it came from GET /v1/comparison-tasks"""
+    task_id: Annotated[int, Field(ge=1, le=2**31 - 1, strict=True)] | None = None
+    """the comparison task this answers, when it came from GET /v1/comparison-tasks (a JSON integer)"""
     metadata: JsonObject | None = None
     """free-form JSON kept with the comparison"""
 
@@ -69,15 +69,11 @@ class ComparisonCreate(BaseModel):
         return self
 
 
-class FeedbackBatchCreate(BaseModel):
-    """A batch of comparisons, registered whole or not at all."""
-
+class _BatchFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Name
     """where the batch comes from (a vendor, a tool, an import)"""
-    comparisons: Annotated[list[ComparisonCreate], Field(min_length=1)]
-    """the comparisons, at least one"""
     metadata: JsonObject | None = None
     """free-form JSON kept with the batch"""
 
@@ -85,6 +81,20 @@ class FeedbackBatchCreate(BaseModel):
     @classmethod
     def _source(cls, value: str) -> str:
         return _no_nul(value, "source")
+
+
+class FeedbackBatchCreate(_BatchFields):
+    """A batch of comparisons, registered whole or not at all."""
+
+    comparisons: Annotated[list[ComparisonCreate], Field(min_length=1)]
+    """the comparisons, at least one"""
+
+
+class FeedbackBatchEnvelope(_BatchFields):
+    """A batch whose comparisons are still plain JSON values, validated later
+    a chunk at a time (api.batches.LazyComparisons); not part of the API."""
+
+    comparisons: Annotated[list[Any], Field(min_length=1)]
 
 
 class AgreementPublic(BaseModel):

@@ -78,6 +78,25 @@ def test_invalid_records_are_all_named_and_nothing_is_written(client, keys, pg_d
     assert counts(pg_db) == (0, 0)
 
 
+def test_bad_records_far_apart_are_all_named_and_nothing_is_written(client, keys, pg_db):
+    # The COPY path validates 500 records at a time while earlier ones stream
+    # into PostgreSQL: a bad record in a late chunk still names every bad one
+    # and rolls the whole batch back.
+    records = [comparison(i) for i in range(1000)]
+    records[3] = comparison(3, prompt="")
+    records[600] = comparison(600, choice="maybe")
+    records[750] = "not an object"
+    records[999] = comparison(999, task_id="5")
+    r = client.post("/v1/feedback-batches", json={"source": "s", "comparisons": records}, headers=keys.labeler)
+    assert r.status_code == 422, r.text
+    named = {(e["index"], e["field"]) for e in r.json()["errors"]}
+    assert named == {(3, "prompt"), (600, "choice"), (750, "(body)"), (999, "task_id")}
+    only_last = [comparison(i) for i in range(999)] + [comparison(999, rater_id=" ")]
+    r = client.post("/v1/feedback-batches", json={"source": "s", "comparisons": only_last}, headers=keys.labeler)
+    assert r.status_code == 422 and [(e["index"], e["field"]) for e in r.json()["errors"]] == [(999, "rater_id")]
+    assert counts(pg_db) == (0, 0)
+
+
 def test_unknown_task_is_named(client, keys, pg_db):
     r = client.post("/v1/feedback-batches", json=batch_body(1) | {"comparisons": [comparison(0, task_id=12345)]}, headers=keys.labeler)
     assert r.status_code == 422
