@@ -10,11 +10,15 @@
    with COPY into a scratch table of the same shape (peer: the CSV buffer is
    built before the clock starts, so the peer is the database's own speed).
    Each side's median over the rounds is reported.
-4. Latency: 16 concurrent clients POST batches of 10 comparisons; p50 / p99
-   as the clients saw them and as the server measured them (Server-Timing).
-   ``--client-processes N`` spreads the clients over N processes (on 2 cores
-   they then compete with the server: 4 processes gave client p99 121 ms,
-   server p99 89 ms, against 170 / 66 ms with one).
+4. Latency: 16 concurrent clients POST batches of 10 comparisons, each with
+   its own Idempotency-Key; p50 / p99 as the clients saw them and as the
+   server measured them (Server-Timing). The clients are wrk
+   (bench/ingest_latency.lua; `apt-get install wrk`), a C load generator that
+   costs the 2-core box almost no CPU, after a 3 s warm-up. Without wrk (or
+   with ``--latency-client python``) they are asyncio httpx clients in this
+   process, which cost about 1.1 ms of CPU per request on the same cores and
+   so inflate the latency they measure (``--client-processes N`` spreads
+   them over N processes).
 
 The last line is JSON: {"ours", "peer", "ratio", "p50_ms", "p99_ms", ...}.
 """
@@ -29,10 +33,12 @@ import gzip
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -151,6 +157,7 @@ def ours_post(client: httpx.Client, body: bytes, headers: dict) -> float:
 async def latency(base: str, headers: dict, clients: int, requests: int) -> tuple[list[float], list[float]]:
     samples: list[float] = []
     server: list[float] = []
+    run = uuid.uuid4().hex[:8]
 
     bodies = [
         [json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat{c}-{k}")}).encode() for k in range(requests)]
@@ -159,9 +166,10 @@ async def latency(base: str, headers: dict, clients: int, requests: int) -> tupl
 
     async def one_client(c: int) -> None:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-            for body in bodies[c]:
+            for k, body in enumerate(bodies[c]):
+                keyed = headers | {"Idempotency-Key": f"py-{run}-{c}-{k}"}
                 start = time.perf_counter()
-                r = await client.post("/v1/feedback-batches", content=body, headers=headers)
+                r = await client.post("/v1/feedback-batches", content=body, headers=keyed)
                 samples.append(time.perf_counter() - start)
                 server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
                 if r.status_code != 201:
@@ -192,6 +200,27 @@ def latency_processes(base: str, headers: dict, clients: int, requests: int, pro
     return [x for p in parts for x in p[0]], [x for p in parts for x in p[1]]
 
 
+def latency_wrk(base: str, token: str, clients: int, seconds: float) -> dict:
+    """The latency run with wrk: a 3 s warm-up (the pool's connections and
+    prepared statements), then ``seconds`` measured. Returns wrk's summary."""
+    script = ROOT / "bench" / "ingest_latency.lua"
+    with tempfile.TemporaryDirectory(prefix="ratchet-wrk-") as tmp:
+        Path(tmp, "token").write_text(token + "\n")
+        with open(Path(tmp, "bodies.jsonl"), "w") as fh:
+            for k in range(64):
+                fh.write(json.dumps({"source": "latency", "comparisons": comparisons(10, f"lat-{k}")}) + "\n")
+        summary = {}
+        for run, duration in (("warmup", 3), ("measured", seconds)):
+            out = subprocess.run(
+                ["wrk", "-t1", f"-c{clients}", f"-d{duration}s", "-s", str(script), base, "--", tmp, f"{run}-{uuid.uuid4().hex[:8]}"],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            summary = json.loads(next(line for line in out.splitlines() if line.startswith("WRK ")).removeprefix("WRK "))
+            if summary["non_201"] or summary["errors"]:
+                raise SystemExit(f"latency run {run}: {summary['non_201']} answers were not 201, {summary['errors']} socket errors")
+    return summary
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile of ``values`` (seconds) in milliseconds."""
     ordered = sorted(values)
@@ -205,7 +234,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=60, help="requests per latency client")
-    parser.add_argument("--client-processes", type=int, default=1, help="spread the latency clients over this many processes")
+    parser.add_argument("--latency-client", choices=("auto", "wrk", "python"), default="auto",
+                        help="auto: wrk when it is on PATH, else the python clients")
+    parser.add_argument("--latency-seconds", type=int, default=15, help="length of the measured wrk run")
+    parser.add_argument("--client-processes", type=int, default=1, help="spread the python latency clients over this many processes")
     args = parser.parse_args()
 
     name, url = scratch_database()
@@ -238,16 +270,32 @@ def main() -> None:
         ours = args.size / statistics.median(ours_s)
         peer = args.size / statistics.median(peer_s)
 
-        samples, server = latency_processes(base, headers, args.clients, args.requests, args.client_processes)
-        p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
-        s50, s99 = percentile(server, 0.5), percentile(server, 0.99)
-        print(f"latency: {len(samples)} requests of 10 comparisons, {args.clients} clients: p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms as the clients saw it; in the server (Server-Timing) p50 {s50:.1f} ms, p99 {s99:.1f} ms")
+        client = args.latency_client
+        if client == "auto":
+            client = "wrk" if shutil.which("wrk") else "python"
+            if client == "python":
+                print("wrk is not on PATH (apt-get install wrk): measuring latency with python clients, "
+                      "which take CPU from the server on a small machine")
+        if client == "wrk":
+            summary = latency_wrk(base, token, args.clients, args.latency_seconds)
+            count, p50, p99 = summary["requests"], summary["p50_ms"], summary["p99_ms"]
+            s50, s99 = summary["server_p50_ms"], summary["server_p99_ms"]
+            rate = count / summary["seconds"]
+        else:
+            wall = time.perf_counter()
+            samples, server = latency_processes(base, headers, args.clients, args.requests, args.client_processes)
+            rate = len(samples) / (time.perf_counter() - wall)
+            count, p50, p99 = len(samples), percentile(samples, 0.5), percentile(samples, 0.99)
+            s50, s99 = percentile(server, 0.5), percentile(server, 0.99)
+        print(f"latency ({client}): {count} requests of 10 comparisons, {args.clients} clients, {rate:.0f} requests/s: "
+              f"p50 {p50:.1f} ms, p99 {p99:.1f} ms as the clients saw it; in the server (Server-Timing) "
+              f"p50 {s50:.1f} ms, p99 {s99:.1f} ms")
         print(json.dumps({
             "ours": round(ours), "peer": round(peer), "ratio": round(ours / peer, 3),
             "batch_size": args.size, "rounds": args.rounds, "workers": args.workers,
-            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "server_p50_ms": round(s50, 1), "server_p99_ms": round(s99, 1), "latency_clients": args.clients,
-            "latency_requests": len(samples), "client_processes": args.client_processes,
+            "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "server_p50_ms": round(s50, 1), "server_p99_ms": round(s99, 1),
+            "latency_client": client, "latency_clients": args.clients, "latency_requests": count,
+            "latency_requests_per_s": round(rate), "client_processes": args.client_processes if client == "python" else None,
         }))
     finally:
         if proc is not None:
