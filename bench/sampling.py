@@ -48,6 +48,41 @@ def hh_prompts(n: int) -> list[str]:
     return out
 
 
+def encode_for_peer(tok, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Each prompt's token ids as ``workers.sample`` feeds them: leading special tokens, then the last tokens."""
+    from workers.pm import special_prefix
+
+    prefix = special_prefix(tok)
+    keep = max_prompt_tokens - len(prefix)
+    return [prefix + tok(p, add_special_tokens=False)["input_ids"][-keep:] for p in prompts]
+
+
+def peer_tokens_per_s(model, tok, encoded: list[list[int]], *, samples: int, max_new_tokens: int,
+                      temperature: float, top_p: float) -> float:
+    """Generated tokens/s of the peer: per prompt, ``model.generate`` with ``samples`` return sequences.
+
+    Runs on the model's device; tokens count up to and including EOS.
+    """
+    import torch
+
+    from workers.runtime import synchronize
+
+    device = next(model.parameters()).device
+    tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for ids in encoded:
+            x = torch.tensor([ids], device=device)
+            out = model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature,
+                top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+            for seq in out[:, len(ids):].tolist():
+                tokens += seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
+    synchronize(device)
+    return tokens / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "sampling"))
@@ -67,7 +102,6 @@ def main() -> None:
     import torch
 
     from workers.modeling import load_causal_lm, load_tokenizer
-    from workers.pm import special_prefix
     from workers.sample import SampleConfig, run
     from workers.testing import build_tiny_model, build_tokenizer, count_parameters
 
@@ -84,26 +118,14 @@ def main() -> None:
     # The peer: per prompt, transformers' generate with K return sequences.
     model = load_causal_lm(model_dir, device=torch.device("cpu"), dtype=torch.float32)
     tok = load_tokenizer(model_dir)
-    prefix = special_prefix(tok)
-    keep = args.max_prompt_tokens - len(prefix)
-    encoded = [prefix + tok(p, add_special_tokens=False)["input_ids"][-keep:] for p in prompts]
+    encoded = encode_for_peer(tok, prompts, args.max_prompt_tokens)
     print(f"# {count_parameters(model) / 1e6:.1f}M-parameter GPT-2, {len(prompts)} HH prompts "
           f"(mean {sum(map(len, encoded)) / len(encoded):.0f} tokens), K={args.samples}, max_new_tokens "
           f"{args.max_new_tokens}, temperature {args.temperature}, top_p {args.top_p}, {args.threads} thread(s)", flush=True)
 
     def peer() -> float:
-        tokens, start = 0, time.perf_counter()
-        with torch.no_grad():
-            for ids in encoded:
-                x = torch.tensor([ids])
-                out = model.generate(
-                    input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=args.temperature,
-                    top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens, num_return_sequences=args.samples,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                )
-                for seq in out[:, len(ids):].tolist():
-                    tokens += seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
-        return tokens / (time.perf_counter() - start)
+        return peer_tokens_per_s(model, tok, encoded, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p)
 
     def ours(rep: int) -> float:
         out = work / f"out-{rep}"
