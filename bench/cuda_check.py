@@ -275,15 +275,21 @@ def changed_fraction(after_dir: str, before_dir: str) -> dict[str, Any]:
 
 
 def run_step(check: Check, recorder: LoadRecorder, name: str, fn: Callable[[], dict[str, Any]], *,
-             device, dtype, master_weights: bool = False, section: str = "steps") -> dict[str, Any] | None:
+             device, dtype, master_weights: bool = False, frozen_in_dtype: bool = False,
+             section: str = "steps") -> dict[str, Any] | None:
     """Run ``fn`` (which returns a record with at least "ok"), timing it and noting models and peak memory.
 
     Every model the step loads must be on ``device`` in ``dtype``, or in float32 for a step that keeps
     float32 master weights and computes in ``dtype`` under autocast (``master_weights``: sft, train_pm).
+    ``frozen_in_dtype`` (ppo): trained weights in float32, frozen models (reference, PMs, a LoRA
+    policy's base) in ``dtype``; each load must be one of the two.
     """
     import torch
 
     weights = torch.float32 if master_weights else dtype
+    allowed = {str(weights).removeprefix("torch.")}
+    if frozen_in_dtype:
+        allowed |= {"float32", str(dtype).removeprefix("torch.")}
 
     record: dict[str, Any] = {"ok": False}
     check.report[section][name] = record
@@ -309,12 +315,12 @@ def run_step(check: Check, recorder: LoadRecorder, name: str, fn: Callable[[], d
     record["loaded"] = [f"{n}:{d}:{t}" for n, d, t in loads]
     if loads:
         record["on_device"] = all(torch.device(d).type == device.type for _, d, _ in loads)
-        record["dtype_as_expected"] = all(t == str(weights).removeprefix("torch.") for _, _, t in loads)
+        record["dtype_as_expected"] = all(t in allowed for _, _, t in loads)
         record["ok"] = record["ok"] and record["on_device"] and record["dtype_as_expected"]
     if device.type == "cuda":
         record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    record["expected"] = f"{device.type}:{str(weights).removeprefix('torch.')}" + (
-        f" (autocast {str(dtype).removeprefix('torch.')})" if weights != dtype else "")
+    record["expected"] = f"{device.type}:{'|'.join(sorted(allowed))}" + (
+        f" (autocast {str(dtype).removeprefix('torch.')})" if allowed != {str(dtype).removeprefix("torch.")} else "")
     status = "ok" if record["ok"] else "FAILED"
     extra = f" peak {record['peak_cuda_mb']} MiB" if "peak_cuda_mb" in record else ""
     check.say(f"{name}: {status} in {record['wall_s']} s, loaded {', '.join(record['loaded']) or 'nothing'}{extra}"
@@ -510,10 +516,11 @@ def steps(check, recorder, args, size, inputs, policy, common, state, device, dt
             return out
         return fn
 
-    run_step(check, recorder, "ppo", ppo("ppo"), device=device, dtype=dtype)
-    run_step(check, recorder, "ppo_lora", ppo("ppo_lora", lora_r=8, learning_rate=1e-4), device=device, dtype=dtype)
+    run_step(check, recorder, "ppo", ppo("ppo"), device=device, dtype=dtype, frozen_in_dtype=True)
+    run_step(check, recorder, "ppo_lora", ppo("ppo_lora", lora_r=8, learning_rate=1e-4), device=device, dtype=dtype,
+             frozen_in_dtype=True)
     if on_cuda and dtype != torch.float32:
-        # The same run with float32 weights: does PPO's update survive in bfloat16 weights?
+        # The same run computed in float32: bfloat16 compute should move as many weights.
         run_step(check, recorder, "ppo_float32", ppo("ppo_float32", dtype="float32"), device=device,
                  dtype=torch.float32)
 
@@ -611,7 +618,7 @@ def resume(check, recorder, args, size, inputs, policy, common, state, device, d
         return out
 
     run_step(check, recorder, "train_pm", train_pm, device=device, dtype=dtype, master_weights=True, section="resume")
-    run_step(check, recorder, "ppo", ppo, device=device, dtype=dtype, section="resume")
+    run_step(check, recorder, "ppo", ppo, device=device, dtype=dtype, frozen_in_dtype=True, section="resume")
 
 
 def throughput(check, recorder, args, size, inputs, common, state, device, dtype, sampling) -> None:
@@ -683,7 +690,7 @@ def throughput(check, recorder, args, size, inputs, common, state, device, dtype
                 "response_length": new_tokens}
 
     run_step(check, recorder, "sampling", sampling_fn, device=device, dtype=dtype, section="throughput")
-    run_step(check, recorder, "ppo", ppo_fn, device=device, dtype=dtype, section="throughput")
+    run_step(check, recorder, "ppo", ppo_fn, device=device, dtype=dtype, frozen_in_dtype=True, section="throughput")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from workers.modeling import check_model_dir, disable_dropout, load_causal_lm, l
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
 from workers.rl.losses import ppo_loss
-from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.runtime import autocast, progress, resolve_device, resolve_dtype, set_threads
 from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, entropy_of, pm_scores, response_logprobs
 from workers.sample import generate, row_seed, row_uniforms
 from workers.score import load_pm
@@ -136,7 +136,9 @@ class PPOConfig:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N"""
     dtype: str = "auto"
-    """weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"""
+    """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Trained weights (the policy,
+    or its LoRA adapters, and the value function) stay float32 and are saved so; the frozen reference, PMs and a
+    LoRA policy's base weights are held in this dtype"""
     num_threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     progress: bool = True
@@ -186,6 +188,8 @@ class PPOConfig:
             raise ConfigError(f"eval_every ({self.eval_every}) must be >= 0 and needs eval_prompts_path")
         if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
             raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
+        if self.dtype.strip().lower() == "float16":
+            raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
 
 
 class PolicyWithValue(nn.Module):
@@ -223,19 +227,25 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
 
 
-def _build_model(cfg: PPOConfig, device: torch.device, dtype: torch.dtype) -> PolicyWithValue:
-    lm = load_causal_lm(cfg.policy_path, device=device, dtype=dtype)
+def _build_model(cfg: PPOConfig, device: torch.device, compute_dtype: torch.dtype) -> PolicyWithValue:
+    """The policy and value function; every trained weight in float32 (AdamW's updates at PPO's learning
+    rates are below bfloat16's resolution), computed under autocast. With LoRA the frozen base weights
+    are held in ``compute_dtype`` and peft keeps the adapters in float32."""
+    lm = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
     disable_dropout(lm)
     if cfg.lora_r:
         from peft import LoraConfig, get_peft_model
 
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+        lm = get_peft_model(
+            lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"),
+            autocast_adapter_dtype=True,
+        )
     critic = None
     if cfg.value_model == "critic":
-        critic = load_trunk(cfg.pm_path, device=device, dtype=dtype)
+        critic = load_trunk(cfg.pm_path, device=device, dtype=torch.float32)
         disable_dropout(critic)
     hidden = (critic.config if critic is not None else lm.config).hidden_size
-    head = nn.Linear(hidden, 1, device=device, dtype=dtype)
+    head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         # A small random head (std 1/sqrt(h+1), as TRL's value head) and zero bias: values start near 0.
@@ -308,7 +318,7 @@ def run(cfg: PPOConfig) -> StepResult:
         check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, step=STEP)
 
@@ -320,10 +330,10 @@ def run(cfg: PPOConfig) -> StepResult:
         encode_prompts(tokenizer, load_prompts(cfg.eval_prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
         if cfg.eval_prompts_path else []
     )
-    model = _build_model(cfg, device, dtype)
+    model = _build_model(cfg, device, compute_dtype)
     reference = None
     if not cfg.lora_r:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=dtype)
+        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
         disable_dropout(reference)
         reference.requires_grad_(False)
     pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
@@ -353,7 +363,8 @@ def run(cfg: PPOConfig) -> StepResult:
         # 0. On schedule, score the fixed held-out prompts before this rollout's update.
         evaluation = {}
         if cfg.eval_every and k % cfg.eval_every == 0:
-            evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id, device)
+            with autocast(device, compute_dtype):
+                evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id, device)
         started = time.perf_counter()
         model.eval()
         # 1. Sample responses; every token's random number comes from (seed, rollout, row).
@@ -362,7 +373,7 @@ def run(cfg: PPOConfig) -> StepResult:
         uniforms = torch.stack(
             [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))]
         )
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, compute_dtype):
             generations = generate(
                 model.lm, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
                 temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
@@ -373,7 +384,7 @@ def run(cfg: PPOConfig) -> StepResult:
         ctx, mask = rollout.context_length, rollout.response_mask
 
         # 2. Log-probs and values of the policy, log-probs of the reference, PM scores.
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, compute_dtype):
             logits, all_values = model(rollout.query_responses, rollout.attention_mask, rollout.position_ids)
             logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
             values = all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
@@ -420,16 +431,17 @@ def run(cfg: PPOConfig) -> StepResult:
                 optimizer.zero_grad(set_to_none=True)
                 for a in range(cfg.gradient_accumulation_steps):
                     idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
-                    new_logits, new_all_values = model(
-                        rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
-                    )
-                    new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
-                    new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
-                    loss, loss_stats = ppo_loss(
-                        logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
-                        values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
-                        clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                    )
+                    with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                        new_logits, new_all_values = model(
+                            rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
+                        )
+                        new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
+                        new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
+                        loss, loss_stats = ppo_loss(
+                            logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
+                            values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
+                            clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                        )
                     (loss / cfg.gradient_accumulation_steps).backward()
                     stats.append(loss_stats)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -479,8 +491,9 @@ def run(cfg: PPOConfig) -> StepResult:
     if not finished:
         return collect_result(STEP, out, {}, last, complete=False)
 
-    # 8. Save the policy as an ordinary Hugging Face directory (LoRA merged).
-    lm = model.lm.merge_and_unload() if cfg.lora_r else model.lm
+    # 8. Save the policy as an ordinary Hugging Face directory, in float32 (LoRA merged into float32
+    #    base weights: merged into bfloat16 ones, small updates would round away).
+    lm = model.lm.float().merge_and_unload() if cfg.lora_r else model.lm
     save_model_dir(lm, tokenizer, final_dir)
     summary = {**read_metrics(out / "metrics.jsonl")[-1], "ppo/rollouts": num_rollouts}
     summary.pop("step", None)

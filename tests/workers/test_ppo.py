@@ -60,6 +60,28 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny_gpt2
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tmp_path, tiny_gpt2, trained_pm, prompts_path, lora_r):
+    # At PPO's learning rates an update is far below bfloat16's resolution: weights held in
+    # bfloat16 would round most of it away. Compute is bfloat16; weights and the saved policy stay float32.
+    cfg = ppo_config(tmp_path, tiny_gpt2, trained_pm[1].outputs["pm"], prompts_path, dtype="bfloat16",
+                     learning_rate=1e-5, lora_r=lora_r, total_episodes=8)
+    result = run(cfg)
+    before = load_file(str(tiny_gpt2 / "model.safetensors"))
+    after = load_file(str(Path(result.outputs["policy"]) / "model.safetensors"))
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    trained = [k for k in before if k.startswith("transformer.h.") and k.endswith(".weight") and after[k].dim() == 2]
+    if lora_r:
+        trained = [k for k in trained if "attn.c_attn" in k]  # peft's default GPT-2 target
+    changed = sum(int((before[k] != after[k]).sum()) for k in trained) / sum(before[k].numel() for k in trained)
+    assert changed > 0.5, f"only {changed:.1%} of the trained weights moved"
+
+
+def test_float16_is_refused_for_training(tmp_path, tiny_gpt2, trained_pm, prompts_path):
+    with pytest.raises(ConfigError, match="float16"):
+        run(ppo_config(tmp_path, tiny_gpt2, trained_pm[1].outputs["pm"], prompts_path, dtype="float16"))
+
+
 def test_lora_trains_adapters_and_saves_a_merged_policy(tmp_path, tiny_gpt2, trained_pm, prompts_path):
     cfg = ppo_config(tmp_path, tiny_gpt2, trained_pm[1].outputs["pm"], prompts_path, lora_r=4, learning_rate=1e-2)
     result = run(cfg)
