@@ -7,6 +7,7 @@ with uvicorn; ``uvicorn --factory api.app:create_app`` works too.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -70,11 +71,16 @@ def create_app(
         gc.set_threshold(50_000, 20, 20)
         # PostgreSQL: small feedback batches are written from the event loop
         # (store.feedback_async); the pool lives in the loop that serves.
+        warming = None
         if database.engine.dialect.name == "postgresql" and settings.inline_batch_bytes > 0:
             app.state.inline_writer = await AsyncFeedbackWriter.open(database.url)
+            warming = asyncio.create_task(app.state.inline_writer.warm())
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
+                await asyncio.gather(warming, return_exceptions=True)
             if app.state.inline_writer is not None:
                 await app.state.inline_writer.close()
                 app.state.inline_writer = None

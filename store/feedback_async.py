@@ -20,7 +20,9 @@ content hash.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,8 @@ from store.feedback import ContentHash, NewComparison, comparison_metadata_json,
 from store.models import utcnow
 
 POOL_SIZE = 16
+
+log = logging.getLogger(__name__)
 
 _INSERT_BATCH = """
 WITH batch AS (
@@ -104,6 +108,20 @@ class AsyncFeedbackWriter:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def warm(self, connections: int = POOL_SIZE) -> int:
+        """Open ``connections`` pooled connections now, so the first requests after a start do not
+        each wait for one (16 at once took ~180 ms on 2 cores). Returns how many opened; a database
+        that cannot be reached is logged and left to the first request."""
+        results = await asyncio.gather(*(self._pool.acquire() for _ in range(connections)), return_exceptions=True)
+        opened = [c for c in results if not isinstance(c, BaseException)]
+        for conn in opened:
+            await self._pool.release(conn)
+        failures = [e for e in results if isinstance(e, BaseException)]
+        if failures:
+            log.warning("opened %d of %d database connections for small feedback batches: %s",
+                        len(opened), connections, failures[0])
+        return len(opened)
 
     async def register(
         self,

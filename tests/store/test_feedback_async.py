@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from store.errors import Conflict, DatabaseUnavailable, InvalidInput, StoreError
 from store.feedback import NewComparison, comparisons_of, create_feedback_batch
@@ -96,17 +98,23 @@ def test_unknown_tasks_are_named_and_nothing_is_written(pg_db, pg_url):
         assert s.get(ComparisonTask, known).status == "open"
 
 
-def test_an_unreachable_database_is_unavailable_not_a_crash(pg_url):
-    import socket
-
-    from sqlalchemy.engine import make_url
-
-    with socket.socket() as sock:  # a port nothing listens on
+def unreachable(url: str) -> str:
+    """``url`` on a loopback port nothing listens on."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    down = make_url(pg_url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    return make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def test_an_unreachable_database_is_unavailable_not_a_crash(pg_url):
+    down = unreachable(pg_url)
     with pytest.raises(DatabaseUnavailable):
         run(lambda w: w.register(source="s", comparisons=TRICKY, idempotency_key=None, request_sha256="d" * 64), down)
+
+
+def test_warm_opens_the_pool_and_tolerates_a_database_that_is_down(pg_url):
+    assert run(lambda w: w.warm(3), pg_url) == 3
+    assert run(lambda w: w.warm(2), unreachable(pg_url)) == 0
 
 
 def test_dsn_of_a_sqlalchemy_url():
