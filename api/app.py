@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from api import errors
 from api.deps import KeyCache
+from api import dashboard
 from api.routes import admin, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
@@ -104,7 +105,7 @@ def create_app(
         return JSONResponse(body, status_code=200)
 
     app.add_middleware(ServerTiming)
-    for module in (admin, feedback, tasks, registry, operations):
+    for module in (admin, feedback, tasks, registry, operations, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app

@@ -394,7 +394,7 @@ def api(
     port: Annotated[int, typer.Option(help="port to bind")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
-    """Serve the REST API (and, later, the dashboard) with uvicorn.
+    """Serve the REST API and the operator dashboard (/dashboard) with uvicorn.
 
     POST /v1/cycles starts cycles as RATCHET_CYCLE_LAUNCHER says (a thread here on the
     embedded store, run_deployment of the weekly-cycle deployment otherwise), and

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from store.cycles import get_cycle
-from store.db import Database
+from store.status import cycle_summary
+
+__all__ = ["cycle_markdown", "cycle_summary"]
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -19,53 +20,6 @@ def _num(value: Any, digits: int = 3) -> str:
     if isinstance(value, (int, float)):
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
     return str(value)
-
-
-def cycle_summary(database: Database, cycle_id: int) -> dict[str, Any]:
-    """The cycle's headline numbers from its stage outputs (None where a stage has not finished)."""
-    with database.session() as session:
-        cycle = get_cycle(session, cycle_id)
-        stages = {run.stage: run for run in cycle.stages}
-        out: dict[str, Any] = {
-            "cycle_id": cycle.id,
-            "week": cycle.week,
-            "status": cycle.status,
-            "reason": cycle.reason,
-            "stages": {
-                name: {"status": run.status, "attempts": run.attempts, "compute_s": run.compute_s, "error": run.error}
-                for name, run in stages.items()
-            },
-        }
-        outputs = {name: dict(run.outputs) for name, run in stages.items() if run.status in ("succeeded", "skipped")}
-    pm = outputs.get("train_pm", {})
-    ppo = outputs.get("ppo", {})
-    metrics = outputs.get("evaluate", {}).get("metrics", {})
-    gate = outputs.get("gate", {})
-    deploy = outputs.get("deploy", {})
-    deployed = deploy.get("deployed") if deploy else None
-    gold_key = "eval/gold_candidate" if deployed else "eval/gold_baseline"
-    out.update(
-        {
-            "comparisons": outputs.get("snapshot", {}).get("rows"),
-            "new_comparisons": outputs.get("gather", {}).get("comparisons"),
-            "pm_version": pm.get("pm_version"),
-            "pm_accuracy": pm.get("heldout_accuracy"),
-            "test_pm_accuracy": pm.get("test_pm_heldout_accuracy"),
-            "policy_version": ppo.get("policy_version"),
-            "ppo_reward": ppo.get("reward"),
-            "kl": ppo.get("kl"),
-            "eval_kl": metrics.get("eval/kl"),
-            "win_rate": metrics.get("eval/win_rate_test_pm"),
-            "win_rate_train_pm": metrics.get("eval/win_rate_train_pm"),
-            "deployed": deployed,
-            "gate_reasons": gate.get("reasons"),
-            "gold_candidate": metrics.get("eval/gold_candidate"),
-            "gold_baseline": metrics.get("eval/gold_baseline"),
-            # the gold score of the policy deployed at the end of the cycle
-            "gold_score": metrics.get(gold_key) if deployed is not None else None,
-        }
-    )
-    return out
 
 
 def cycle_markdown(summary: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""A summary of what the store holds, for ``ratchet status`` and the health check."""
+"""Summaries of what the store holds: counts for ``ratchet status`` and the health check,
+a cycle's headline numbers for its report and the dashboard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from store.cycles import get_cycle
+from store.db import Database
 from store.deployments import active_deployment
 from store.models import (
     ApiKey,
@@ -45,3 +48,57 @@ def store_counts(session: Session) -> dict[str, Any]:
         else {"version": active.version, "policy_id": active.policy_id, "action": active.action}
     )
     return counts
+
+
+def cycle_summary(database: Database, cycle_id: int) -> dict[str, Any]:
+    """The cycle's headline numbers from its stage outputs (None where a stage has not finished)."""
+    with database.session() as session:
+        cycle = get_cycle(session, cycle_id)
+        stages = {run.stage: run for run in cycle.stages}
+        out: dict[str, Any] = {
+            "cycle_id": cycle.id,
+            "week": cycle.week,
+            "status": cycle.status,
+            "reason": cycle.reason,
+            "trigger": cycle.trigger,
+            "flow_run_id": cycle.flow_run_id,
+            "started_at": cycle.created_at,
+            "finished_at": cycle.finished_at,
+            "stages": {
+                name: {"status": run.status, "attempts": run.attempts, "compute_s": run.compute_s, "error": run.error}
+                for name, run in stages.items()
+            },
+        }
+        outputs = {name: dict(run.outputs) for name, run in stages.items() if run.status in ("succeeded", "skipped")}
+    pm = outputs.get("train_pm", {})
+    ppo = outputs.get("ppo", {})
+    metrics = outputs.get("evaluate", {}).get("metrics", {})
+    gate = outputs.get("gate", {})
+    deploy = outputs.get("deploy", {})
+    deployed = deploy.get("deployed") if deploy else None
+    gold_key = "eval/gold_candidate" if deployed else "eval/gold_baseline"
+    out.update(
+        {
+            "comparisons": outputs.get("snapshot", {}).get("rows"),
+            "new_comparisons": outputs.get("gather", {}).get("comparisons"),
+            "pm_version": pm.get("pm_version"),
+            "pm_accuracy": pm.get("heldout_accuracy"),
+            "pm_ece": pm.get("heldout_ece"),
+            "test_pm_accuracy": pm.get("test_pm_heldout_accuracy"),
+            "policy_version": ppo.get("policy_version"),
+            "ppo_reward": ppo.get("reward"),
+            "ppo_reward_test_pm": ppo.get("reward_test_pm"),
+            "kl": ppo.get("kl"),
+            "eval_kl": metrics.get("eval/kl"),
+            "win_rate": metrics.get("eval/win_rate_test_pm"),
+            "win_rate_train_pm": metrics.get("eval/win_rate_train_pm"),
+            "deployed": deployed,
+            "gate_reasons": gate.get("reasons"),
+            "required_win_rate": 0.5 + gate["thresholds"]["win_margin"] if gate.get("thresholds") else None,
+            "gold_candidate": metrics.get("eval/gold_candidate"),
+            "gold_baseline": metrics.get("eval/gold_baseline"),
+            # the gold score of the policy deployed at the end of the cycle
+            "gold_score": metrics.get(gold_key) if deployed is not None else None,
+        }
+    )
+    return out
