@@ -380,6 +380,7 @@ def main() -> int:
                         help="||resumed - whole|| / ||whole - initial|| that always counts as resumed "
                              "(more is allowed up to 3x the difference between two uninterrupted runs)")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="throughput repeats per side (default 2)")
     args = parser.parse_args()
     out_path = Path(os.environ["OUT"]) / "cuda_check.json" if os.environ.get("OUT") else None
     check = Check(out_path, args.budget_s)
@@ -416,7 +417,9 @@ def _main(args, check: Check) -> int:
         check.report["error"] = f"--require-cuda: --device {args.device} is {device} here (torch sees no CUDA device)"
         check.say(check.report["error"])
         return 1
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    if args.repeats is not None:
+        size["tp_repeats"] = args.repeats
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
