@@ -214,6 +214,26 @@ def test_no_server_error_and_every_answer_matches_the_schema(case, fuzz_target):
     case.call_and_validate(app=app, headers=dict(headers), checks=CHECKS)
 
 
+@pytest.fixture
+def copy_path_target(fuzz_target, pg_db, artifacts, api_settings) -> tuple:
+    """The same store and key, on an app that sends every batch the COPY way (the run above
+    registers small batches from the event loop, as a real server does)."""
+    app = create_app(api_settings.model_copy(update={"inline_batch_bytes": 0}), database=pg_db, artifacts=artifacts)
+    return app, fuzz_target[1]
+
+
+@schema.include(method="POST", path="/v1/feedback-batches").parametrize()
+@pytest.mark.parametrize("role", ["admin"])
+@settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+def test_the_copy_write_path_under_the_same_fuzzing(case, copy_path_target):
+    app, headers = copy_path_target
+    assert app.state.settings.inline_batch_bytes == 0
+    case.call_and_validate(app=app, headers=dict(headers), checks=CHECKS)
+
+
 # --- inputs that broke the app ------------------------------------------------------
 # Found by this run (bodies FastAPI cannot decode) or by probing next to what it found.
 # Kept as plain tests: a bounded run cannot promise to draw them again.
