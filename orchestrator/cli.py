@@ -155,6 +155,11 @@ def demo(
         if result["gold_score_final"] is not None and result["gold_score_initial"] is not None
         else f"wall time {result['wall_s']:.0f} s"
     )
+    env = "" if settings.database_url else f"RATCHET_HOME={(settings.home / 'demo').resolve()} "
+    console.print(
+        f"on the dashboard: {env}ratchet keys create --role operator --name me, then {env}ratchet api "
+        "and open http://127.0.0.1:8000/dashboard"
+    )
     if as_json:
         typer.echo(json_line(result))
     if any(row["status"] != "succeeded" for row in result["cycles"]) or len(result["cycles"]) < cycles:
