@@ -2,7 +2,9 @@
 
 One page, rendered on the server (Jinja2, charts as SVG by pygal, no
 JavaScript): the deployed policy and what it was made from; the last
-``weeks`` cycles with their stages, gate decisions and reasons; and the
+``weeks`` cycles with their stages, gate decisions and reasons, and each
+cycle's flow-run state in Prefect (asked with a 3 s timeout when
+PREFECT_API_URL is set; the page says so when Prefect does not answer); and the
 charts an operator reads a week by: PM held-out accuracy and calibration,
 PPO reward against sqrt(KL), the candidate's win rate against the gate's
 bar, PPO reward under the train PM and under the held-out test PM (their gap
@@ -17,11 +19,13 @@ script may send ``Authorization: Bearer`` instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import defaultdict
 from typing import Annotated, Any
 from urllib.parse import parse_qs
+from uuid import UUID
 
 import pygal
 from fastapi import APIRouter, Query, Request
@@ -40,8 +44,10 @@ from store.models import Cycle, FeedbackBatch, utcnow
 from store.status import cycle_summary
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
+log = logging.getLogger(__name__)
 
 COOKIE = "ratchet_dashboard_key"
+PREFECT_TIMEOUT_S = 3.0
 SESSION_S = 8 * 3600
 MAX_LOGIN_BYTES = 4096
 ROLE = "operator"
@@ -65,7 +71,39 @@ def dashboard_data(database: Database, *, weeks: int, target: str = "default") -
     cycles = [cycle_summary(database, cycle_id) for cycle_id in reversed(ids)]  # oldest first
     with database.session() as session:
         feedback = _feedback_by_cycle(session, cycles)
-    return {"cycles": cycles, "deployed": deployed, "feedback": feedback, "target": target, "weeks": weeks}
+    states = flow_run_states([c["flow_run_id"] for c in cycles if c["flow_run_id"]])
+    for c in cycles:
+        c["prefect_state"] = None if states is None else states.get(c["flow_run_id"])
+    return {"cycles": cycles, "deployed": deployed, "feedback": feedback, "target": target, "weeks": weeks,
+            "prefect": "unreachable" if states is None else ("asked" if states else "not asked")}
+
+
+def flow_run_states(flow_run_ids: list[str], *, timeout_s: float = PREFECT_TIMEOUT_S) -> dict[str, str] | None:
+    """Prefect's state name of each flow run, by id; {} when there is nothing to ask or no
+    Prefect API is configured (PREFECT_API_URL), None when Prefect did not answer in time."""
+    from prefect.settings import PREFECT_API_URL
+
+    wanted = []
+    for flow_run_id in flow_run_ids:
+        try:
+            wanted.append(UUID(flow_run_id))
+        except ValueError:
+            continue
+    if not wanted or not PREFECT_API_URL.value():
+        return {}
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    try:
+        # One try: a page waits for Prefect at most timeout_s, not through the client's retries.
+        with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}), \
+                get_client(httpx_settings={"timeout": timeout_s}, sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=wanted)), limit=len(wanted))
+    except Exception as exc:  # noqa: BLE001 - the page shows the store's view without Prefect's
+        log.warning("Prefect did not answer for %d flow run(s): %s", len(wanted), exc)
+        return None
+    return {str(run.id): run.state.name if run.state is not None else "unknown" for run in runs}
 
 
 def _deployed(session, target: str) -> dict[str, Any] | None:
