@@ -266,3 +266,20 @@ def calibration(
             ece += count / n * abs(mean_p - obs)
         bins.append(ReliabilityBin(lo=i / n_bins, hi=(i + 1) / n_bins, count=count, mean_predicted=mean_p, observed=obs))
     return (ece if n else math.nan), bins
+
+
+def pairwise_calibration(
+    p_first: Sequence[float], first_won: Sequence[float], n_bins: int = 10
+) -> tuple[float, list[ReliabilityBin]]:
+    """``calibration`` of pairwise preferences, each pair counted in both orders.
+
+    ``p_first[i]`` is the predicted probability that pair i's first response
+    wins and ``first_won[i]`` the label (a tie 0.5). Counting (p, y) and
+    (1 - p, 1 - y) makes the result independent of which response a dataset
+    lists first: HH-RLHF lists the chosen one first, so taken one way every
+    label would be 1 and a PM at 0.5 would show an ECE near 0.5 whatever its
+    calibration. Bin counts are twice the number of pairs.
+    """
+    return calibration(
+        [*p_first, *(1.0 - p for p in p_first)], [*first_won, *(1.0 - y for y in first_won)], n_bins=n_bins
+    )

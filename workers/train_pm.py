@@ -46,8 +46,8 @@ from workers.metrics import (
     finished_metrics,
     MetricsWriter,
     StepResult,
-    calibration,
     collect_result,
+    pairwise_calibration,
     write_json,
 )
 from workers.modeling import (
@@ -650,7 +650,8 @@ def evaluate(
 
     P(A preferred) = sigmoid(r_A - r_B). Accuracy counts decisive labels;
     log-loss is the Bradley-Terry loss (a tie's target is 1/2); calibration
-    bins P(A preferred) against the labelled outcome (a tie counts 1/2).
+    bins P(A preferred) against the labelled outcome (a tie counts 1/2), each
+    pair in both orders (``pairwise_calibration``).
     """
     if not items:
         return {"heldout/count": 0}
@@ -669,7 +670,7 @@ def evaluate(
     targets = torch.tensor([it.target for it in items])
     losses, stats = bradley_terry_loss(r_a, r_b, targets)
     probs = torch.sigmoid(r_a - r_b)
-    ece, bins = calibration(probs.tolist(), targets.tolist(), n_bins=n_bins)
+    ece, bins = pairwise_calibration(probs.tolist(), targets.tolist(), n_bins=n_bins)
     decisive = targets != 0.5
     correct = ((probs > 0.5) == (targets > 0.5)) & decisive
     by_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.metrics import calibration
+from workers.metrics import calibration, pairwise_calibration
 from workers.modeling import load_trunk
 from workers.pm import (
     PAD,
@@ -156,6 +156,21 @@ def test_calibration_by_hand():
     ece, bins = calibration([0.7, 0.7, 1.0], [1.0, 0.0, 1.0], n_bins=2)
     assert ece == pytest.approx(0.8 - 2 / 3)  # all in bin [0.5, 1]: mean predicted 0.8, observed 2/3
     assert bins[1].count == 3 and bins[1].mean_predicted == pytest.approx(0.8)
+
+
+def test_pairwise_calibration_does_not_depend_on_which_response_comes_first():
+    # HH-RLHF order: the chosen response first, so every label is 1. A PM that is right 6 times
+    # in 10 with P = 0.52 (and wrong with P = 0.48) is well calibrated within 0.08...
+    p = [0.52] * 6 + [0.48] * 4
+    ece, bins = pairwise_calibration(p, [1.0] * 10, n_bins=10)
+    # ...bin [0.5, 0.6): six (0.52, 1) and four (0.52, 0) -> observed 0.6; bin [0.4, 0.5) mirrors it
+    assert ece == pytest.approx(0.08)
+    assert bins[5].count == 10 and bins[5].observed == pytest.approx(0.6)
+    # taken one way only, the same PM would show 0.48 and 0.52 against an outcome of 1
+    assert calibration(p, [1.0] * 10)[0] == pytest.approx(0.5 - 0.02 * (6 - 4) / 10)
+    # listing the rejected response first changes nothing
+    flipped = pairwise_calibration([1 - x for x in p], [0.0] * 10, n_bins=10)
+    assert flipped[0] == pytest.approx(ece)
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_gpt2", "tiny_llama"])

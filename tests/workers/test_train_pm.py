@@ -48,7 +48,7 @@ def test_learns_a_synthetic_preference(trained_pm):
     assert m["heldout/log_loss"] < 0.4
     assert 0.0 <= m["heldout/ece"] <= 1.0
     bins = m["heldout/reliability"]
-    assert len(bins) == 10 and sum(b["count"] for b in bins) == m["heldout/count"]
+    assert len(bins) == 10 and sum(b["count"] for b in bins) == 2 * m["heldout/count"]  # each pair in both orders
     assert set(m["heldout/accuracy_by_source"]) == {"synthetic-even", "synthetic-odd"}
     assert sum(v["count"] for v in m["heldout/accuracy_by_source"].values()) == m["heldout/decisive"]
     # the loss went down over the run
