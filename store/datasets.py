@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactRef, ArtifactStore, register_artifact
 from store.errors import InvalidInput, NotFound
-from store.feedback import comparisons_of
+from store.feedback import agreement_of, comparisons_of
 from store.models import DATASET_KINDS, Dataset, FeedbackBatch, dataset_batches
 from store.versioning import create_version, get_named_version, get_row, list_rows
 
@@ -94,7 +94,8 @@ def snapshot_comparisons(
     if existing is not None:
         return existing, False
     lines = []
-    for comp in comparisons_of(session, [b.id for b in batches]):
+    comparisons = comparisons_of(session, [b.id for b in batches])
+    for comp in comparisons:
         record = {
             "batch_id": comp.batch_id,
             "prompt": comp.prompt,
@@ -117,7 +118,8 @@ def snapshot_comparisons(
         row_count=len(lines),
         artifact=ref,
         cycle_id=cycle_id,
-        metadata={"batch_count": len(batches)},
+        # A snapshot never changes, so its rater agreement is computed once, here.
+        metadata={"batch_count": len(batches), "agreement": agreement_of(comparisons)},
     )
     if created:
         session.execute(insert(dataset_batches), [{"dataset_id": dataset.id, "batch_id": b.id} for b in batches])

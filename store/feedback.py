@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -394,6 +394,11 @@ def count_comparisons(session: Session, *, since: datetime | None = None, cycle_
 
 
 def rater_agreement(session: Session, batch_ids: Sequence[int]) -> dict[str, float | int | None]:
+    """Agreement among raters who judged the same pair, over these batches (``agreement_of``)."""
+    return agreement_of(comparisons_of(session, batch_ids))
+
+
+def agreement_of(comparisons: Iterable[Comparison]) -> dict[str, float | int | None]:
     """Agreement among raters who judged the same (prompt, response pair).
 
     A pair counts when two or more raters judged it; responses are compared
@@ -401,7 +406,7 @@ def rater_agreement(session: Session, batch_ids: Sequence[int]) -> dict[str, flo
     the fraction of rater pairs on the same pair that gave the same verdict.
     """
     groups: dict[tuple[str, str, str], list[str]] = {}
-    for comp in comparisons_of(session, batch_ids):
+    for comp in comparisons:
         lo, hi = sorted((comp.response_a, comp.response_b))
         verdict = comp.choice
         if comp.response_a != lo and verdict != "tie":

@@ -46,7 +46,10 @@ def datasets(
 def dataset(dataset_id: IdPath, _: Labeler, session: SessionDep) -> Any:
     row = get_dataset(session, dataset_id)
     batch_ids = _batch_ids(session, row.id)
-    agreement = AgreementPublic(**rater_agreement(session, batch_ids)) if row.kind == "comparisons" else None
+    agreement = None
+    if row.kind == "comparisons":
+        # stored with the snapshot; computed here only for snapshots made before it was stored
+        agreement = AgreementPublic(**(row.meta.get("agreement") or rater_agreement(session, batch_ids)))
     return DatasetDetail(**DatasetPublic.model_validate(row).model_dump(), batch_ids=batch_ids, agreement=agreement)
 
 

@@ -4,10 +4,10 @@ import gzip
 import json
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
-from store.datasets import snapshot_comparisons
-from store.models import Comparison, FeedbackBatch
+from store.datasets import create_dataset, snapshot_comparisons
+from store.models import Comparison, FeedbackBatch, dataset_batches
 
 HH_SAMPLE = Path(__file__).parents[1] / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
 
@@ -117,6 +117,13 @@ def test_dataset_snapshot_exports_and_reports_agreement(client, keys, pg_db, art
         ds, _ = snapshot_comparisons(s, artifacts=artifacts)
     detail = client.get(f"/v1/datasets/{ds.id}", headers=keys.labeler).json()
     assert detail["row_count"] == 2 and len(detail["batch_ids"]) == 2
-    assert detail["agreement"] == {"pairs_with_multiple_raters": 1, "rater_pairs": 1, "agreement": 1.0}
+    expected = {"pairs_with_multiple_raters": 1, "rater_pairs": 1, "agreement": 1.0}
+    assert detail["agreement"] == expected
+    assert ds.meta["agreement"] == expected  # stored with the snapshot, not recomputed per read
+    with pg_db.session() as s:  # a snapshot made before agreement was stored with it
+        old, _ = create_dataset(s, name="older", kind="comparisons", content_sha256="0" * 64, row_count=2,
+                                metadata={"batch_count": 2})
+        s.execute(insert(dataset_batches), [{"dataset_id": old.id, "batch_id": b} for b in detail["batch_ids"]])
+    assert client.get(f"/v1/datasets/{old.id}", headers=keys.labeler).json()["agreement"] == expected
     exported = client.get(f"/v1/datasets/{ds.id}/export?format=trl", headers=keys.labeler)
     assert exported.text.count("\n") == 2
