@@ -201,14 +201,17 @@ def fuzz_target(pg_db, artifacts, api_settings, role) -> tuple:
     return app, bearer(token)
 
 
+FUZZ_SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+
+
 @schema.parametrize()
 # The key's role: admin reaches every operation. As a parameter it also gives each operation
 # its own test id (schemathesis 4.32's items share one under pytest 9.2 otherwise).
 @pytest.mark.parametrize("role", ["admin"])
-@settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
-)
+@FUZZ_SETTINGS
 def test_no_server_error_and_every_answer_matches_the_schema(case, fuzz_target):
     app, headers = fuzz_target
     case.call_and_validate(app=app, headers=dict(headers), checks=CHECKS)
@@ -224,10 +227,7 @@ def copy_path_target(fuzz_target, pg_db, artifacts, api_settings) -> tuple:
 
 @schema.include(method="POST", path="/v1/feedback-batches").parametrize()
 @pytest.mark.parametrize("role", ["admin"])
-@settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
-)
+@FUZZ_SETTINGS
 def test_the_copy_write_path_under_the_same_fuzzing(case, copy_path_target):
     app, headers = copy_path_target
     assert app.state.settings.inline_batch_bytes == 0
