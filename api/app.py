@@ -20,8 +20,7 @@ from fastapi.responses import JSONResponse
 
 from api import errors
 from api.deps import KeyCache
-from api import dashboard
-from api.routes import admin, feedback, operations, registry, tasks
+from api.routes import admin, dashboard, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
 from store.feedback import IdempotentReplay

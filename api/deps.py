@@ -102,6 +102,19 @@ def _lookup(database: Database, token: str) -> Caller | None:
         return None if key is None else Caller(id=key.id, name=key.name, role=key.role)
 
 
+async def caller_of(request: Request, token: str) -> Caller | None:
+    """The live key behind ``token`` (None for an unknown or revoked one), from the
+    app's key cache or the database."""
+    cache: KeyCache = request.app.state.key_cache
+    digest = hash_token(token)
+    caller = cache.get(digest)
+    if caller is None:
+        caller = await run_in_threadpool(_lookup, request.app.state.database, token)
+        if caller is not None:
+            cache.put(digest, caller)
+    return caller
+
+
 def require_role(role: str):
     """A dependency that admits keys of ``role`` or a higher one (labeler < operator < admin)."""
 
@@ -112,14 +125,9 @@ def require_role(role: str):
             raise HTTPException(
                 401, "missing API key: send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"}
             )
-        cache: KeyCache = request.app.state.key_cache
-        digest = hash_token(credentials.credentials)
-        caller = cache.get(digest)
+        caller = await caller_of(request, credentials.credentials)
         if caller is None:
-            caller = await run_in_threadpool(_lookup, request.app.state.database, credentials.credentials)
-            if caller is None:
-                raise HTTPException(401, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-            cache.put(digest, caller)
+            raise HTTPException(401, "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
         if ROLE_RANK[caller.role] < ROLE_RANK[role]:
             raise HTTPException(403, f"this needs the {role} role; key {caller.name!r} is a {caller.role}")
         return caller

@@ -23,7 +23,6 @@ weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time

@@ -25,7 +25,6 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time

@@ -10,18 +10,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from api.batches import parse_batch, parse_batch_streaming
 from api.deps import IdPath, DatabaseDep, Labeler, PagingDep, SessionDep, SettingsDep
-from api.errors import PayloadTooLarge, pydantic_field_errors, responses
+from api.errors import PayloadTooLarge, responses
 from api.formats import FormatError, JsonlImportParser, export_record
 from api.schemas.common import NO_NUL, LineagePublic, Page
 from api.schemas.feedback import (
     AgreementPublic,
     ExportFormat,
-    FeedbackBatchCreate,
     FeedbackBatchDetail,
     FeedbackBatchPublic,
     ImportResult,
@@ -31,7 +29,6 @@ from store.db import Database
 from store.errors import InvalidInput
 from store.feedback import (
     BatchWriter,
-    IdempotentReplay,
     NewComparison,
     comparison_problems,
     create_feedback_batch,

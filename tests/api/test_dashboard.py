@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.dashboard import COOKIE, charts, dashboard_data
+from api.routes.dashboard import COOKIE, charts, dashboard_data
 from store.cycles import finish_cycle, finish_stage, open_cycle, start_stage
 from store.datasets import snapshot_comparisons
 from store.deployments import deploy

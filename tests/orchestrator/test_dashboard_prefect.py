@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from api.dashboard import dashboard_data, flow_run_states
+from api.routes.dashboard import dashboard_data, flow_run_states
 from store.cycles import claim_cycle, open_cycle
 
 

@@ -34,11 +34,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
 
-from api.deps import ROLE_RANK, Caller, _lookup
+from api.deps import ROLE_RANK, Caller, caller_of
 from store.db import Database
 from store.deployments import active_deployment
 from store.feedback import rater_agreement
-from store.keys import hash_token
 from store.lineage import lineage_back
 from store.models import Cycle, FeedbackBatch, utcnow
 from store.status import cycle_summary
@@ -230,16 +229,7 @@ def charts(data: dict[str, Any]) -> dict[str, str]:
 async def _caller(request: Request) -> Caller | None:
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
-    if not token:
-        return None
-    cache = request.app.state.key_cache
-    digest = hash_token(token)
-    caller = cache.get(digest)
-    if caller is None:
-        caller = await run_in_threadpool(_lookup, request.app.state.database, token)
-        if caller is not None:
-            cache.put(digest, caller)
-    return caller
+    return await caller_of(request, token) if token else None
 
 
 def _page(name: str, status: int = 200, **context) -> HTMLResponse:
@@ -272,7 +262,7 @@ async def login_form() -> Response:
 async def login(request: Request) -> Response:
     body = await request.body()
     token = parse_qs(body[:MAX_LOGIN_BYTES].decode("utf-8", "replace")).get("token", [""])[0].strip()
-    caller = await run_in_threadpool(_lookup, request.app.state.database, token) if token else None
+    caller = await caller_of(request, token) if token else None
     if caller is None:
         return _page("login.html", 401, error="unknown or revoked API key")
     if ROLE_RANK[caller.role] < ROLE_RANK[ROLE]:
