@@ -106,18 +106,30 @@ class AsyncFeedbackWriter:
         pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=0, max_size=max_size, reset=_keep_session)
         return cls(pool)
 
-    async def close(self) -> None:
-        await self._pool.close()
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Close the pool: gracefully, or by terminating its connections after ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            log.warning("the small-batch pool did not close within %.0f s; terminating its connections", timeout_s)
+            self._pool.terminate()
 
     async def warm(self, connections: int = POOL_SIZE) -> int:
         """Open ``connections`` pooled connections now, so the first requests after a start do not
         each wait for one (16 at once took ~180 ms on 2 cores). Returns how many opened; a database
-        that cannot be reached is logged and left to the first request."""
-        results = await asyncio.gather(*(self._pool.acquire() for _ in range(connections)), return_exceptions=True)
-        opened = [c for c in results if not isinstance(c, BaseException)]
-        for conn in opened:
-            await self._pool.release(conn)
-        failures = [e for e in results if isinstance(e, BaseException)]
+        that cannot be reached is logged and left to the first request. Cancelling it (a server
+        that stops while it runs) releases whatever it acquired."""
+        pending = [asyncio.ensure_future(self._pool.acquire()) for _ in range(connections)]
+        try:
+            await asyncio.wait(pending)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            opened = [t.result() for t in pending if not t.cancelled() and t.exception() is None]
+            for conn in opened:
+                await self._pool.release(conn)
+        failures = [t.exception() for t in pending if not t.cancelled() and t.exception() is not None]
         if failures:
             log.warning("opened %d of %d database connections for small feedback batches: %s",
                         len(opened), connections, failures[0])

@@ -117,6 +117,24 @@ def test_warm_opens_the_pool_and_tolerates_a_database_that_is_down(pg_url):
     assert run(lambda w: w.warm(2), unreachable(pg_url)) == 0
 
 
+def test_a_server_stopping_while_the_pool_warms_closes_cleanly(pg_url):
+    # The app cancels warm() at shutdown; connections it had already acquired must go back to
+    # the pool, or closing the pool would wait for them forever.
+    async def stop_early(writer):
+        opened_some = False
+        for step in range(40):  # cancel at 0, 1, 2, ... ms: some connections are open, some still opening
+            warming = asyncio.create_task(writer.warm(4))
+            await asyncio.sleep(step / 1000)
+            warming.cancel()
+            await asyncio.gather(warming, return_exceptions=True)
+            opened_some |= writer._pool.get_size() > 0
+            assert writer._pool.get_idle_size() == writer._pool.get_size(), f"a connection stayed acquired ({step} ms)"
+        assert opened_some
+        await asyncio.wait_for(writer._pool.close(), 5)
+
+    run(stop_early, pg_url)
+
+
 def test_dsn_of_a_sqlalchemy_url():
     assert asyncpg_dsn("postgresql+psycopg2://u:p@h:5433/db?sslmode=require") == "postgresql://u:p@h:5433/db?sslmode=require"
     with pytest.raises(StoreError, match="needs PostgreSQL"):
