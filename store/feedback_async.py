@@ -34,6 +34,7 @@ from store.feedback import ContentHash, NewComparison, comparison_metadata_json,
 from store.models import utcnow
 
 POOL_SIZE = 16
+WARM_CONNECTIONS = 4
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,9 @@ class AsyncFeedbackWriter:
             log.warning("the small-batch pool did not close within %.0f s; terminating its connections", timeout_s)
             self._pool.terminate()
 
-    async def warm(self, connections: int = POOL_SIZE) -> int:
+    async def warm(self, connections: int = WARM_CONNECTIONS) -> int:
         """Open ``connections`` pooled connections now, so the first requests after a start do not
-        each wait for one (16 at once took ~180 ms on 2 cores). Returns how many opened; a database
+        all wait for one (16 at once took ~180 ms on 2 cores). Returns how many opened; a database
         that cannot be reached is logged and left to the first request. Cancelling it (a server
         that stops while it runs) releases whatever it acquired."""
         pending = [asyncio.ensure_future(self._pool.acquire()) for _ in range(connections)]

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     inline_batch_bytes: int = Field(default=256 * 1024, ge=0)
     """on PostgreSQL, feedback batches whose JSON body is at most this many bytes are written from the event loop in
     one statement (asyncpg); larger ones stream through COPY in a worker thread; 0 sends every batch the COPY way"""
+    inline_pool_size: int = Field(default=16, ge=1)
+    """most asyncpg connections each API process holds for small batches (PostgreSQL); 4 of them are opened at start-up"""
     auth_cache_s: float = Field(default=5.0, ge=0)
     """how long the API remembers an authenticated key; a revocation made elsewhere takes effect within it"""
     task_lease_s: int = Field(default=600, ge=1)

@@ -24,6 +24,17 @@ def test_the_write_path_is_the_one_asked_for(client, api_settings):
     assert (client.app.state.inline_writer is not None) == (api_settings.inline_batch_bytes > 0)
 
 
+def test_the_small_batch_pool_has_the_size_asked_for(pg_db, artifacts, tmp_path, keys):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(Settings(home=tmp_path, inline_pool_size=2), database=pg_db, artifacts=artifacts)
+    with TestClient(app) as c:
+        assert c.app.state.inline_writer._pool.get_max_size() == 2
+        assert c.post("/v1/feedback-batches", json=batch_body(2), headers=keys.labeler).status_code == 201
+
+
 def counts(db) -> tuple[int, int]:
     with db.session() as s:
         return (
