@@ -24,7 +24,7 @@ from api.routes import admin, dashboard, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
 from store.feedback import IdempotentReplay
-from store.feedback_async import WARM_CONNECTIONS, AsyncFeedbackWriter
+from store.feedback_async import AsyncFeedbackWriter
 from store.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def create_app(
         warming = None
         if database.engine.dialect.name == "postgresql" and settings.inline_batch_bytes > 0:
             app.state.inline_writer = await AsyncFeedbackWriter.open(database.url, max_size=settings.inline_pool_size)
-            warming = asyncio.create_task(app.state.inline_writer.warm(min(WARM_CONNECTIONS, settings.inline_pool_size)))
+            warming = asyncio.create_task(app.state.inline_writer.warm())
         try:
             yield
         finally:

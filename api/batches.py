@@ -57,7 +57,8 @@ class LazyComparisons(Sequence[ComparisonCreate]):
 
     Reading a slice validates it. An invalid chunk validates every record
     and raises one ``InvalidInput`` naming all the bad ones (by index in the
-    whole batch), so the caller's transaction rolls back with the full list. ``task_ids`` reads the task ids without validating.
+    whole batch), so the caller's transaction rolls back with the full list.
+    ``task_ids`` reads the task ids without validating.
     """
 
     def __init__(self, records: list[Any]):

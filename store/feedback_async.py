@@ -33,7 +33,6 @@ from store.errors import Conflict, DatabaseUnavailable, InvalidInput, StoreError
 from store.feedback import ContentHash, NewComparison, comparison_metadata_json, encode_rows, unknown_task_problems
 from store.models import utcnow
 
-POOL_SIZE = 16
 WARM_CONNECTIONS = 4
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ class AsyncFeedbackWriter:
         self._pool = pool
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int = POOL_SIZE) -> AsyncFeedbackWriter:
+    async def open(cls, url: str, *, max_size: int) -> AsyncFeedbackWriter:
         pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=0, max_size=max_size, reset=_keep_session)
         return cls(pool)
 
@@ -120,6 +119,7 @@ class AsyncFeedbackWriter:
         all wait for one (16 at once took ~180 ms on 2 cores). Returns how many opened; a database
         that cannot be reached is logged and left to the first request. Cancelling it (a server
         that stops while it runs) releases whatever it acquired."""
+        connections = min(connections, self._pool.get_max_size())
         pending = [asyncio.ensure_future(self._pool.acquire()) for _ in range(connections)]
         try:
             await asyncio.wait(pending)

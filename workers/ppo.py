@@ -43,7 +43,7 @@ from workers.modeling import check_model_dir, disable_dropout, load_causal_lm, l
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
 from workers.rl.losses import ppo_loss
-from workers.runtime import autocast, progress, resolve_device, resolve_dtype, set_threads
+from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads
 from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, entropy_of, pm_scores, response_logprobs
 from workers.sample import generate, row_seed, row_uniforms
 from workers.score import load_pm
@@ -188,8 +188,7 @@ class PPOConfig:
             raise ConfigError(f"eval_every ({self.eval_every}) must be >= 0 and needs eval_prompts_path")
         if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
             raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
-        if self.dtype.strip().lower() == "float16":
-            raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
+        check_training_dtype(self.dtype)
 
 
 class PolicyWithValue(nn.Module):

@@ -47,6 +47,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+def check_training_dtype(spec: str) -> None:
+    """Refuse float16 for a training step: without loss scaling its gradients underflow
+    (bfloat16 has float32's range; float32 weights are kept either way)."""
+    if spec.strip().lower() == "float16":
+        raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
+
+
 def set_threads(num_threads: int | None) -> None:
     """Limit torch's CPU threads (None leaves torch's default)."""
     if num_threads is not None:

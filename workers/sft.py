@@ -46,7 +46,7 @@ from workers.modeling import (
     save_model_dir,
 )
 from workers.pm import special_prefix
-from workers.runtime import autocast, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
 from workers.train_pm import DataOrder, lr_at
 
 STEP = "sft"
@@ -142,8 +142,7 @@ class SFTConfig:
             raise ConfigError(f"num_epochs ({self.num_epochs}) must be > 0")
         if self.max_length is not None and self.max_length < 4:
             raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
-        if self.dtype.strip().lower() == "float16":
-            raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
+        check_training_dtype(self.dtype)
 
 
 # -- data ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from workers.pm import (
     pack_pairs,
     pad_sequences,
 )
-from workers.runtime import autocast, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
 from workers.score import is_pm_dir, load_head, read_pm_spec, save_pm
 
 STEP = "train_pm"
@@ -213,8 +213,7 @@ class TrainPMConfig:
             raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
         if self.head_init_std is not None and not self.head_init_std > 0:
             raise ConfigError(f"head_init_std ({self.head_init_std}) must be > 0 or null")
-        if self.dtype.strip().lower() == "float16":
-            raise ConfigError("dtype (float16) is not supported for training; use bfloat16 or float32")
+        check_training_dtype(self.dtype)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation ({self.attn_implementation!r}) must be one of {ATTN_IMPLEMENTATIONS}")
 

@@ -232,6 +232,13 @@ async def _caller(request: Request) -> Caller | None:
     return await caller_of(request, token) if token else None
 
 
+def _refused(caller: Caller) -> HTMLResponse | None:
+    """The 403 page for a key below the dashboard's role, else None."""
+    if ROLE_RANK[caller.role] >= ROLE_RANK[ROLE]:
+        return None
+    return _page("login.html", 403, error=f"the dashboard needs an {ROLE} key; {caller.name!r} is a {caller.role}")
+
+
 def _page(name: str, status: int = 200, **context) -> HTMLResponse:
     return HTMLResponse(_templates.get_template(name).render(**context), status_code=status)
 
@@ -245,8 +252,8 @@ async def dashboard(
     caller = await _caller(request)
     if caller is None:
         return RedirectResponse("/dashboard/login", status_code=303)
-    if ROLE_RANK[caller.role] < ROLE_RANK[ROLE]:
-        return _page("login.html", 403, error=f"the dashboard needs an {ROLE} key; {caller.name!r} is a {caller.role}")
+    if (refused := _refused(caller)) is not None:
+        return refused
     data = await run_in_threadpool(dashboard_data, request.app.state.database, weeks=weeks, target=target)
     svgs = await run_in_threadpool(charts, data)
     prefect_ui = os.environ.get("PREFECT_UI_URL", "").rstrip("/")
@@ -265,8 +272,8 @@ async def login(request: Request) -> Response:
     caller = await caller_of(request, token) if token else None
     if caller is None:
         return _page("login.html", 401, error="unknown or revoked API key")
-    if ROLE_RANK[caller.role] < ROLE_RANK[ROLE]:
-        return _page("login.html", 403, error=f"the dashboard needs an {ROLE} key; {caller.name!r} is a {caller.role}")
+    if (refused := _refused(caller)) is not None:
+        return refused
     response = RedirectResponse("/dashboard", status_code=303)
     response.set_cookie(COOKIE, token, max_age=SESSION_S, path="/dashboard", httponly=True, samesite="strict",
                         secure=request.url.scheme == "https")
