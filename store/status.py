@@ -53,23 +53,27 @@ def store_counts(session: Session) -> dict[str, Any]:
 def cycle_summary(database: Database, cycle_id: int) -> dict[str, Any]:
     """The cycle's headline numbers from its stage outputs (None where a stage has not finished)."""
     with database.session() as session:
-        cycle = get_cycle(session, cycle_id)
-        stages = {run.stage: run for run in cycle.stages}
-        out: dict[str, Any] = {
-            "cycle_id": cycle.id,
-            "week": cycle.week,
-            "status": cycle.status,
-            "reason": cycle.reason,
-            "trigger": cycle.trigger,
-            "flow_run_id": cycle.flow_run_id,
-            "started_at": cycle.created_at,
-            "finished_at": cycle.finished_at,
-            "stages": {
-                name: {"status": run.status, "attempts": run.attempts, "compute_s": run.compute_s, "error": run.error}
-                for name, run in stages.items()
-            },
-        }
-        outputs = {name: dict(run.outputs) for name, run in stages.items() if run.status in ("succeeded", "skipped")}
+        return summarize_cycle(get_cycle(session, cycle_id))
+
+
+def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
+    """``cycle_summary`` of a loaded cycle (its stages are read; call inside its session)."""
+    stages = {run.stage: run for run in cycle.stages}
+    out: dict[str, Any] = {
+        "cycle_id": cycle.id,
+        "week": cycle.week,
+        "status": cycle.status,
+        "reason": cycle.reason,
+        "trigger": cycle.trigger,
+        "flow_run_id": cycle.flow_run_id,
+        "started_at": cycle.created_at,
+        "finished_at": cycle.finished_at,
+        "stages": {
+            name: {"status": run.status, "attempts": run.attempts, "compute_s": run.compute_s, "error": run.error}
+            for name, run in stages.items()
+        },
+    }
+    outputs = {name: dict(run.outputs) for name, run in stages.items() if run.status in ("succeeded", "skipped")}
     pm = outputs.get("train_pm", {})
     ppo = outputs.get("ppo", {})
     metrics = outputs.get("evaluate", {}).get("metrics", {})

@@ -33,6 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from api.deps import ROLE_RANK, Caller, caller_of
 from store.db import Database
@@ -40,7 +41,7 @@ from store.deployments import active_deployment
 from store.feedback import rater_agreement
 from store.lineage import lineage_back
 from store.models import Cycle, FeedbackBatch, utcnow
-from store.status import cycle_summary
+from store.status import summarize_cycle
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 log = logging.getLogger(__name__)
@@ -65,10 +66,11 @@ _style = pygal.style.Style(
 def dashboard_data(database: Database, *, weeks: int, target: str = "default") -> dict[str, Any]:
     """Everything the page shows, as plain values (the tests read this)."""
     with database.session() as session:
-        ids = list(session.scalars(select(Cycle.id).order_by(Cycle.id.desc()).limit(weeks)))
+        rows = session.scalars(
+            select(Cycle).options(selectinload(Cycle.stages)).order_by(Cycle.id.desc()).limit(weeks)
+        ).all()
+        cycles = [summarize_cycle(row) for row in reversed(rows)]  # oldest first
         deployed = _deployed(session, target)
-    cycles = [cycle_summary(database, cycle_id) for cycle_id in reversed(ids)]  # oldest first
-    with database.session() as session:
         feedback = _feedback_by_cycle(session, cycles)
     states = flow_run_states([c["flow_run_id"] for c in cycles if c["flow_run_id"]])
     for c in cycles:
