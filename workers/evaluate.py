@@ -7,6 +7,8 @@ numbers. Reported (what the deploy gate reads):
 
 - win rate of the candidate under the test PM and under the train PM (a tie
   counts half), and the implied Elo difference, 400 * log10(w / (1 - w));
+- for an ensemble train PM, the members' mean spread on each policy's
+  responses (a candidate far off the PM's data shows a larger spread);
 - mean score change under each PM (candidate minus baseline): reward hacking
   shows as the train PM's score rising while the test PM's falls;
 - mean KL(policy || reference) per response, for both policies (the k1
@@ -32,7 +34,15 @@ from workers.config import ConfigError, WorkerError, cli, save_config
 from workers.data import load_prompts
 from workers.metrics import StepResult, collect_result, write_json
 from workers.modeling import check_model_dir, load_causal_lm, load_tokenizer
-from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, pm_scores, response_logprobs
+from workers.rollout import (
+    Rollout,
+    causal_mask_4d,
+    check_same_vocabulary,
+    encode_prompts,
+    pm_member_scores,
+    pm_scores,
+    response_logprobs,
+)
 from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
 from workers.sample import generate, row_seed, row_uniforms
 from workers.score import load_pm
@@ -166,7 +176,7 @@ def run(cfg: EvaluateConfig) -> StepResult:
 
     rows = [(i, s) for i in range(len(prompts)) for s in range(cfg.num_samples)]
     collected: dict[str, dict[str, list]] = {
-        name: {"responses": [], "kl": [], "train": [], "test": []} for name in ("candidate", "baseline")
+        name: {"responses": [], "kl": [], "train": [], "spread": [], "test": []} for name in ("candidate", "baseline")
     }
     bar = progress(len(rows), desc="evaluate", enabled=cfg.progress, unit="prompt")
     for start in range(0, len(rows), cfg.batch_size):
@@ -180,13 +190,15 @@ def run(cfg: EvaluateConfig) -> StepResult:
             part = collected[name]
             part["responses"] += responses
             part["kl"].append(kl)
-            part["train"].append(pm_scores(train_pm, batch_prompts, responses, cfg.batch_size))
+            members = pm_member_scores(train_pm, batch_prompts, responses, cfg.batch_size)
+            part["train"].append(members.mean(0))
+            part["spread"].append(members.std(0, unbiased=False))
             part["test"].append(pm_scores(test_pm, batch_prompts, responses, cfg.batch_size))
         bar.update(len(chunk))
     bar.close()
 
     texts = {name: tokenizer.batch_decode(part["responses"], skip_special_tokens=True) for name, part in collected.items()}
-    scores = {name: {k: torch.cat(part[k]) for k in ("kl", "train", "test")} for name, part in collected.items()}
+    scores = {name: {k: torch.cat(part[k]) for k in ("kl", "train", "spread", "test")} for name, part in collected.items()}
     c, b = scores["candidate"], scores["baseline"]
     n = len(rows)
     w_test, w_train = win_rate(c["test"], b["test"]), win_rate(c["train"], b["train"])
@@ -199,6 +211,8 @@ def run(cfg: EvaluateConfig) -> StepResult:
         "eval/train_pm_delta": float((c["train"] - b["train"]).mean()),
         "eval/test_pm_candidate": float(c["test"].mean()),
         "eval/train_pm_candidate": float(c["train"].mean()),
+        "eval/train_pm_spread_candidate": float(c["spread"].mean()),
+        "eval/train_pm_spread_baseline": float(b["spread"].mean()),
         "eval/kl": float(c["kl"].mean()),
         "eval/kl_baseline": float(b["kl"].mean()),
         "eval/length_candidate": sum(len(r) for r in collected["candidate"]["responses"]) / n,

@@ -8,6 +8,11 @@ them with the PM at EOS, penalise every token by beta * KL(policy || reference)
 with GAE, then run several epochs of clipped-PPO mini-batch updates. The math
 lives in ``workers.rl``; this file is the loop, read top to bottom.
 
+With an ensemble PM (``workers.train_pm`` ``ensemble_size``) the reward is
+conservative: the members' mean minus ``ensemble_penalty`` times their
+standard deviation, so responses the members disagree on (where the PM has
+seen no data) pay less (Coste et al. 2023).
+
 The value function is a linear head on the policy's last hidden state
 (``value_model="head"``: one forward pass per mini-batch) or a separate critic
 trunk initialised from the PM's trunk (``value_model="critic"``, as TRL does).
@@ -44,7 +49,16 @@ from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
 from workers.rl.losses import ppo_loss
 from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads
-from workers.rollout import Rollout, causal_mask_4d, check_same_vocabulary, encode_prompts, entropy_of, pm_scores, response_logprobs
+from workers.rollout import (
+    Rollout,
+    causal_mask_4d,
+    check_same_vocabulary,
+    encode_prompts,
+    entropy_of,
+    pm_member_scores,
+    pm_scores,
+    response_logprobs,
+)
 from workers.sample import generate, row_seed, row_uniforms
 from workers.score import load_pm
 
@@ -107,6 +121,9 @@ class PPOConfig:
     """scale per-token rewards to unit variance before GAE"""
     missing_eos_penalty: float | None = None
     """subtracted from the PM score of a response that ran out of tokens before EOS"""
+    ensemble_penalty: float = 0.0
+    """lambda of the conservative reward for an ensemble PM: the members' mean score minus lambda times their
+    standard deviation (Coste et al. 2023, uncertainty-weighted optimisation; 0: the mean)"""
     value_model: str = "head"
     """head: a value head on the policy; critic: a separate trunk initialised from the PM's"""
     learning_rate: float = 1e-5
@@ -171,6 +188,8 @@ class PPOConfig:
             raise ConfigError(f"value_model ({self.value_model!r}) must be head or critic")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef ({self.kl_coef}) must be >= 0")
+        if self.ensemble_penalty < 0:
+            raise ConfigError(f"ensemble_penalty ({self.ensemble_penalty}) must be >= 0")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError(f"kl_target ({self.kl_target}) must be > 0 or null")
         if self.temperature <= 0:
@@ -401,9 +420,12 @@ def run(cfg: PPOConfig) -> StepResult:
                 ref_logits = reference(**ref_inputs).logits
             ref_logprobs = response_logprobs(ref_logits, rollout.query_responses, ctx, cfg.temperature)
             del ref_logits
-            scores = pm_scores(pm, batch_prompts, responses, cfg.pm_batch_size)
+            members = pm_member_scores(pm, batch_prompts, responses, cfg.pm_batch_size)  # [K, b]
+            scores = members.mean(0)
+            spread = members.std(0, unbiased=False)  # 0 for a single PM
             test_scores = pm_scores(test_pm, batch_prompts, responses, cfg.pm_batch_size) if test_pm else None
-            penalised = scores.clone()
+            # The conservative reward: where the members disagree, the policy is off the PM's data (Coste et al. 2023).
+            penalised = scores - cfg.ensemble_penalty * spread
             if cfg.missing_eos_penalty is not None:
                 penalised[~ended] -= cfg.missing_eos_penalty
 
@@ -456,6 +478,8 @@ def run(cfg: PPOConfig) -> StepResult:
         elapsed = time.perf_counter() - started
         last = {
             "ppo/reward": float(scores.mean()),
+            "ppo/reward_spread": float(spread.mean()),
+            "ppo/reward_conservative": float((scores - cfg.ensemble_penalty * spread).mean()),
             "ppo/kl": mean_kl,
             "ppo/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "ppo/kl_coef": beta,

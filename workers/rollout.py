@@ -13,7 +13,7 @@ from workers.config import WorkerError
 from workers.data import Prompt
 from workers.modeling import causal_mask_4d, load_tokenizer
 from workers.pm import pad_sequences, special_prefix
-from workers.score import LoadedPM
+from workers.score import LoadedPM, member_scores
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, max_prompt_tokens: int | None) -> list[list[int]]:
@@ -86,7 +86,15 @@ def check_same_vocabulary(policy_dir: str, other_dir: str, what: str) -> None:
 
 @torch.no_grad()
 def pm_scores(pm: LoadedPM, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
-    """The PM's score [b] of each (prompt tokens, response tokens), laid out as the PM was trained."""
+    """The PM's score [b] of each (prompt tokens, response tokens): an ensemble's is its members' mean."""
+    return pm_member_scores(pm, prompts, responses, batch_size).mean(0)
+
+
+@torch.no_grad()
+def pm_member_scores(
+    pm: LoadedPM, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch_size: int
+) -> torch.Tensor:
+    """Each member's score [members, b] of each (prompt tokens, response tokens), laid out as the PM was trained."""
     layout = pm.layout
     seqs = []
     for prompt, response in zip(prompts, responses):
@@ -99,7 +107,7 @@ def pm_scores(pm: LoadedPM, prompts: Sequence[Sequence[int]], responses: Sequenc
         seqs.append(fitted_prompt + fitted_response)
     out = []
     for start in range(0, len(seqs), batch_size):
-        out.append(pm.model.score_sequences(pad_sequences(seqs[start : start + batch_size], pad_id=layout.pad_id)))
-    return torch.cat(out).float().cpu()
+        out.append(member_scores(pm, pad_sequences(seqs[start : start + batch_size], pad_id=layout.pad_id)))
+    return torch.cat(out, dim=1).cpu()
 
 

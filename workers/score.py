@@ -9,7 +9,13 @@ its tokenizer, plus
   (``append_eos``, ``max_length``), the base model, and held-out metrics,
 - ``ratchet_step_config.json``: the config of the step that trained it.
 
-``load_pm`` + ``score`` is what the PPO and evaluate steps use.
+An ensemble PM (``TrainPMConfig.ensemble_size`` > 1) is its first member's
+directory with the other members in ``members/<i>/`` (each a PM directory
+itself), listed under ``members`` in ``ratchet_pm.json``: a reader that
+knows nothing of ensembles still finds an ordinary PM (member 0).
+
+``load_pm`` + ``score`` is what the PPO and evaluate steps use; an
+ensemble's score is its members' mean, ``member_scores`` gives each.
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ PM_FORMAT_VERSION = 1
 
 @dataclass
 class LoadedPM:
-    """A preference model ready to score: module, tokenizer, token layout and its spec."""
+    """A preference model (or an ensemble of them) ready to score: modules, tokenizer, token layout and its spec."""
 
-    model: PreferenceModel
-    """trunk + head, in eval mode"""
+    models: list[PreferenceModel]
+    """trunk + head of each member (one for a single PM), in eval mode"""
     tokenizer: PreTrainedTokenizerBase
     """the PM's tokenizer"""
     layout: TokenLayout
@@ -52,6 +58,16 @@ class LoadedPM:
     """the contents of ``ratchet_pm.json``"""
     path: Path
     """the directory it was loaded from"""
+
+    @property
+    def model(self) -> PreferenceModel:
+        """The first (for a single PM, the only) member."""
+        return self.models[0]
+
+    @property
+    def size(self) -> int:
+        """How many members score (1: a single PM)."""
+        return len(self.models)
 
 
 def is_pm_dir(path: str | os.PathLike) -> bool:
@@ -134,21 +150,31 @@ def save_pm(
 def load_pm(
     path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"
 ) -> LoadedPM:
-    """A PM directory as a ``LoadedPM`` in eval mode (``device``/``dtype`` as in step configs)."""
+    """A PM directory (single or ensemble) as a ``LoadedPM`` in eval mode (``device``/``dtype`` as in step configs)."""
     root = check_model_dir(path, what="preference model")
     spec = read_pm_spec(root)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    trunk = load_trunk(root, device=dev, dtype=dt, attn_implementation=attn_implementation)
-    head = load_head(root, hidden_size=trunk.config.hidden_size, device=dev, dtype=dt)
+    models = []
+    for member in [root] + [root / rel for rel in spec.get("members", [])]:
+        check_model_dir(member, what="preference model member")
+        trunk = load_trunk(member, device=dev, dtype=dt, attn_implementation=attn_implementation)
+        head = load_head(member, hidden_size=trunk.config.hidden_size, device=dev, dtype=dt)
+        models.append(PreferenceModel(trunk, head).eval())
     tokenizer = load_tokenizer(root)
     layout = TokenLayout(tokenizer, max_length=int(spec["max_length"]), append_eos=bool(spec["append_eos"]))
-    return LoadedPM(model=PreferenceModel(trunk, head).eval(), tokenizer=tokenizer, layout=layout, spec=spec, path=root)
+    return LoadedPM(models=models, tokenizer=tokenizer, layout=layout, spec=spec, path=root)
+
+
+@torch.no_grad()
+def member_scores(pm: LoadedPM, batch) -> torch.Tensor:
+    """Each member's score of a padded batch of sequences: shape [members, b], float32."""
+    return torch.stack([model.score_sequences(batch).float() for model in pm.models])
 
 
 @torch.no_grad()
 def score(pm: LoadedPM, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32) -> list[float]:
-    """The PM's score of each ``(prompt, response)`` pair, in input order.
+    """The PM's score of each ``(prompt, response)`` pair, in input order (an ensemble's: the members' mean).
 
     Texts are tokenized and truncated exactly as in training (``TokenLayout``);
     pairs are batched by length so little compute goes to padding.
@@ -169,7 +195,7 @@ def score(pm: LoadedPM, pairs: Sequence[tuple[str, str]], *, batch_size: int = 3
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = pad_sequences([seqs[i] for i in chunk], pad_id=layout.pad_id)
-        scores = pm.model.score_sequences(batch).tolist()
+        scores = member_scores(pm, batch).mean(0).tolist()
         for i, s in zip(chunk, scores):
             out[i] = s
     return out

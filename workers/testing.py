@@ -140,6 +140,8 @@ def build_tiny_model(
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
+            # GPT-2's tanh GELU as one fused kernel (the same formula as its "gelu_new", about half the time).
+            activation_function="gelu_pytorch_tanh",
             **special,
         )
         model_cls = GPT2LMHeadModel

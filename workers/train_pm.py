@@ -10,22 +10,41 @@ comparison's prompt; with ``two_pms`` the dataset first splits into two
 halves and a PM is trained on each: the "train PM" (``pm``) that PPO
 optimises against and the "test PM" (``test_pm``) the gate checks it with.
 
+Steady on small data (a few hundred comparisons a week):
+
+- ``select_by="val_loss"`` keeps the weights with the lowest validation
+  log-loss, evaluated every ``eval_every`` steps (default once per pass), so
+  more epochs cannot overfit past the best point; the validation comparisons
+  are a hashed share of the train split (``validation_fraction``), never the
+  held-out split, whose accuracy stays an unbiased report.
+- ``ensemble_size`` K > 1 makes the train PM an ensemble: K members with
+  their own seeds, each on a bootstrap resample of the train split and
+  selected on its out-of-bag comparisons. Its score is the members' mean; the
+  members' standard deviation is the spread that PPO's conservative reward
+  subtracts (Coste et al. 2023, "Reward Model Ensembles Help Mitigate
+  Overoptimization"). The test PM (``test_ensemble_size``) is trained on the
+  other half, disjoint from every member's data.
+
 Outputs under ``output_dir``:
 
-    pm/ (and test_pm/)          PM directories (see workers.score), loadable with load_pm
-    metrics.jsonl               one line per logged step, tagged with the PM's name
+    pm/ (and test_pm/)          PM directories (see workers.score), loadable with load_pm;
+                                an ensemble is member 0's directory with the others in members/<i>/
+    metrics.jsonl               one line per logged step, tagged with the PM (or member) name
     summary.json                final metrics and the config
     ratchet_step_config.json    this config
-    checkpoints/<pm>/step-*/    while training; removed once the PM directory is written
+    members/<pm>/<i>/           finished ensemble members, until the ensemble directory is written
+    checkpoints/<pm>/step-*/    while training (and best-*.safetensors, the best weights so far);
+                                removed once the PM directory is written
 
-A killed run resumes from its newest checkpoint and ends with the same
-weights as an uninterrupted one.
+A killed run resumes from its newest checkpoint (and the best weights it
+knew of) and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import time
 from collections import defaultdict
@@ -36,10 +55,11 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_model, save_model
 
 from workers.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from workers.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
-from workers.data import Comparison, load_comparisons, half_of, split_comparisons
+from workers.data import Comparison, half_of, is_heldout, load_comparisons, split_comparisons
 from workers.metrics import (
     SUMMARY_FILENAME,
     finished_metrics,
@@ -56,6 +76,8 @@ from workers.modeling import (
     disable_dropout,
     load_tokenizer,
     load_trunk,
+    replace_dir,
+    staging_dir,
 )
 from workers.pm import (
     PreferenceModel,
@@ -66,9 +88,11 @@ from workers.pm import (
     pad_sequences,
 )
 from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.score import is_pm_dir, load_head, read_pm_spec, save_pm
+from workers.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
 
 STEP = "train_pm"
+EVALUATIONS = 5
+"""validation evaluations per PM when eval_every is None (each costs a forward pass over the validation set)"""
 
 # Fields that may differ between a run and the run that resumes it.
 RUN_ONLY_FIELDS = {
@@ -105,6 +129,25 @@ class TrainPMConfig:
     """hash key of the train/held-out and half splits: the prompt (no prompt in both) or the whole comparison"""
     two_pms: bool = False
     """train two PMs on the two halves of the dataset: pm (the train PM) and test_pm (the test PM)"""
+    ensemble_size: int = 1
+    """members of the train PM (pm/): PMs from different seeds, each on its own bootstrap resample of the train
+    split; the PM's score is the members' mean and their standard deviation its spread (Coste et al. 2023)"""
+    test_ensemble_size: int = 1
+    """members of the test PM (test_pm/, with two_pms), trained the same way on the other half"""
+    bootstrap: bool = True
+    """members of an ensemble (size > 1) train on bootstrap resamples of the train split (False: each on the whole
+    split; only their seeds differ)"""
+    select_by: Literal["last", "val_loss"] = "val_loss"
+    """the weights a PM keeps: the last step's, or those with the lowest validation log-loss of the evaluations
+    made every eval_every steps (a small dataset overfits before its last step)"""
+    validation_fraction: float = 0.1
+    """share of the train split kept out of training to select by (val_loss, by hash of split_by); a bootstrap
+    member selects on its out-of-bag comparisons instead"""
+    eval_every: int | None = None
+    """optimizer steps between validation evaluations (None: once per pass over the training comparisons, and at
+    most EVALUATIONS times in a PM's run)"""
+    early_stop_patience: int | None = None
+    """stop a PM after this many validation evaluations without a new best (None: run every step)"""
     seed: int = 0
     """seed of the head init, data order and dropout (the second PM uses seed + 1)"""
     batch_size: int = 32
@@ -211,6 +254,19 @@ class TrainPMConfig:
             raise ConfigError(f"num_epochs ({self.num_epochs}) must be > 0")
         if self.max_length is not None and self.max_length < 4:
             raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
+        for name in ("ensemble_size", "test_ensemble_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction ({self.validation_fraction}) must be in [0, 1)")
+        for name in ("eval_every", "early_stop_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        if self.early_stop_patience is not None and self.select_by != "val_loss":
+            raise ConfigError(
+                f"early_stop_patience ({self.early_stop_patience}) needs select_by 'val_loss' (it is {self.select_by!r})"
+            )
         if self.head_init_std is not None and not self.head_init_std > 0:
             raise ConfigError(f"head_init_std ({self.head_init_std}) must be > 0 or null")
         check_training_dtype(self.dtype)
@@ -312,16 +368,6 @@ def lr_at(step: int, *, base: float, warmup: int, total: int, schedule: str) -> 
 # -- the step -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One PM to train."""
-
-    name: str
-    index: int
-    train: list[Comparison]
-    heldout: list[Comparison]
-
-
 def run(cfg: TrainPMConfig) -> StepResult:
     """Train the PM(s) described by ``cfg``; return checksums of the outputs and held-out metrics."""
     # 1. Setup: validate, resolve the machine, read the data.
@@ -353,25 +399,43 @@ def run(cfg: TrainPMConfig) -> StepResult:
     layout = TokenLayout(tokenizer, max_length=max_length, append_eos=cfg.append_eos)
     writer = MetricsWriter(out / "metrics.jsonl")
 
-    # 2. Train each PM (one, or the train/test pair), skipping those already written.
+    # 2. Train each PM (one, or the train/test pair) and each of its members, skipping what is already written.
     outputs: dict[str, Path] = {}
     metrics: dict[str, Any] = {}
-    for job in jobs:
-        pm_dir = out / job.name
-        if is_pm_dir(pm_dir) and read_pm_spec(pm_dir).get("run_config") == _comparable(cfg):
-            job_metrics = read_pm_spec(pm_dir)["metrics"]
+    check_packing = True
+    for name in dict.fromkeys(job.name for job in jobs):
+        pm_jobs = [job for job in jobs if job.name == name]
+        final = out / name
+        if _written(final, cfg):
+            pm_metrics = read_pm_spec(final)["metrics"]
         else:
-            job_metrics = _train_one(cfg, job, layout=layout, device=device, compute_dtype=compute_dtype, writer=writer)
-            if job_metrics is None:  # stopped early by max_steps_this_run
-                return collect_result(STEP, out, {}, {"stopped_in": job.name}, complete=False)
-        outputs[job.name] = pm_dir
-        prefix = "" if job.name == "pm" else f"{job.name}/"
-        metrics.update({f"{prefix}{k}": v for k, v in job_metrics.items()})
+            targets = [final] if len(pm_jobs) == 1 else [out / "members" / name / str(j.member) for j in pm_jobs]
+            for job, target in zip(pm_jobs, targets):
+                if _written(target, cfg):
+                    continue
+                trained = _train_one(cfg, job, target, layout=layout, device=device, compute_dtype=compute_dtype,
+                                     writer=writer, check_packing=check_packing)
+                check_packing = False
+                if trained is None:  # stopped early by max_steps_this_run
+                    return collect_result(STEP, out, {}, {"stopped_in": job.label}, complete=False)
+            if len(pm_jobs) == 1:
+                pm_metrics = read_pm_spec(final)["metrics"]
+            else:
+                pm_metrics = _ensemble(cfg, pm_jobs, targets, final, layout=layout, device=device,
+                                       compute_dtype=compute_dtype)
+        outputs[name] = final
+        prefix = "" if name == "pm" else f"{name}/"
+        metrics.update({f"{prefix}{k}": v for k, v in pm_metrics.items()})
 
     # 3. The summary marks the run finished; a re-run with the same config returns it.
     write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return collect_result(STEP, out, outputs, metrics)
+
+
+def _written(pm_dir: Path, cfg: TrainPMConfig) -> bool:
+    """Whether ``pm_dir`` holds a PM this config already trained (a re-run reuses it)."""
+    return is_pm_dir(pm_dir) and read_pm_spec(pm_dir).get("run_config") == _comparable(cfg)
 
 
 def _comparable(cfg: TrainPMConfig) -> dict[str, Any]:
@@ -387,8 +451,41 @@ def _finished_result(cfg: TrainPMConfig, out: Path) -> StepResult | None:
     return collect_result(STEP, out, {n: out / n for n in names}, metrics)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One PM to train: a whole PM, or one member of an ensemble PM."""
+
+    name: str
+    """the PM it belongs to: pm or test_pm"""
+    member: int
+    """its index in the ensemble (0 for a single PM)"""
+    members: int
+    """the ensemble's size (1: a single PM)"""
+    seed: int
+    """seed of its head, data order and dropout"""
+    train: list[Comparison]
+    """what it trains on (a bootstrap resample, with repeats, for an ensemble member)"""
+    validation: list[Comparison]
+    """what select_by val_loss selects on (out-of-bag or the validation split; empty with select_by last)"""
+    heldout: list[Comparison]
+    """the PM's held-out split (reported, never trained or selected on)"""
+    unique_train: int
+    """distinct comparisons in train"""
+
+    @property
+    def label(self) -> str:
+        """``pm``, or ``pm/member-2`` for a member of an ensemble: checkpoints, metrics lines, progress."""
+        return self.name if self.members == 1 else f"{self.name}/member-{self.member}"
+
+
 def _plan_jobs(cfg: TrainPMConfig, comps: list[Comparison], fixed_eval: list[Comparison] | None) -> list[_Job]:
-    """Which PMs to train on which comparisons; errors for splits that cannot train or evaluate."""
+    """Which PMs (and ensemble members) to train on which comparisons; errors for splits that cannot train or evaluate.
+
+    1. Split into halves (``two_pms``): the train PM's and the test PM's data never overlap.
+    2. Each half into train and held-out (by hash), or the fixed held-out set.
+    3. Each member: a bootstrap resample of the train split (ensembles), selecting on its out-of-bag
+       comparisons; otherwise the whole train split less a validation share (``select_by`` val_loss).
+    """
     halves = [comps]
     names = ["pm"]
     if cfg.two_pms:
@@ -417,8 +514,49 @@ def _plan_jobs(cfg: TrainPMConfig, comps: list[Comparison], fixed_eval: list[Com
                 f"{cfg.heldout_fraction} selected none; add data, raise heldout_fraction, set it to 0 to train "
                 "without evaluation, or give eval_dataset_path"
             )
-        jobs.append(_Job(name=name, index=index, train=train, heldout=heldout))
+        size = cfg.ensemble_size if name == "pm" else cfg.test_ensemble_size
+        for member in range(size):
+            # Member 0 keeps the seed a single PM had (the test PM: seed + 1); later members step far from it.
+            seed = cfg.seed + index + 1000 * member
+            member_train, validation = _member_data(cfg, train, name=name, index=index, member=member, size=size)
+            if not member_train:
+                raise WorkerError(
+                    f"no training comparisons left{where} after validation_fraction {cfg.validation_fraction} "
+                    f"took all {len(train)}; add data or lower validation_fraction"
+                )
+            if cfg.select_by == "val_loss" and not validation:
+                raise WorkerError(
+                    f"select_by val_loss has no validation comparisons{where}: {len(train)} training comparison(s) "
+                    f"and validation_fraction {cfg.validation_fraction} selected none; add data, raise "
+                    "validation_fraction, or use select_by last"
+                )
+            if all(c.choice == "tie" for c in member_train):
+                raise WorkerError(f"the training comparisons of {name} member {member} are all ties")
+            jobs.append(_Job(
+                name=name, member=member, members=size, seed=seed, train=member_train, validation=validation,
+                heldout=heldout, unique_train=len({id(c) for c in member_train}),
+            ))
     return jobs
+
+
+def _member_data(
+    cfg: TrainPMConfig, train: list[Comparison], *, name: str, index: int, member: int, size: int
+) -> tuple[list[Comparison], list[Comparison]]:
+    """(what a PM or member trains on, what it selects on)."""
+    if size > 1 and cfg.bootstrap:
+        # A resample of the train split with replacement, seeded by (seed, PM, member); the comparisons it
+        # never drew (about 37%) are its out-of-bag validation set.
+        draws = np.random.default_rng([cfg.seed, index, member, 7919]).integers(0, len(train), size=len(train))
+        drawn = set(draws.tolist())
+        out_of_bag = [c for i, c in enumerate(train) if i not in drawn]
+        return [train[i] for i in draws], out_of_bag if cfg.select_by == "val_loss" else []
+    if cfg.select_by != "val_loss":
+        return list(train), []
+    kept, validation = [], []
+    for comp in train:
+        selected = is_heldout(comp, fraction=cfg.validation_fraction, split_by=cfg.split_by, salt="validation")
+        (validation if selected else kept).append(comp)
+    return kept, validation
 
 
 def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> PreferenceModel:
@@ -464,33 +602,42 @@ def _forward(pm: PreferenceModel, items: Sequence[EncodedPair], *, pair_mode: st
 def _train_one(
     cfg: TrainPMConfig,
     job: _Job,
+    target: Path,
     *,
     layout: TokenLayout,
     device: torch.device,
     compute_dtype: torch.dtype,
     writer: MetricsWriter,
+    check_packing: bool = True,
 ) -> dict[str, Any] | None:
-    """Train, evaluate and save one PM; None when stopped early by max_steps_this_run."""
+    """Train, select, evaluate and save one PM (or member) at ``target``; None when stopped by max_steps_this_run.
+
+    ``check_packing`` checks the packed layout on the model first (once per run: it depends on the
+    architecture and the attention kernel, not on the weights)."""
     out = Path(cfg.output_dir)
-    seed = cfg.seed + job.index
+    seed = job.seed
 
     # 1. Tokenize; derived sizes, computed once.
     train, train_stats = encode(job.train, layout, truncation=cfg.truncation)
+    validation, _ = encode(job.validation, layout, truncation=cfg.truncation)
     heldout, heldout_stats = encode(job.heldout, layout, truncation=cfg.truncation)
     if not train:
         raise WorkerError(
-            f"every training comparison for {job.name} is longer than max_length ({layout.max_length}) and "
+            f"every training comparison for {job.label} is longer than max_length ({layout.max_length}) and "
             "truncation=drop dropped it; raise max_length or use truncation=left"
         )
     if all(it.target == 0.5 for it in train):
-        raise WorkerError(f"the training comparisons for {job.name} left after truncation are all ties")
+        raise WorkerError(f"the training comparisons for {job.label} left after truncation are all ties")
+    if cfg.select_by == "val_loss" and not validation:
+        raise WorkerError(f"every validation comparison for {job.label} was dropped by truncation=drop")
     micro = cfg.micro_batch_size or cfg.batch_size
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train) / cfg.batch_size))
+    eval_every = cfg.eval_every or max(math.ceil(len(train) / cfg.batch_size), math.ceil(total_steps / EVALUATIONS))
     order = DataOrder(len(train), seed=seed)
 
     # 2. Model and optimizer; the packed layout is checked on this very model.
     pm = _build_pm(cfg, seed=seed, device=device)
-    if cfg.pair_mode == "packed":
+    if cfg.pair_mode == "packed" and check_packing:
         probe = [i for i in range(len(layout.tokenizer)) if i not in layout.tokenizer.all_special_ids][:10]
         try:
             check_pair_packing(pm, token_ids=probe, atol=1e-3 if compute_dtype == torch.float32 else 5e-2)
@@ -500,9 +647,10 @@ def _train_one(
     optimizer = _optimizer(cfg, pm)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    # 3. Resume from the newest checkpoint, or start clean.
-    ckpt_root = out / "checkpoints" / job.name
+    # 3. Resume from the newest checkpoint (with the best weights it knew of), or start clean.
+    ckpt_root = out / "checkpoints" / job.label
     start_step = 0
+    best = Best()
     latest = latest_checkpoint(ckpt_root) if cfg.resume else None
     if not cfg.resume:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -516,21 +664,25 @@ def _train_one(
             )
         state = load_checkpoint(latest, model=pm, optimizer=optimizer)
         start_step = state["step"]
-        writer.rewind(after_step=start_step, where={"pm": job.name})
+        best = Best(**state.get("best", {}))
+        writer.rewind(after_step=start_step, where={"pm": job.label})
     else:
-        writer.clear(where={"pm": job.name})
+        writer.clear(where={"pm": job.label})
         seed_everything(seed)
 
-    # 4. The loop: one optimizer step per batch of comparisons.
+    # 4. The loop: one optimizer step per batch of comparisons; validation every eval_every steps.
     targets_all = torch.tensor([it.target for it in train])
-    bar = progress(total_steps, desc=f"train_pm {job.name}", enabled=cfg.progress, initial=start_step)
+    bar = progress(total_steps, desc=f"train_pm {job.label}", enabled=cfg.progress, initial=start_step)
     train_seconds = train_cpu_seconds = 0.0
     comparisons = real_tokens = padded_tokens = 0
     loss_value = float("nan")
     steps_this_run = 0
+    last_step = start_step
     for step in range(start_step, total_steps):
+        if best.stale >= (cfg.early_stop_patience or math.inf):
+            break  # early stop: no new best in early_stop_patience evaluations
         if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            _checkpoint(cfg, job, step, pm, optimizer)
+            _checkpoint(cfg, job, step, pm, optimizer, best)
             bar.close()
             return None
         t0, c0 = time.perf_counter(), time.process_time()
@@ -565,11 +717,25 @@ def _train_one(
         steps_this_run += 1
         loss_value = sums["loss"] / cfg.batch_size
 
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
+        done = last_step = step + 1
+        record = {}
+        if cfg.select_by == "val_loss" and (done % eval_every == 0 or done == total_steps):
+            # Validation log-loss; a new best is written beside the checkpoints so a resumed run still has it.
+            val = heldout_metrics(*score_pairs(pm, validation, layout=layout, batch_size=cfg.eval_batch_size,
+                                               pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype),
+                                  validation, n_bins=cfg.calibration_bins)
+            record = {"val/loss": val["heldout/log_loss"], "val/accuracy": val["heldout/accuracy"]}
+            if val["heldout/log_loss"] < best.loss:
+                best = Best(step=done, loss=val["heldout/log_loss"], stale=0)
+                ckpt_root.mkdir(parents=True, exist_ok=True)
+                save_model(pm, str(_best_path(ckpt_root, done)))
+                _drop_best_files(ckpt_root, keep={done, _checkpointed_best(ckpt_root)})
+            else:
+                best = Best(step=best.step, loss=best.loss, stale=best.stale + 1)
+        if done % cfg.log_every == 0 or done == total_steps or record:
             writer.log(
                 {
-                    "pm": job.name,
+                    "pm": job.label,
                     "step": done,
                     "losses/bt": loss_value,
                     "train/accuracy": sums["correct"] / sums["decisive"] if sums["decisive"] else None,
@@ -579,22 +745,33 @@ def _train_one(
                     "optim/grad_norm": float(grad_norm),
                     "data/epoch": order.epoch_of(done, cfg.batch_size),
                     "perf/comparisons_per_s": comparisons / train_seconds,
+                    **record,
                 }
             )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-            _checkpoint(cfg, job, done, pm, optimizer)
+            _checkpoint(cfg, job, done, pm, optimizer, best)
     bar.close()
 
-    # 5. Held-out evaluation, then the PM directory (the durable output).
-    results = evaluate(pm, heldout, layout=layout, batch_size=cfg.eval_batch_size, n_bins=cfg.calibration_bins,
-                       pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype)
+    # 5. The selected weights, held-out evaluation, then the PM directory (the durable output).
+    if cfg.select_by == "val_loss" and best.step:
+        load_model(pm, str(_best_path(ckpt_root, best.step)), device=str(device))
+    results = heldout_metrics(
+        *score_pairs(pm, heldout, layout=layout, batch_size=cfg.eval_batch_size, pair_mode=cfg.pair_mode,
+                     device=device, compute_dtype=compute_dtype),
+        heldout, n_bins=cfg.calibration_bins,
+    )
     results.update(
         {
             "train/loss_last": loss_value,
             "train/steps": total_steps,
+            "train/steps_run": last_step,
+            "train/selected_step": best.step if cfg.select_by == "val_loss" else last_step,
+            "train/best_val_loss": best.loss if cfg.select_by == "val_loss" else None,
             "data/train_comparisons": len(train),
+            "data/unique_train_comparisons": job.unique_train,
+            "data/validation_comparisons": len(validation),
             "data/heldout_comparisons": len(heldout),
             "data/truncated_prompts": train_stats.truncated_prompts + heldout_stats.truncated_prompts,
             "data/truncated_responses": train_stats.truncated_responses + heldout_stats.truncated_responses,
@@ -615,44 +792,70 @@ def _train_one(
         "metrics": results,
         "run_config": _comparable(cfg),
     }
+    if job.members > 1:
+        spec["member"] = job.member
     pm.eval()
-    save_pm(pm, layout.tokenizer, out / job.name, spec=spec, config=cfg, step=STEP)
+    save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return results
 
 
-def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer) -> None:
+@dataclass(frozen=True)
+class Best:
+    """The best validation evaluation so far (select_by val_loss)."""
+
+    step: int = 0
+    """the step its weights are from (0: none yet)"""
+    loss: float = math.inf
+    """its validation log-loss"""
+    stale: int = 0
+    """evaluations since, without a new best (early stopping counts these)"""
+
+
+def _best_path(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"best-{step:08d}.safetensors"
+
+
+def _checkpointed_best(ckpt_root: Path) -> int | None:
+    """The best step the newest checkpoint recorded (its weights file must survive)."""
+    latest = latest_checkpoint(ckpt_root)
+    return read_checkpoint_state(latest).get("best", {}).get("step") if latest is not None else None
+
+
+def _drop_best_files(ckpt_root: Path, *, keep: set[int | None]) -> None:
+    for path in ckpt_root.glob("best-*.safetensors"):
+        if int(path.stem.split("-")[1]) not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer, best: Best) -> None:
+    root = Path(cfg.output_dir) / "checkpoints" / job.label
     save_checkpoint(
-        Path(cfg.output_dir) / "checkpoints" / job.name,
+        root,
         step,
         model=pm,
         optimizer=optimizer,
-        state={"config": to_dict(cfg), "pm": job.name, "data_position": step * cfg.batch_size},
+        state={"config": to_dict(cfg), "pm": job.label, "data_position": step * cfg.batch_size,
+               "best": dataclasses.asdict(best)},
         keep=cfg.keep_checkpoints,
     )
+    _drop_best_files(root, keep={best.step})
 
 
 @torch.no_grad()
-def evaluate(
+def score_pairs(
     pm: PreferenceModel,
     items: Sequence[EncodedPair],
     *,
     layout: TokenLayout,
     batch_size: int,
-    n_bins: int = 10,
     pair_mode: str = "packed",
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Held-out accuracy, log-loss, ECE, reliability bins and per-source accuracy.
-
-    P(A preferred) = sigmoid(r_A - r_B). Accuracy counts decisive labels;
-    log-loss is the Bradley-Terry loss (a tie's target is 1/2); calibration
-    bins P(A preferred) against the labelled outcome (a tie counts 1/2), each
-    pair in both orders (``pairwise_calibration``).
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_A, r_B) of every comparison, float32 on the CPU, the PM in eval mode meanwhile."""
     if not items:
-        return {"heldout/count": 0}
+        return torch.zeros(0), torch.zeros(0)
     was_training = pm.training
     pm.eval()
     r_a_all, r_b_all = [], []
@@ -663,8 +866,19 @@ def evaluate(
         r_a_all.append(r_a.float().cpu())
         r_b_all.append(r_b.float().cpu())
     pm.train(was_training)
-    r_a = torch.cat(r_a_all)
-    r_b = torch.cat(r_b_all)
+    return torch.cat(r_a_all), torch.cat(r_b_all)
+
+
+def heldout_metrics(r_a: torch.Tensor, r_b: torch.Tensor, items: Sequence[EncodedPair], *, n_bins: int = 10) -> dict[str, Any]:
+    """Held-out accuracy, log-loss, ECE, reliability bins and per-source accuracy of scores (r_A, r_B).
+
+    P(A preferred) = sigmoid(r_A - r_B). Accuracy counts decisive labels;
+    log-loss is the Bradley-Terry loss (a tie's target is 1/2); calibration
+    bins P(A preferred) against the labelled outcome (a tie counts 1/2), each
+    pair in both orders (``pairwise_calibration``).
+    """
+    if not items:
+        return {"heldout/count": 0}
     targets = torch.tensor([it.target for it in items])
     losses, stats = bradley_terry_loss(r_a, r_b, targets)
     probs = torch.sigmoid(r_a - r_b)
@@ -688,6 +902,89 @@ def evaluate(
         "heldout/reward_mean": rewards.mean().item(),
         "heldout/reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
     }
+
+
+def evaluate(
+    pm: PreferenceModel,
+    items: Sequence[EncodedPair],
+    *,
+    layout: TokenLayout,
+    batch_size: int,
+    n_bins: int = 10,
+    pair_mode: str = "packed",
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """``heldout_metrics`` of one PM on ``items``."""
+    r_a, r_b = score_pairs(pm, items, layout=layout, batch_size=batch_size, pair_mode=pair_mode, device=device,
+                           compute_dtype=compute_dtype)
+    return heldout_metrics(r_a, r_b, items, n_bins=n_bins)
+
+
+def _ensemble(
+    cfg: TrainPMConfig,
+    jobs: list[_Job],
+    member_dirs: list[Path],
+    final: Path,
+    *,
+    layout: TokenLayout,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Score the held-out split with every member, then write the ensemble PM directory at ``final``.
+
+    The directory is member 0's PM directory with the others under
+    ``members/<i>/`` and listed in ``ratchet_pm.json``; its metrics are the
+    ensemble's (the members' mean score), with the spread of the members.
+    """
+    heldout, _ = encode(jobs[0].heldout, layout, truncation=cfg.truncation)
+    scores_a, scores_b = [], []
+    for path in member_dirs:
+        member = _load_member(path, device=device)
+        r_a, r_b = score_pairs(member, heldout, layout=layout, batch_size=cfg.eval_batch_size,
+                               pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype)
+        scores_a.append(r_a)
+        scores_b.append(r_b)
+        del member
+    r_a, r_b = torch.stack(scores_a), torch.stack(scores_b)  # [K, n]
+    results = heldout_metrics(r_a.mean(0), r_b.mean(0), heldout, n_bins=cfg.calibration_bins)
+    member_metrics = [read_pm_spec(path)["metrics"] for path in member_dirs]
+    accuracies = [m["heldout/accuracy"] for m in member_metrics if m.get("heldout/accuracy") is not None]
+    results.update({
+        "ensemble/size": len(member_dirs),
+        "ensemble/heldout_spread": float(torch.cat([r_a, r_b], dim=1).std(0).mean()) if heldout else None,
+        "ensemble/member_accuracy_min": min(accuracies) if accuracies else None,
+        "ensemble/member_accuracy_max": max(accuracies) if accuracies else None,
+        "ensemble/member_log_loss": [m.get("heldout/log_loss") for m in member_metrics],
+        "train/steps": sum(m["train/steps_run"] for m in member_metrics),
+        "data/train_comparisons": sum(m["data/unique_train_comparisons"] for m in member_metrics) / len(member_metrics),
+        "data/heldout_comparisons": len(heldout),
+        "perf/train_seconds": sum(m.get("perf/train_seconds") or 0.0 for m in member_metrics),
+    })
+    tmp = staging_dir(final)
+    try:
+        shutil.copytree(member_dirs[0], tmp, copy_function=os.link, dirs_exist_ok=True)
+        for i, path in enumerate(member_dirs[1:], start=1):
+            shutil.copytree(path, tmp / "members" / str(i), copy_function=os.link)
+        spec = read_pm_spec(tmp)
+        spec.update({"metrics": results, "members": [f"members/{i}" for i in range(1, len(member_dirs))],
+                     "member_metrics": member_metrics})
+        spec.pop("member", None)
+        write_json(tmp / PM_SPEC_FILENAME, spec)  # atomic: a new file, so member 0's own spec is untouched
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(member_dirs[0].parent, ignore_errors=True)
+    if not any(member_dirs[0].parent.parent.iterdir()):
+        member_dirs[0].parent.parent.rmdir()  # members/ held only this PM's
+    return results
+
+
+def _load_member(path: Path, *, device: torch.device) -> PreferenceModel:
+    trunk = load_trunk(path, device=device, dtype=torch.float32)
+    head = load_head(path, hidden_size=trunk.config.hidden_size, device=device, dtype=torch.float32)
+    return PreferenceModel(trunk, head).eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

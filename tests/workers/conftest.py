@@ -72,3 +72,16 @@ def trained_pm(tmp_path_factory, tiny_gpt2, synthetic_path):
         progress=False,
     )
     return cfg, run(cfg)
+
+
+@pytest.fixture(scope="session")
+def ensemble_pm(tmp_path_factory, tiny_gpt2, synthetic_path) -> Path:
+    """A 2-member ensemble PM directory, briefly trained on the synthetic preference."""
+    from workers.train_pm import TrainPMConfig, run
+
+    cfg = TrainPMConfig(
+        model_path=str(tiny_gpt2), dataset_path=str(synthetic_path), output_dir=str(tmp_path_factory.mktemp("runs") / "ens"),
+        heldout_fraction=0.2, batch_size=16, learning_rate=3e-3, max_steps=6, max_length=64, ensemble_size=2,
+        progress=False,
+    )
+    return Path(run(cfg).outputs["pm"])

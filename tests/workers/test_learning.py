@@ -81,6 +81,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     pms = train_pm(TrainPMConfig(
         model_path=p0, dataset_path=str(data), output_dir=str(root / "pm"), two_pms=True, batch_size=32,
         learning_rate=3e-3, num_epochs=2, max_length=96, progress=False,
+        select_by="last",  # the paper's PM: all its comparisons, a fixed number of epochs
     ))
     return {"p0": Path(p0), "train": train, "eval": held_out, "pm": Path(pms.outputs["pm"]),
             "test_pm": Path(pms.outputs["test_pm"]), "pm_metrics": pms.metrics, "root": root}

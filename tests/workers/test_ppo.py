@@ -60,6 +60,36 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny_gpt2
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_an_ensemble_pm_gives_a_conservative_reward_mean_minus_lambda_spread(tmp_path, tiny_gpt2, ensemble_pm, trained_pm,
+                                                                            prompts_path):
+    from workers.modeling import load_tokenizer
+    from workers.rollout import pm_member_scores, pm_scores
+    from workers.score import load_pm
+
+    pm = load_pm(ensemble_pm, device="cpu")
+    ids = load_tokenizer(ensemble_pm)([" hello", " hi there"], add_special_tokens=False)["input_ids"]
+    members = pm_member_scores(pm, ids, ids, batch_size=1)
+    assert members.shape == (2, 2) and torch.allclose(pm_scores(pm, ids, ids, batch_size=2), members.mean(0))
+    runs = {}
+    for lam in (0.0, 1.0, 5.0):
+        cfg = ppo_config(tmp_path / str(lam), tiny_gpt2, str(ensemble_pm), prompts_path, total_episodes=8,
+                         ensemble_penalty=lam)
+        runs[lam] = run(cfg)
+        m = runs[lam].metrics
+        assert m["ppo/reward_spread"] > 0
+        assert m["ppo/reward_conservative"] == pytest.approx(m["ppo/reward"] - lam * m["ppo/reward_spread"], abs=1e-5)
+    # the same samples (same seed), but the penalty changes the rewards PPO learns from, so the weights differ
+    assert runs[0.0].metrics["ppo/reward"] == pytest.approx(runs[5.0].metrics["ppo/reward"])
+    w0 = load_file(str(Path(runs[0.0].outputs["policy"]) / "model.safetensors"))
+    w5 = load_file(str(Path(runs[5.0].outputs["policy"]) / "model.safetensors"))
+    assert any(not torch.equal(w0[k], w5[k]) for k in w0)
+    single = run(ppo_config(tmp_path / "single", tiny_gpt2, trained_pm[1].outputs["pm"], prompts_path, total_episodes=8,
+                            ensemble_penalty=1.0))
+    assert single.metrics["ppo/reward_spread"] == 0.0
+    with pytest.raises(ConfigError, match=r"ensemble_penalty \(-1.0\) must be >= 0"):
+        ppo_config(tmp_path, tiny_gpt2, str(ensemble_pm), prompts_path, ensemble_penalty=-1.0).validate()
+
+
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
 def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tmp_path, tiny_gpt2, trained_pm, prompts_path, lora_r):
     # At PPO's learning rates an update is far below bfloat16's resolution: weights held in

@@ -15,7 +15,7 @@ from tests.workers.builders import comparison, synthetic_preferences, write_json
 from workers.config import ConfigError, WorkerError
 from workers.metrics import read_metrics, sha256_file
 from workers.modeling import load_tokenizer
-from workers.data import load_comparisons
+from workers.data import is_heldout, load_comparisons, split_comparisons
 from workers.pm import TokenLayout, pack_pairs
 from workers.score import load_pm, score
 from workers.train_pm import TrainPMConfig, _build_pm, encode, evaluate, run
@@ -147,13 +147,92 @@ def test_two_pms_train_on_disjoint_halves(tmp_path, tiny_gpt2, synthetic_path):
     result = run(_config(tiny_gpt2, synthetic_path, tmp_path / "two", two_pms=True, max_steps=3))
     assert set(result.outputs) == {"pm", "test_pm"}
     m = result.metrics
-    total = m["data/train_comparisons"] + m["data/heldout_comparisons"]
-    total += m["test_pm/data/train_comparisons"] + m["test_pm/data/heldout_comparisons"]
+    split = ("data/train_comparisons", "data/validation_comparisons", "data/heldout_comparisons")
+    total = sum(m[k] for k in split) + sum(m[f"test_pm/{k}"] for k in split)
     assert total == 400
-    assert 150 < m["data/train_comparisons"] + m["data/heldout_comparisons"] < 250
+    assert 150 < sum(m[k] for k in split) < 250
     assert "test_pm/heldout/accuracy" in m and "test_pm/heldout/ece" in m
     assert json.loads((tmp_path / "two/test_pm/ratchet_pm.json").read_text())["name"] == "test_pm"
     assert {r["pm"] for r in read_metrics(tmp_path / "two/metrics.jsonl")} == {"pm", "test_pm"}
+
+
+def test_selection_keeps_the_weights_of_the_lowest_validation_loss(tmp_path, tiny_gpt2, synthetic_path):
+    # a learning rate high enough to overshoot: the last step is not the best one
+    cfg = _config(tiny_gpt2, synthetic_path, tmp_path / "sel", max_steps=16, eval_every=2, learning_rate=3e-2,
+                  lr_schedule="constant", validation_fraction=0.2)
+    result = run(cfg)
+    m = result.metrics
+    evals = [(r["step"], r["val/loss"]) for r in read_metrics(tmp_path / "sel/metrics.jsonl") if "val/loss" in r]
+    assert [step for step, _ in evals] == list(range(2, 17, 2))
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert (m["train/selected_step"], m["train/best_val_loss"]) == (best_step, pytest.approx(best_loss))
+    assert m["train/steps_run"] == 16 and m["data/validation_comparisons"] > 20
+    # the saved PM is the selected one: its validation loss is the best one, recomputed from the directory
+    pm = load_pm(result.outputs["pm"], device="cpu")
+    comps = load_comparisons(synthetic_path)
+    train, _ = split_comparisons(comps, fraction=0.2, split_by="prompt")
+    validation = [c for c in train if is_heldout(c, fraction=0.2, split_by="prompt", salt="validation")]
+    items, _ = encode(validation, pm.layout, truncation="left")
+    again = evaluate(pm.model, items, layout=pm.layout, batch_size=32, device=torch.device("cpu"))
+    assert again["heldout/log_loss"] == pytest.approx(best_loss, abs=1e-4)
+    # "last" keeps the final step's weights, which differ from the selected ones
+    last = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "last"), select_by="last"))
+    assert last.metrics["train/selected_step"] == 16
+    a, b = _weights(tmp_path / "last/pm"), _weights(tmp_path / "sel/pm")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_ends_a_pm_after_evaluations_without_a_new_best(tmp_path, tiny_gpt2, synthetic_path):
+    result = run(_config(tiny_gpt2, synthetic_path, tmp_path / "es", max_steps=60, eval_every=2, learning_rate=3e-2,
+                         lr_schedule="constant", early_stop_patience=2))
+    m = result.metrics
+    assert m["train/steps_run"] < 60 and m["train/steps_run"] == m["train/selected_step"] + 2 * 2
+    with pytest.raises(ConfigError, match=r"early_stop_patience \(2\) needs select_by 'val_loss'"):
+        run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", select_by="last", early_stop_patience=2))
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory, tiny_gpt2, synthetic_path):
+    """(config, result) of a two-PM run whose train PM is a 3-member ensemble."""
+    cfg = _config(tiny_gpt2, synthetic_path, tmp_path_factory.mktemp("ens") / "run", two_pms=True, ensemble_size=3,
+                  max_steps=8, learning_rate=3e-3)
+    return cfg, run(cfg)
+
+
+def test_an_ensemble_pm_is_its_first_member_plus_the_others_and_scores_their_mean(ensemble):
+    cfg, result = ensemble
+    pm_dir = Path(result.outputs["pm"])
+    spec = json.loads((pm_dir / "ratchet_pm.json").read_text())
+    assert spec["members"] == ["members/1", "members/2"] and len(spec["member_metrics"]) == 3
+    assert not (Path(cfg.output_dir) / "members").exists()  # moved into the ensemble directory
+    ensemble_pm, single = load_pm(pm_dir, device="cpu"), load_pm(result.outputs["test_pm"], device="cpu")
+    assert (ensemble_pm.size, single.size) == (3, 1)
+    members = [dataclasses.replace(ensemble_pm, models=[model]) for model in ensemble_pm.models]
+    alone = load_pm(pm_dir / "members/2", device="cpu")  # each member is a PM directory of its own
+    pairs = [(c.prompt, c.response_a) for c in load_comparisons(cfg.dataset_path)[:6]]
+    assert score(alone, pairs) == pytest.approx(score(members[2], pairs), abs=1e-6)
+    each = torch.tensor([score(m, pairs) for m in members])  # [3, 6]
+    assert torch.allclose(torch.tensor(score(ensemble_pm, pairs)), each.mean(0), atol=1e-5)
+    assert each.std(0).min() > 0  # different seeds and resamples: the members disagree a little
+    m = result.metrics
+    assert m["ensemble/size"] == 3 and m["ensemble/heldout_spread"] > 0
+    assert m["ensemble/member_accuracy_min"] <= m["heldout/accuracy"] + 0.2
+    # bootstrap resamples: each member saw about 63% of the distinct training comparisons, and selected on the rest
+    for member in spec["member_metrics"]:
+        assert 0.5 < member["data/unique_train_comparisons"] / member["data/train_comparisons"] < 0.75
+        assert member["data/validation_comparisons"] == member["data/train_comparisons"] - member["data/unique_train_comparisons"]
+    assert "ensemble/size" not in {k.removeprefix("test_pm/") for k in m if k.startswith("test_pm/")}
+
+
+def test_a_killed_ensemble_run_resumes_to_the_same_members(tmp_path, ensemble):
+    cfg, result = ensemble
+    killed = dataclasses.replace(cfg, output_dir=str(tmp_path / "killed"), max_steps_this_run=5)
+    while not (last := run(killed)).complete:  # stops in member 0, then member 1, ... and resumes each
+        pass
+    for rel in (".", "members/1", "members/2"):
+        a, b = _weights(Path(result.outputs["pm"]) / rel), _weights(tmp_path / "killed/pm" / rel)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5, rel
+    assert last.metrics["heldout/log_loss"] == pytest.approx(result.metrics["heldout/log_loss"], abs=1e-5)
 
 
 def test_warm_start_from_an_earlier_pm(tmp_path, trained_pm, tiny_gpt2, synthetic_path):
@@ -170,7 +249,7 @@ def test_warm_start_from_an_earlier_pm(tmp_path, trained_pm, tiny_gpt2, syntheti
 def test_hh_rlhf_sample_end_to_end(tmp_path, tiny_gpt2, hh_path):
     result = run(_config(tiny_gpt2, hh_path, tmp_path / "hh", max_steps=3, batch_size=4, max_length=256, heldout_fraction=0.25))
     m = result.metrics
-    assert m["data/train_comparisons"] + m["data/heldout_comparisons"] == 160
+    assert m["data/train_comparisons"] + m["data/validation_comparisons"] + m["data/heldout_comparisons"] == 160
     assert m["heldout/count"] > 20 and 0.0 <= m["heldout/accuracy"] <= 1.0
     assert 0.0 <= m["heldout/ece"] <= 1.0 and len(m["heldout/reliability"]) == 10
     assert m["heldout/accuracy_by_source"]["hh-harmless-base"]["count"] == m["heldout/count"]
@@ -240,6 +319,10 @@ def test_config_validation_names_the_values(tmp_path, tiny_gpt2, synthetic_path)
         run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", max_length=4096))
     with pytest.raises(ConfigError, match=r"heldout_fraction \(1.5\) must be in \[0, 1\)"):
         run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", heldout_fraction=1.5))
+    with pytest.raises(ConfigError, match=r"ensemble_size \(0\) must be >= 1"):
+        run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", ensemble_size=0))
+    with pytest.raises(WorkerError, match=r"select_by val_loss has no validation comparisons"):
+        run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", validation_fraction=0.0))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"device \('cuda'\) asks for CUDA, but torch sees no CUDA device"):
             run(_config(tiny_gpt2, synthetic_path, tmp_path / "o", device="cuda"))
