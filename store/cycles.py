@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from store.errors import Conflict, NotFound
 from store.models import Cycle, StageRun, utcnow
+from store.tasks import close_tasks
 from store.versioning import get_row, list_rows
 
 
@@ -53,11 +54,19 @@ def list_cycles(session: Session, *, limit: int = 50, after_id: int | None = Non
 
 
 def finish_cycle(session: Session, *, cycle_id: int, status: str, reason: str | None = None) -> Cycle:
-    """Mark a running cycle succeeded, failed or cancelled."""
+    """Mark a running cycle succeeded, failed or cancelled.
+
+    A cycle that is done for good (succeeded or cancelled) closes its open
+    comparison tasks in the same transaction, so no labeler is handed a stale
+    one; a failed cycle's tasks stay open (a re-run resumes it) but are not
+    leased while it is not running.
+    """
     cycle = get_cycle(session, cycle_id)
     if cycle.status != "running":
         raise Conflict(f"cycle {cycle.week} is already {cycle.status}")
     cycle.status, cycle.reason, cycle.finished_at = status, reason, utcnow()
+    if status in ("succeeded", "cancelled"):
+        close_tasks(session, cycle_id=cycle_id)
     return cycle
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from store.artifacts import ArtifactRef, ArtifactStore, register_artifact
 from store.errors import InvalidInput, NotFound
 from store.feedback import agreement_of, comparisons_of
-from store.models import DATASET_KINDS, Dataset, FeedbackBatch, dataset_batches
+from store.models import DATASET_KINDS, Comparison, ComparisonTask, Dataset, FeedbackBatch, dataset_batches
 from store.versioning import create_version, get_named_version, get_row, list_rows
 
 
@@ -56,12 +56,42 @@ def create_dataset(
     return dataset, True
 
 
-def snapshot_sha256(batches: Sequence[FeedbackBatch]) -> str:
-    """The content address of a set of batches: order-free, content-based."""
+def snapshot_sha256(batches: Sequence[FeedbackBatch], excluded: dict[int, list[int]] | None = None) -> str:
+    """The content address of a set of batches (less the ``excluded`` positions of some): order-free, content-based."""
+    excluded = excluded or {}
+    lines = []
+    for b in batches:
+        line = b.content_sha256
+        if excluded.get(b.id):
+            line += " -" + ",".join(str(p) for p in sorted(excluded[b.id]))
+        lines.append(line)
     digest = hashlib.sha256()
-    for sha in sorted(b.content_sha256 for b in batches):
-        digest.update(sha.encode() + b"\n")
+    for line in sorted(lines):
+        digest.update(line.encode() + b"\n")
     return digest.hexdigest()
+
+
+def excluded_eval_positions(
+    session: Session, batch_ids: Sequence[int], *, include_eval: bool, cycle_id: int | None
+) -> dict[int, list[int]]:
+    """batch id -> positions of its comparisons that answer eval tasks and so stay out of a training snapshot.
+
+    Answers to a cycle's own eval tasks never train that cycle's PMs; with
+    ``include_eval`` those of other cycles may.
+    """
+    query = (
+        select(Comparison.batch_id, Comparison.position)
+        .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .where(Comparison.batch_id.in_(list(batch_ids)), ComparisonTask.kind == "eval")
+    )
+    if include_eval:
+        if cycle_id is None:
+            return {}
+        query = query.where(ComparisonTask.cycle_id == cycle_id)
+    out: dict[int, list[int]] = {}
+    for batch_id, position in session.execute(query):
+        out.setdefault(batch_id, []).append(position)
+    return out
 
 
 def snapshot_comparisons(
@@ -71,14 +101,20 @@ def snapshot_comparisons(
     name: str = "comparisons",
     batch_ids: Sequence[int] | None = None,
     cycle_id: int | None = None,
+    include_eval: bool = False,
 ) -> tuple[Dataset, bool]:
-    """Snapshot feedback batches (all of them by default) into a comparisons dataset.
+    """Snapshot feedback batches (all of them by default) into a comparisons dataset for training PMs.
 
-    The snapshot is content-addressed: the same set of batches gives the same
-    sha256 and the same version, not a new one. Its artifact is a JSONL file
-    (one comparison a line, batch and position order) at a content-addressed
-    key, so a crash between writing the file and committing the row is
-    repaired by simply running the snapshot again.
+    Answers to eval tasks (the blinded human A/B evaluations of candidates)
+    are left out: always those of ``cycle_id``'s own evaluation, and those of
+    other cycles unless ``include_eval``. A batch left with nothing is not part
+    of the snapshot; the positions left out of a batch are part of its address.
+
+    The snapshot is content-addressed: the same set of comparisons gives the
+    same sha256 and the same version, not a new one. Its artifact is a JSONL
+    file (one comparison a line, batch and position order) at a
+    content-addressed key, so a crash between writing the file and committing
+    the row is repaired by simply running the snapshot again.
     """
     query = select(FeedbackBatch).order_by(FeedbackBatch.id)
     if batch_ids is not None:
@@ -87,14 +123,19 @@ def snapshot_comparisons(
     if batch_ids is not None and len(batches) != len(set(batch_ids)):
         missing = sorted(set(batch_ids) - {b.id for b in batches})
         raise NotFound(f"feedback batches {missing} do not exist")
+    excluded = excluded_eval_positions(session, [b.id for b in batches], include_eval=include_eval, cycle_id=cycle_id)
+    batches = [b for b in batches if len(excluded.get(b.id, ())) < b.comparison_count]
     if not batches:
         raise InvalidInput("there are no feedback batches to snapshot")
-    sha = snapshot_sha256(batches)
+    sha = snapshot_sha256(batches, excluded)
     existing = session.scalar(select(Dataset).where(Dataset.name == name, Dataset.content_sha256 == sha))
     if existing is not None:
         return existing, False
     lines = []
-    comparisons = comparisons_of(session, [b.id for b in batches])
+    comparisons = [
+        comp for comp in comparisons_of(session, [b.id for b in batches])
+        if comp.position not in excluded.get(comp.batch_id, ())
+    ]
     for comp in comparisons:
         record = {
             "batch_id": comp.batch_id,
@@ -119,7 +160,11 @@ def snapshot_comparisons(
         artifact=ref,
         cycle_id=cycle_id,
         # A snapshot never changes, so its rater agreement is computed once, here.
-        metadata={"batch_count": len(batches), "agreement": agreement_of(comparisons)},
+        metadata={
+            "batch_count": len(batches),
+            "agreement": agreement_of(comparisons),
+            "excluded_eval_comparisons": sum(len(v) for v in excluded.values()),
+        },
     )
     if created:
         session.execute(insert(dataset_batches), [{"dataset_id": dataset.id, "batch_id": b.id} for b in batches])

@@ -382,14 +382,34 @@ def comparisons_of(session: Session, batch_ids: Sequence[int]) -> list[Compariso
     )
 
 
-def count_comparisons(session: Session, *, since: datetime | None = None, cycle_id: int | None = None) -> int:
-    """How many comparisons were registered (optionally since a time or for a cycle)."""
+def count_comparisons(
+    session: Session, *, since: datetime | None = None, cycle_id: int | None = None, training_only: bool = False
+) -> int:
+    """How many comparisons were registered (optionally since a time or for a cycle).
+
+    ``training_only`` leaves out answers to eval tasks (the human A/B
+    evaluations of candidates), which no training snapshot takes by default.
+    """
     query = select(func.coalesce(func.sum(FeedbackBatch.comparison_count), 0))
     if since is not None:
         query = query.where(FeedbackBatch.created_at >= since)
     if cycle_id is not None:
         query = query.where(FeedbackBatch.cycle_id == cycle_id)
-    return int(session.scalar(query))
+    total = int(session.scalar(query))
+    if not training_only or total == 0:
+        return total
+    evals = (
+        select(func.count())
+        .select_from(Comparison)
+        .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .join(FeedbackBatch, FeedbackBatch.id == Comparison.batch_id)
+        .where(ComparisonTask.kind == "eval")
+    )
+    if since is not None:
+        evals = evals.where(FeedbackBatch.created_at >= since)
+    if cycle_id is not None:
+        evals = evals.where(FeedbackBatch.cycle_id == cycle_id)
+    return total - int(session.scalar(evals))
 
 
 def rater_agreement(session: Session, batch_ids: Sequence[int]) -> dict[str, float | int | None]:

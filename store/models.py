@@ -45,7 +45,8 @@ ROLES = ("labeler", "operator", "admin")
 PM_ROLES = ("train", "test")
 CYCLE_STATUSES = ("running", "succeeded", "failed", "cancelled")
 STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
-TASK_STATUSES = ("open", "done")
+TASK_STATUSES = ("open", "done", "closed")
+TASK_KINDS = ("train", "eval")
 DEPLOY_ACTIONS = ("deploy", "rollback")
 
 
@@ -196,14 +197,20 @@ class Comparison(VersionRow, Base):
 
 
 class ComparisonTask(Base):
-    """A pair of responses waiting for a labeler; leased out, then done.
+    """A pair of responses waiting for a labeler; leased out, then done (answered) or closed (its cycle ended).
 
-    Tasks are work items, not versions: their lease and status change.
+    Tasks are work items, not versions: their lease and status change. A
+    ``train`` task pairs samples of the deployed policy (its answers train the
+    PMs); an ``eval`` task pairs the cycle's candidate with the deployed policy
+    on a held-out prompt, in an order only the server knows (``candidate_side``),
+    for the human A/B evaluation before the gate.
     """
 
     __tablename__ = "comparison_tasks"
     __table_args__ = (
         CheckConstraint(_check_in("status", TASK_STATUSES), name="status"),
+        CheckConstraint(_check_in("kind", TASK_KINDS), name="kind"),
+        CheckConstraint("candidate_side IS NULL OR candidate_side IN ('a', 'b')", name="candidate_side"),
         Index("ix_comparison_tasks_open", "cycle_id", "status", "leased_until"),
     )
 
@@ -215,6 +222,9 @@ class ComparisonTask(Base):
     response_a: Mapped[str] = mapped_column(Text)
     response_b: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    kind: Mapped[str] = mapped_column(String(10), default="train", server_default="train")
+    candidate_side: Mapped[str | None] = mapped_column(String(1))
+    """eval tasks: which response (a or b) is the candidate's; never shown to labelers"""
     status: Mapped[str] = mapped_column(String(10), default="open")
     leased_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
     leased_until: Mapped[datetime | None]

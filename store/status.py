@@ -78,6 +78,9 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
     ppo = outputs.get("ppo", {})
     metrics = outputs.get("evaluate", {}).get("metrics", {})
     gate = outputs.get("gate", {})
+    human = outputs.get("human_eval", {})
+    measures = gate.get("measures", {})
+    sample = outputs.get("sample", {})
     deploy = outputs.get("deploy", {})
     deployed = deploy.get("deployed") if deploy else None
     gold_key = "eval/gold_candidate" if deployed else "eval/gold_baseline"
@@ -85,6 +88,10 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
         {
             "comparisons": outputs.get("snapshot", {}).get("rows"),
             "new_comparisons": outputs.get("gather", {}).get("comparisons"),
+            "gather_outcome": outputs.get("gather", {}).get("outcome"),
+            "tasks": sample.get("tasks"),
+            "top_up_rounds": sample.get("top_up_rounds"),
+            "halt": next((o["halt"] for o in outputs.values() if o.get("halt")), None),
             "pm_version": pm.get("pm_version"),
             "pm_accuracy": pm.get("heldout_accuracy"),
             "pm_ece": pm.get("heldout_ece"),
@@ -92,10 +99,23 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
             "policy_version": ppo.get("policy_version"),
             "ppo_reward": ppo.get("reward"),
             "ppo_reward_test_pm": ppo.get("reward_test_pm"),
+            "ppo_reward_spread": ppo.get("reward_spread"),
+            "pm_ensemble_size": pm.get("ensemble_size"),
+            "pm_ensemble_spread": pm.get("ensemble_spread"),
             "kl": ppo.get("kl"),
             "eval_kl": metrics.get("eval/kl"),
             "win_rate": metrics.get("eval/win_rate_test_pm"),
             "win_rate_train_pm": metrics.get("eval/win_rate_train_pm"),
+            "human_eval": "off" if human.get("enabled") is False else ("on" if human else None),
+            "human_answers": human.get("answers"),
+            "human_win_rate": human.get("win_rate"),
+            "human_lower_bound": measures.get("human_lower_bound"),
+            "human_bar": measures.get("human_bar"),
+            "elo_candidate": human.get("elo_candidate"),
+            "elo_baseline": human.get("elo_baseline"),
+            "elo": human.get("elo"),
+            # the Elo of the policy deployed at the end of the cycle (P0 = 0), as of this cycle's evaluation
+            "elo_deployed": human.get("elo_candidate") if deployed else human.get("elo_baseline"),
             "deployed": deployed,
             "gate_reasons": gate.get("reasons"),
             "required_win_rate": 0.5 + gate["thresholds"]["win_margin"] if gate.get("thresholds") else None,

@@ -50,8 +50,8 @@ def test_a_cycle_finds_its_own_deployment_and_recent_policies_come_newest_first(
 def test_task_counts_split_open_and_done(db):
     with db.session() as s:
         cycle, _ = open_cycle(s, week="2026-W04")
-        assert task_counts(s, cycle_id=cycle.id) == {"open": 0, "done": 0}
+        assert task_counts(s, cycle_id=cycle.id) == {"open": 0, "done": 0, "closed": 0}
         tasks = create_tasks(s, cycle_id=cycle.id, tasks=[
             {"prompt": "p", "response_a": "a", "response_b": "b"} for _ in range(3)])
         create_feedback_batch(s, source="x", comparisons=[builders.comparison(0, task_id=tasks[0].id)])
-        assert task_counts(s, cycle_id=cycle.id) == {"open": 2, "done": 1}
+        assert task_counts(s, cycle_id=cycle.id) == {"open": 2, "done": 1, "closed": 0}
