@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.settings import shift_week
 from store import errors
 from store.db import Database, assert_schema_at_head, current_revision, head_revision, open_database, upgrade
 from store.settings import get_settings
@@ -127,6 +128,9 @@ def demo(
     cycles: Annotated[int, typer.Option(min=1, max=50, help="how many weekly cycles to run")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="end with a JSON summary line on stdout")] = False,
     noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the labeler's judgements that are coin flips")] = 0.1,
+    start_week: Annotated[str | None, typer.Option(
+        "--start-week", help="ISO week of the first simulated cycle, e.g. 2026-W49 (default: this week)")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed of P0, the labeler, and the PM, PPO and evaluation runs")] = 0,
 ) -> None:
     """Run N full cycles of iterated online RLHF on the demo world, end to end.
 
@@ -145,7 +149,10 @@ def demo(
 
     hf_logging.set_verbosity_error()
     try:
-        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise)
+        if start_week is not None:
+            start_week = shift_week(start_week, 0)  # normalised; InvalidInput for a label that is not an ISO week
+        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, start_week=start_week,
+                          seed=seed)
     except errors.StoreError as exc:
         _fail(str(exc))
     Console().print(summary_table(result))

@@ -18,12 +18,14 @@ would, and follows it with ``GET /v1/cycles/{id}`` until it finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +38,13 @@ from rich.table import Table
 
 from orchestrator.labeler import SimulatedLabeler
 from orchestrator.report import cycle_summary
-from orchestrator.settings import CycleSettings, shift_week, week_monday, week_of
+from orchestrator.settings import CycleSettings, resolve, shift_week, week_monday, week_of
 from orchestrator.stages import STAGES, CycleEnv
 from orchestrator.world import GOLD, WorldConfig, build_world
 from store.artifacts import ArtifactStore
 from store.cycles import list_cycles
 from store.db import Database, open_database, upgrade
+from store.errors import InvalidInput
 from store.keys import create_api_key
 from store.settings import Settings
 
@@ -55,20 +58,27 @@ def demo_cycle_settings() -> CycleSettings:
             "prompt_set": "prompts",
             "sample": {"prompts_per_cycle": 240, "num_samples": 4, "max_new_tokens": 32, "batch_size": 64},
             "gather": {"min_comparisons": 200, "all_tasks": True, "deadline_s": 300, "poll_interval_s": 0.25},
-            "pm": {"learning_rate": 1e-3, "batch_size": 32, "num_epochs": 2, "max_length": 96, "heldout_fraction": 0.15},
+            "pm": {"learning_rate": 1e-3, "batch_size": 32, "max_steps": 40, "max_length": 96, "heldout_fraction": 0.15,
+                   "ensemble_size": 3, "test_ensemble_size": 1},
             "ppo": {
                 "total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
                 "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0,
             },
             "evaluate": {"prompt_set": "eval-prompts", "num_samples": 2, "max_new_tokens": 32},
+            "human_eval": {"min_comparisons": 50, "deadline_s": 300, "poll_interval_s": 0.25},
             "gate": {"win_margin": 0.02, "kl_budget": 10.0, "max_pm_gap": 0.2},
             "gold": GOLD,
             "device": "cpu",
-            "num_threads": 1,
+            "num_threads": 2,
             "stage_retries": 1,
             "retry_delay_s": 1.0,
         }
     )
+
+
+def seeded(settings: CycleSettings, seed: int) -> CycleSettings:
+    """``settings`` with the PM, PPO and evaluation seeds set to ``seed``."""
+    return resolve(settings, {"pm": {"seed": seed}, "ppo": {"seed": seed}, "evaluate": {"seed": seed}}, trusted=True)
 
 
 @dataclass(frozen=True)
@@ -94,15 +104,29 @@ def demo_paths(settings: Settings) -> DemoPaths:
     return DemoPaths(f"sqlite:///{home / 'ratchet.db'}", str(home / "artifacts"), home / "work", fresh=True)
 
 
-def free_weeks(database: Database, n: int, *, now: datetime | None = None) -> list[str]:
-    """``n`` consecutive weeks for simulated cycles: from this week, or after the newest cycle in the store."""
+def free_weeks(database: Database, n: int, *, now: datetime | None = None, start: str | None = None) -> list[str]:
+    """``n`` consecutive weeks for simulated cycles.
+
+    From ``start`` when given (every one of the weeks must be free in the
+    store, else ``InvalidInput`` names the taken ones); otherwise from this
+    week, or after the newest cycle in the store.
+    """
     with database.session() as session:
         weeks = [c.week for c in list_cycles(session, limit=100_000)]
-    start = week_of(now or datetime.now(UTC))
+    if start is not None:
+        wanted = [shift_week(start, i) for i in range(n)]
+        taken = sorted(set(wanted) & set(weeks), key=week_monday)
+        if taken:
+            raise InvalidInput(
+                f"the store already has cycles for {', '.join(taken)}; pick another --start-week "
+                "(or leave it out to continue after the newest cycle)"
+            )
+        return wanted
+    first = week_of(now or datetime.now(UTC))
     if weeks:
         latest = max(weeks, key=week_monday)
-        start = max(start, shift_week(latest, 1), key=week_monday)
-    return [shift_week(start, i) for i in range(n)]
+        first = max(first, shift_week(latest, 1), key=week_monday)
+    return [shift_week(first, i) for i in range(n)]
 
 
 class ApiThread:
@@ -165,8 +189,17 @@ def run_demo(
     world_config: WorldConfig = WorldConfig(),
     cycle_settings: CycleSettings | None = None,
     labeler_noise: float = 0.1,
+    start_week: str | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Build the world, run ``cycles`` cycles through the API, and return the summary."""
+    """Build the world, run ``cycles`` cycles through the API, and return the summary.
+
+    The simulated weeks start at ``start_week`` (default: this week, or after
+    the newest cycle in the store). ``seed`` seeds everything the week does
+    not: P0's initial weights and fine-tuning, the labeler's coin flips, and
+    the PM, PPO and evaluation runs, so a run is replayed by its start week
+    and seed.
+    """
     from api.app import create_app
     from orchestrator.flow import use_env
     from orchestrator.launcher import ThreadLauncher
@@ -176,23 +209,26 @@ def run_demo(
     upgrade(paths.database_url)
     database = open_database(paths.database_url)
     artifacts = ArtifactStore(paths.artifacts_url)
-    defaults = cycle_settings or demo_cycle_settings()
+    defaults = seeded(cycle_settings or demo_cycle_settings(), seed)
+    world_config = dataclasses.replace(world_config, seed=seed)
     shown = database.engine.url.render_as_string(hide_password=True)
     console.print(f"[bold]Ratchet demo[/bold]: store {shown}{' (fresh)' if paths.fresh else ''}, artifacts {paths.artifacts_url}")
-    weeks = free_weeks(database, cycles)
+    weeks = free_weeks(database, cycles, start=start_week)
 
-    # 1. The world: prompt sets, P0 fine-tuned, registered, deployed.
-    with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
-        world = build_world(database, artifacts, paths.work_dir, config=world_config, tag=f"world-{weeks[0]}",
-                            num_threads=defaults.num_threads)
-    console.print(
-        f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
-        f"registered as policy v{world.policy_version} and deployed"
-    )
-
-    # 2. Prefect, the API with a cycle launcher, keys, the labeler.
-    with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
-        prefect_api = start_prefect()
+    # 1. The world: prompt sets, P0 fine-tuned, registered, deployed; Prefect starts meanwhile (its temporary
+    #    local server unless PREFECT_API_URL is set: a process of its own, on the other core).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-start") as pool:
+        prefect_started = pool.submit(start_prefect)
+        with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
+            world = build_world(database, artifacts, paths.work_dir, config=world_config, tag=f"world-{weeks[0]}",
+                                num_threads=defaults.num_threads)
+        console.print(
+            f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
+            f"registered as policy v{world.policy_version} and deployed"
+        )
+        # 2. Prefect, the API with a cycle launcher, keys, the labeler.
+        with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
+            prefect_api = prefect_started.result()
     console.print(f"Prefect API at {prefect_api}")
     env = CycleEnv(database, artifacts, work_dir=paths.work_dir, defaults=defaults)
     api_settings = settings.model_copy(update={"database_url": paths.database_url, "artifacts_url": paths.artifacts_url})
@@ -209,7 +245,7 @@ def run_demo(
             labeler_token = create_api_key(session, name=f"demo-labeler-{suffix}", role="labeler")[1]
         from workers.demo_world import gold_score
 
-        labeler = SimulatedLabeler(server.url, labeler_token, gold=gold_score, noise=labeler_noise, seed=0)
+        labeler = SimulatedLabeler(server.url, labeler_token, gold=gold_score, noise=labeler_noise, seed=seed)
         labeler_thread = threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2},
                                           daemon=True, name="labeler")
         labeler_thread.start()
@@ -239,6 +275,14 @@ def run_demo(
             "kl": s["kl"],
             "eval_kl": s["eval_kl"],
             "win_rate": s["win_rate"],
+            "human_win_rate": s["human_win_rate"],
+            "human_lower_bound": s["human_lower_bound"],
+            "human_answers": s["human_answers"],
+            "elo": s["elo_candidate"] if s["deployed"] else s["elo_baseline"],
+            "ppo_reward_spread": s["ppo_reward_spread"],
+            "tasks": s["tasks"],
+            "top_up_rounds": s["top_up_rounds"],
+            "gather_outcome": s["gather_outcome"],
             "deployed": s["deployed"],
             "gold_score": s["gold_score"],
             "policy_version": s["policy_version"],
@@ -252,6 +296,8 @@ def run_demo(
         "gold_score_initial": summaries[0]["gold_baseline"] if summaries else None,
         "gold_score_final": rows[-1]["gold_score"] if rows else None,
         "labeler": {"comparisons": labeler.stats.comparisons, "batches": labeler.stats.batches, "noise": labeler_noise},
+        "start_week": weeks[0],
+        "seed": seed,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "store": shown,
     }
@@ -283,8 +329,9 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
         verdict = "[green]deployed[/green]" if summary["deployed"] else "[yellow]kept the deployed policy[/yellow]"
         console.print(
             f"  PM accuracy {_fmt(summary['pm_accuracy'])}, PPO reward {_fmt(summary['ppo_reward'])}, "
-            f"KL {_fmt(summary['kl'])}, win rate {_fmt(summary['win_rate'])}: {verdict}; "
-            f"gold {_fmt(summary['gold_score'])}"
+            f"KL {_fmt(summary['kl'])}, test-PM win rate {_fmt(summary['win_rate'])}, human win rate "
+            f"{_fmt(summary['human_win_rate'])} (bound {_fmt(summary['human_lower_bound'])}, "
+            f"{_fmt(summary['human_answers'])} answers): {verdict}; gold {_fmt(summary['gold_score'])}"
         )
         if not summary["deployed"]:
             console.print(f"  [dim]{summary['reason']}[/dim]")
@@ -296,22 +343,27 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
 def summary_table(result: dict[str, Any]) -> Table:
     """The demo's summary as a rich table."""
     table = Table(title="Ratchet demo: one row per cycle (gold: of the policy deployed at the end of the cycle)")
-    for column in ("cycle", "week", "PM acc", "PPO reward", "KL", "win rate", "deployed", "gold"):
+    for column in ("cycle", "week", "PM acc", "PPO reward", "KL", "test-PM win", "human win (bound)", "deployed",
+                   "Elo", "gold"):
         table.add_column(column, justify="right")
-    table.add_row("0", "-", "-", "-", "-", "-", "P0", _fmt(result["gold_score_initial"]))
+    table.add_row("0", "-", "-", "-", "-", "-", "-", "P0", "0", _fmt(result["gold_score_initial"]))
     for row in result["cycles"]:
+        human = "-" if row["human_win_rate"] is None else f"{row['human_win_rate']:.3f} ({_fmt(row['human_lower_bound'])})"
         table.add_row(
             str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"]), _fmt(row["ppo_reward"]), _fmt(row["kl"]),
-            _fmt(row["win_rate"]), _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
-            _fmt(row["gold_score"]),
+            _fmt(row["win_rate"]), human, _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
+            _fmt(row["elo"], 0), _fmt(row["gold_score"]),
         )
     return table
 
 
 def json_line(result: dict[str, Any]) -> str:
     """The summary as one JSON line (the last line of ``ratchet demo --json``)."""
-    keys = ("cycle", "week", "pm_accuracy", "ppo_reward", "kl", "win_rate", "deployed", "gold_score", "status")
+    keys = ("cycle", "week", "pm_accuracy", "ppo_reward", "kl", "win_rate", "human_win_rate", "human_lower_bound",
+            "human_answers", "elo", "tasks", "top_up_rounds", "gather_outcome", "deployed", "gold_score", "status", "reason")
     payload = {
+        "start_week": result["start_week"],
+        "seed": result["seed"],
         "cycles": [{k: row[k] for k in keys} for row in result["cycles"]],
         "gold_score_initial": result["gold_score_initial"],
         "gold_score_final": result["gold_score_final"],

@@ -1,6 +1,6 @@
 """The Prefect flow ``weekly-cycle``: one task per stage, each idempotent on (cycle, stage).
 
-    open -> sample -> gather -> snapshot -> train_pm -> ppo -> evaluate -> gate -> deploy
+    open -> sample -> gather -> snapshot -> train_pm -> ppo -> evaluate -> human_eval -> gate -> deploy
 
 The stage logic lives in ``orchestrator.stages`` (plain functions over a
 ``CycleContext``); this module gives each stage a Prefect task with retries
@@ -137,10 +137,16 @@ def weekly_cycle(week: str | None = None, params: dict[str, Any] | None = None, 
         raise
     stage = "open"
     try:
-        for stage in STAGES[1:]:
+        for index, stage in enumerate(STAGES[1:], start=1):
             options = {"name": stage, "retries": ctx.settings.stage_retries,
                        "retry_delay_seconds": ctx.settings.retry_delays() or 0}
-            stage_task.with_options(**options)(ctx, stage)
+            outputs = stage_task.with_options(**options)(ctx, stage)
+            if outputs.get("halt"):
+                # Nothing left to learn this week (no new feedback): the later stages are skipped, not run.
+                log.warning("cycle %s: %s; skipping %s", week, outputs["halt"], ", ".join(STAGES[index + 1 :]))
+                for later in STAGES[index + 1 :]:
+                    stages.skip_stage(ctx, later, outputs["halt"])
+                break
         stages.finish(ctx)
     except Exception as exc:
         stages.fail_cycle(env, ctx.cycle_id, stage, exc)

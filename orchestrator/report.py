@@ -22,6 +22,13 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _human(summary: dict[str, Any]) -> str:
+    if summary.get("human_eval") == "off":
+        return "off"
+    return (f"{_num(summary.get('human_win_rate'))} / {_num(summary.get('human_lower_bound'))} / "
+            f"{_num(summary.get('human_bar'))} ({_num(summary.get('human_answers'))})")
+
+
 def cycle_markdown(summary: dict[str, Any]) -> str:
     """The report as markdown (the Prefect artifact)."""
     lines = [
@@ -37,6 +44,10 @@ def cycle_markdown(summary: dict[str, Any]) -> str:
         f"| candidate policy | v{_num(summary.get('policy_version'))} |",
         f"| PPO reward / KL | {_num(summary.get('ppo_reward'))} / {_num(summary.get('kl'), 4)} |",
         f"| win rate vs deployed (test PM / train PM) | {_num(summary.get('win_rate'))} / {_num(summary.get('win_rate_train_pm'))} |",
+        f"| human win rate / lower bound / bar (answers) | {_human(summary)} |",
+        f"| Elo (candidate / deployed) | {_num(summary.get('elo_candidate'), 1)} / {_num(summary.get('elo_baseline'), 1)} |",
+        f"| PM ensemble (members, held-out spread; PPO reward spread) | {_num(summary.get('pm_ensemble_size'))}, "
+        f"{_num(summary.get('pm_ensemble_spread'))}; {_num(summary.get('ppo_reward_spread'))} |",
         f"| KL to reference (eval) | {_num(summary.get('eval_kl'), 4)} |",
         f"| gold (candidate / deployed before) | {_num(summary.get('gold_candidate'))} / {_num(summary.get('gold_baseline'))} |",
         f"| deployed | {_num(summary.get('deployed'))} |",

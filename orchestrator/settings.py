@@ -53,6 +53,11 @@ class SampleSettings(_Section):
     """nucleus sampling mass"""
     batch_size: int = Field(default=32, ge=1)
     """sequences generated together"""
+    top_up_rounds: int = Field(default=3, ge=0)
+    """when the responses are too alike to make the tasks gather.min_comparisons needs (a collapsed policy),
+    sample again, up to this many times: more prompts, a hotter temperature, earlier deployed snapshots"""
+    top_up_temperature: float = Field(default=0.5, ge=0)
+    """added to the temperature in each top-up round"""
     extra: dict[str, Any] = {}
     """other SampleConfig fields, passed through"""
 
@@ -69,6 +74,35 @@ class GatherSettings(_Section):
     """seconds between counts"""
     all_tasks: bool = False
     """also wait until every comparison task of this cycle is answered (or the deadline)"""
+
+
+class HumanEvalSettings(_Section):
+    """The human_eval stage: blinded A/B comparisons of the candidate against the deployed policy by labelers.
+
+    After evaluate, each held-out prompt's pair of responses (candidate,
+    deployed policy; the evaluate step's samples) becomes an eval task, A/B
+    order random per task; which side is the candidate only the server knows.
+    Labelers answer them through the same task API; the gate then needs the
+    lower confidence bound of the candidate's human win rate above
+    0.5 + gate.human_margin. Off: the gate trusts the PMs alone (they share
+    blind spots, and PPO finds them).
+    """
+
+    enabled: bool = True
+    """run the human A/B evaluation before the gate (False: the gate decides on the PMs and the KL alone)"""
+    max_tasks: int | None = Field(default=None, ge=1)
+    """most eval tasks per cycle (None: every held-out pair whose two responses differ)"""
+    min_comparisons: int = Field(default=50, ge=1)
+    """answers the gate needs; fewer by the deadline means no deploy"""
+    deadline_s: float = Field(default=2 * 24 * 3600, ge=0)
+    """stop waiting this long after the eval tasks appeared"""
+    poll_interval_s: float = Field(default=30.0, gt=0)
+    """seconds between counts"""
+    all_tasks: bool = True
+    """wait until every eval task is answered (or the deadline), not only min_comparisons"""
+    train_on: bool = False
+    """later cycles' comparison snapshots may train PMs on these answers (never the cycle's own PMs); off keeps
+    the held-out prompts held out"""
 
 
 class PMSettings(_Section):
@@ -94,6 +128,11 @@ class PMSettings(_Section):
     """optimizer steps per PM (None: from num_epochs)"""
     max_length: int | None = Field(default=None, ge=4)
     """longest prompt + response in tokens"""
+    ensemble_size: int = Field(default=3, ge=1)
+    """members of the train PM: seeds and bootstrap resamples of its half, each selected on its out-of-bag
+    comparisons; PPO optimises their mean less ppo.ensemble_penalty times their spread"""
+    test_ensemble_size: int = Field(default=1, ge=1)
+    """members of the test PM (on the other half, disjoint from every train-PM member's data)"""
     seed: int = 0
     """seed of the PMs"""
     extra: dict[str, Any] = {}
@@ -125,6 +164,8 @@ class PPOSettings(_Section):
     """policy learning rate"""
     lam: float = Field(default=0.95, ge=0, le=1)
     """GAE lambda (1: Monte Carlo returns, credit reaches the first token undiminished)"""
+    ensemble_penalty: float = Field(default=0.5, ge=0)
+    """the conservative reward's lambda: the train-PM ensemble's mean minus this times its spread"""
     seed: int = 0
     """seed of the run"""
     extra: dict[str, Any] = {}
@@ -150,6 +191,16 @@ class EvalSettings(_Section):
 
 class GateSettings(_Section):
     """Thresholds of the deploy gate (``orchestrator.gate.GateConfig``)."""
+
+    human_margin: float = Field(default=0.0, ge=0, lt=0.5)
+    """the lower confidence bound of the candidate's human win rate must be above 0.5 + human_margin"""
+    confidence: float = Field(default=0.9, gt=0.5, lt=1)
+    """level of the one-sided lower bounds: the human win rate's and each PM's held-out accuracy's"""
+    interval: Literal["wilson", "bootstrap"] = "bootstrap"
+    """the human win rate's bound: a seeded percentile bootstrap of the answers (ties count half), or Wilson's
+    score interval on wins + ties / 2 (which treats every tie as a coin flip and so errs low when ties are many)"""
+    min_pm_accuracy: float = Field(default=0.5, ge=0, lt=1)
+    """each PM's held-out accuracy must have its lower bound above this: a PM no better than chance is no evidence"""
 
     win_margin: float = Field(default=0.02, ge=0, lt=0.5)
     """the candidate must win 0.5 + win_margin of comparisons under the test PM"""
@@ -180,6 +231,8 @@ class CycleSettings(_Section):
     """the ppo stage"""
     evaluate: EvalSettings = EvalSettings()
     """the evaluate stage"""
+    human_eval: HumanEvalSettings = HumanEvalSettings()
+    """the human A/B evaluation before the gate"""
     gate: GateSettings = GateSettings()
     """the gate"""
     gold: str | None = None

@@ -28,15 +28,17 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from orchestrator.faults import kill_point
-from orchestrator.gate import GateConfig, GateInput, decide
+from orchestrator.elo import Match, fit_elo
+from orchestrator.gate import GateConfig, GateInput, HumanVerdict, PMEvidence, decide
 from orchestrator.hooks import deploy_event
 from orchestrator.runners import DeploymentRunner, InProcessRunner, StepOutcome, StepRequest, StepRunner
 from orchestrator.settings import CycleSettings, resolve
@@ -47,14 +49,14 @@ from store.db import Database
 from store.deployments import active_deployment, cycle_deployment, deploy, deployed_policy_ids
 from store.errors import InvalidInput, NotFound
 from store.feedback import count_comparisons
-from store.models import Cycle, Policy, PreferenceModel, utcnow
+from store.models import Cycle, Policy, PreferenceModel, StageRun, utcnow
 from store.pms import create_pm, get_pm, get_pm_version
 from store.policies import create_policy, get_policy, get_policy_version
-from store.tasks import create_tasks, task_counts
+from store.tasks import close_tasks, create_tasks, eval_judgements, eval_tasks_of, task_counts
 
 log = logging.getLogger("ratchet.cycle")
 
-STAGES = ("open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "gate", "deploy")
+STAGES = ("open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "human_eval", "gate", "deploy")
 """the stages of a cycle, in order"""
 
 DONE = ("succeeded", "skipped")
@@ -143,15 +145,23 @@ class CycleContext:
             kill_point(stage, "in_commit")
         return outputs
 
-    def run_step(self, stage: str, step: str, config: dict[str, Any], inputs: list[ArtifactRef], outputs: list[str]) -> StepOutcome:
-        """Run a worker step for ``stage`` with the cycle's runner; its artifacts go under ``cycles/<week>/<stage>``."""
+    def run_step(
+        self, stage: str, step: str, config: dict[str, Any], inputs: list[ArtifactRef], outputs: list[str],
+        *, part: str | None = None,
+    ) -> StepOutcome:
+        """Run a worker step for ``stage`` with the cycle's runner; its artifacts go under ``cycles/<week>/<stage>``.
+
+        A stage that runs a step more than once names each further run with a
+        ``part`` (its own key, output folder and artifact keys: ``<stage>-<part>``).
+        """
+        name = stage if part is None else f"{stage}-{part}"
         request = StepRequest(
             step=step,
-            key=f"{self.week}:{stage}",
+            key=f"{self.week}:{name}",
             config=config,
             inputs=inputs,
             outputs=outputs,
-            artifact_prefix=f"cycles/{self.week}/{stage}",
+            artifact_prefix=f"cycles/{self.week}/{name}",
         )
         log.info("cycle %s: running %s", self.week, step)
         outcome = self.runner.run(request)
@@ -297,6 +307,10 @@ def _open_outputs(session: Session, settings: CycleSettings, week: str, cycle_id
         "pm_base_policy_id": pm_base.id,
         "policy_name": settings.policy_name or baseline.name,
         "sample_policy_ids": deployed_policy_ids(session, name=settings.deploy_target, limit=settings.sample.snapshots),
+        # earlier deployed snapshots a top-up round may add (most recent first)
+        "top_up_policy_ids": deployed_policy_ids(
+            session, name=settings.deploy_target, limit=settings.sample.snapshots + settings.sample.top_up_rounds
+        )[settings.sample.snapshots :],
         "prompt_dataset_id": prompts.id,
         "eval_prompt_dataset_id": eval_prompts.id,
         "warm_start_pm_ids": warm,
@@ -352,12 +366,16 @@ def _read_jsonl(env: CycleEnv, ref: ArtifactRef) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
+def rank_prompts(prompts: list[dict[str, Any]], *, week: str) -> list[dict[str, Any]]:
+    """The prompt set in this week's order: by a hash of (week, id), a different order every week."""
+    return sorted(prompts, key=lambda p: _unit("prompts", week, p["id"]))
+
+
 def choose_prompts(prompts: list[dict[str, Any]], *, n: int | None, week: str) -> list[dict[str, Any]]:
-    """This week's prompts: ``n`` of the set, ordered by a hash of (week, id); all when ``n`` is None."""
+    """This week's prompts: the first ``n`` of ``rank_prompts``; all (in file order) when ``n`` is None."""
     if n is None or n >= len(prompts):
         return prompts
-    ranked = sorted(prompts, key=lambda p: _unit("prompts", week, p["id"]))
-    return ranked[:n]
+    return rank_prompts(prompts, week=week)[:n]
 
 
 def storable(text: str) -> str:
@@ -404,35 +422,78 @@ def make_tasks(samples: list[dict[str, Any]], *, pairs_per_prompt: int | None, w
 
 
 def stage_sample(ctx: CycleContext) -> dict[str, Any]:
-    """K responses per prompt from the deployed policy (or several recent ones); pairs become tasks."""
+    """K responses per prompt from the deployed policy (or several recent ones); pairs become tasks.
+
+    A policy that has collapsed to a few distinct responses makes few pairs.
+    When the tasks fall short of what gather waits for, the stage samples
+    again (``top_up_rounds`` at most), each round with more of this week's
+    prompts, a hotter temperature and one more earlier deployed snapshot,
+    and pairs the distinct responses of all rounds; if it still falls short,
+    its outputs say why.
+    """
     opened = ctx.outputs("open")
     s = ctx.settings.sample
+    needed = ctx.settings.gather.min_comparisons
     with ctx.db.session() as session:
         prompt_set = get_dataset(session, opened["prompt_dataset_id"])
         prompts_ref = _ref(get_artifact(session, prompt_set.artifact_id))
         policies = {}
-        for policy_id in opened["sample_policy_ids"]:
+        for policy_id in opened["sample_policy_ids"] + opened.get("top_up_policy_ids", []):
             policy = get_policy(session, policy_id)
             policies[f"{policy.name}-v{policy.version}"] = _artifact_of(session, policy, "policy")
-    chosen = choose_prompts(_read_jsonl(ctx.env, prompts_ref), n=s.prompts_per_cycle, week=ctx.week)
-    body = "".join(json.dumps({"id": p["id"], "prompt": p["prompt"]}, ensure_ascii=False) + "\n" for p in chosen)
-    week_prompts = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/prompts.jsonl", body.encode("utf-8"))
-    config = {
-        "policies": {label: ref.uri for label, ref in policies.items()},
-        "prompts_path": week_prompts.uri,
-        "num_samples": s.num_samples,
-        "max_new_tokens": s.max_new_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "batch_size": s.batch_size,
-        "seed": _seed(ctx.week, "sample"),
-        **_worker_common(ctx.settings),
-        **s.extra,
-    }
-    outcome = ctx.run_step("sample", "sample", config, [week_prompts, *policies.values()], ["samples"])
-    samples_ref = outcome.outputs["samples"]
-    samples = _read_jsonl(ctx.env, samples_ref)
-    tasks = make_tasks(samples, pairs_per_prompt=s.pairs_per_prompt, week=ctx.week)
+    ranked = rank_prompts(_read_jsonl(ctx.env, prompts_ref), week=ctx.week)
+    first = s.prompts_per_cycle or len(ranked)
+    labels = list(policies)
+    samples: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
+    compute_s = 0.0
+    tasks: list[dict[str, Any]] = []
+    for r in range(s.top_up_rounds + 1):
+        # Round r: the first (r + 1) blocks of this week's prompts, temperature raised r times, r earlier snapshots.
+        chosen = ranked[: first * (r + 1)]
+        used = labels[: len(opened["sample_policy_ids"]) + r]
+        body = "".join(json.dumps({"id": p["id"], "prompt": p["prompt"]}, ensure_ascii=False) + "\n" for p in chosen)
+        suffix = "" if r == 0 else f"-r{r}"
+        week_prompts = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/prompts{suffix}.jsonl", body.encode("utf-8"))
+        temperature = s.temperature + r * s.top_up_temperature
+        config = {
+            "policies": {label: policies[label].uri for label in used},
+            "prompts_path": week_prompts.uri,
+            "num_samples": s.num_samples,
+            "max_new_tokens": s.max_new_tokens,
+            "temperature": temperature,
+            "top_p": s.top_p,
+            "batch_size": s.batch_size,
+            "seed": _seed(ctx.week, "sample") if r == 0 else _seed(ctx.week, "sample", r),
+            **_worker_common(ctx.settings),
+            **s.extra,
+        }
+        outcome = ctx.run_step("sample", "sample", config, [week_prompts, *(policies[label] for label in used)],
+                               ["samples"], part=None if r == 0 else f"top-up-{r}")
+        compute_s += outcome.compute_s
+        got = _read_jsonl(ctx.env, outcome.outputs["samples"])
+        # Each round's sample indices follow the last round's, so (policy, index) names one response.
+        samples += [{**row, "sample_index": row["sample_index"] + r * s.num_samples, "round": r} for row in got]
+        tasks = make_tasks(samples, pairs_per_prompt=s.pairs_per_prompt, week=ctx.week)
+        rounds.append({"chosen": chosen, "used": used, "round": r, "prompts": len(chosen), "policies": used,
+                       "temperature": temperature, "responses": len(got), "tasks_so_far": len(tasks),
+                       "outcome": outcome, "metrics": _scalar_metrics(outcome.metrics)})
+        if len(tasks) >= needed:
+            break
+    short = None
+    if len(tasks) < needed:
+        distinct = len({(row["prompt_id"], row["response"]) for row in samples})
+        short = (
+            f"only {len(tasks)} comparison tasks after {len(rounds) - 1} top-up round(s) ({distinct} distinct "
+            f"responses to {len(rounds[-1]['chosen'])} prompts); gather.min_comparisons is {needed}, so gather "
+            "ends when every task is answered"
+        )
+        log.warning("cycle %s: %s", ctx.week, short)
+    if len(rounds) == 1:
+        samples_ref = rounds[0]["outcome"].outputs["samples"]
+    else:
+        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples)
+        samples_ref = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/samples-all.jsonl", body.encode("utf-8"))
 
     def register(session: Session) -> dict[str, Any]:
         dataset, _ = create_dataset(
@@ -444,20 +505,24 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
             artifact=samples_ref,
             source_dataset_id=opened["prompt_dataset_id"],
             cycle_id=ctx.cycle_id,
-            metadata={"week": ctx.week, "prompts": len(chosen), "num_samples": s.num_samples, "policies": list(policies)},
+            metadata={"week": ctx.week, "prompts": len(rounds[-1]["chosen"]), "num_samples": s.num_samples,
+                      "policies": rounds[-1]["used"], "rounds": len(rounds)},
         )
         rows = create_tasks(session, tasks=tasks, cycle_id=ctx.cycle_id, samples_dataset_id=dataset.id)
         return {
             "samples_dataset_id": dataset.id,
             "samples_version": dataset.version,
-            "prompts": len(chosen),
+            "prompts": len(rounds[-1]["chosen"]),
             "responses": len(samples),
             "tasks": len(rows),
-            "policies": list(policies),
-            "metrics": _scalar_metrics(outcome.metrics),
+            "policies": rounds[-1]["used"],
+            "top_up_rounds": len(rounds) - 1,
+            "rounds": [{k: v for k, v in r_.items() if k not in ("chosen", "used", "outcome")} for r_ in rounds],
+            "short": short,
+            "metrics": rounds[0]["metrics"],
         }
 
-    return ctx.commit("sample", register, compute_s=outcome.compute_s)
+    return ctx.commit("sample", register, compute_s=compute_s)
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -467,63 +532,140 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 # -- gather ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Arrivals:
+    """What a waiting stage counts: answers so far and the tasks they answer."""
+
+    answers: int
+    """comparisons that count towards the minimum"""
+    open_tasks: int
+    """tasks of this cycle (of the kind waited on) still unanswered"""
+    tasks: int
+    """tasks of this cycle of that kind, in all"""
+
+
+@dataclass(frozen=True)
+class Waited:
+    """How a wait for labelers ended."""
+
+    outcome: str
+    """enough (the minimum arrived, and every task with all_tasks), answered (every task answered, or none made,
+    with fewer than the minimum: no more can come from this cycle's tasks), or deadline"""
+    arrivals: Arrivals
+    seconds: float
+
+
+def wait_for_labelers(
+    ctx: CycleContext, count: Callable[[Session], Arrivals], *, minimum: int, all_tasks: bool, deadline: datetime,
+    poll_interval_s: float, what: str,
+) -> Waited:
+    """Poll ``count`` until the wait's outcome can no longer change: enough answers, every task answered, or
+    the deadline (the env's clock and sleep, so tests need not wait)."""
+    t0 = time.perf_counter()
+    while True:
+        with ctx.db.session() as session:
+            arrived = count(session)
+        if arrived.answers >= minimum and (not all_tasks or arrived.open_tasks == 0):
+            outcome = "enough"
+            break
+        if arrived.open_tasks == 0:
+            outcome = "answered"
+            log.warning("cycle %s: every %s task is answered, with %d of the %d %s wanted; going on",
+                        ctx.week, what, arrived.answers, minimum, what)
+            break
+        remaining = (deadline - ctx.env.clock()).total_seconds()
+        if remaining <= 0:
+            outcome = "deadline"
+            log.warning("cycle %s: deadline reached with %d of %d %s", ctx.week, arrived.answers, minimum, what)
+            break
+        ctx.env.sleep(min(poll_interval_s, remaining))
+    return Waited(outcome=outcome, arrivals=arrived, seconds=time.perf_counter() - t0)
+
+
 def stage_gather(ctx: CycleContext) -> dict[str, Any]:
     """Wait until ``min_comparisons`` comparisons arrived since the cycle opened (and, with
-    ``all_tasks``, every task of the cycle is answered), or the deadline.
+    ``all_tasks``, every task of the cycle is answered), every task is answered, or the deadline.
 
     Counted: every comparison in a feedback batch registered since the cycle
     opened, whatever its source (answers to this cycle's tasks through the
-    API, imports, other tools); the snapshot takes all batches anyway. The
-    deadline runs from the end of sampling (when the tasks appeared), as
-    recorded in the store, so a re-run after a crash keeps the same deadline.
+    API, imports, other tools), except answers to eval tasks; the snapshot
+    takes all batches anyway. Once every task of the cycle is answered the
+    stage goes on even short of the minimum: waiting longer could only bring
+    imports. The deadline runs from the end of sampling (when the tasks
+    appeared), as recorded in the store, so a re-run after a crash keeps the
+    same deadline.
     """
     g = ctx.settings.gather
     with ctx.db.session() as session:
         opened_at = get_cycle(session, ctx.cycle_id).created_at
         sampled_at = get_stage(session, cycle_id=ctx.cycle_id, stage="sample").finished_at
     deadline = sampled_at + timedelta(seconds=g.deadline_s)
-    t0 = time.perf_counter()
-    while True:
-        with ctx.db.session() as session:
-            arrived = count_comparisons(session, since=opened_at)
-            tasks = task_counts(session, cycle_id=ctx.cycle_id)
-        if arrived >= g.min_comparisons and (not g.all_tasks or tasks["open"] == 0):
-            outcome = "enough"
-            break
-        remaining = (deadline - ctx.env.clock()).total_seconds()
-        if remaining <= 0:
-            outcome = "deadline"
-            log.warning("cycle %s: deadline reached with %d of %d comparisons", ctx.week, arrived, g.min_comparisons)
-            break
-        ctx.env.sleep(min(g.poll_interval_s, remaining))
-    waited = time.perf_counter() - t0
+
+    def count(session: Session) -> Arrivals:
+        tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="train")
+        return Arrivals(answers=count_comparisons(session, since=opened_at, training_only=True),
+                        open_tasks=tasks["open"], tasks=sum(tasks.values()))
+
+    waited = wait_for_labelers(ctx, count, minimum=g.min_comparisons, all_tasks=g.all_tasks, deadline=deadline,
+                               poll_interval_s=g.poll_interval_s, what="comparisons")
+    with ctx.db.session() as session:
+        tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="train")
     outputs = {
-        "comparisons": arrived,
+        "comparisons": waited.arrivals.answers,
         "min_comparisons": g.min_comparisons,
-        "outcome": outcome,
+        "outcome": waited.outcome,
         "deadline": deadline.isoformat(),
         "tasks": tasks,
-        "waited_s": waited,
+        "waited_s": waited.seconds,
     }
     # The wait is labelers' time, not the orchestrator's: it is the stage's own (compute) time.
-    return ctx.commit("gather", lambda session: outputs, compute_s=waited)
+    return ctx.commit("gather", lambda session: outputs, compute_s=waited.seconds)
 
 
 # -- snapshot --------------------------------------------------------------------------------
 
 
 def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
-    """D(k): every feedback batch so far, as a content-addressed comparisons dataset."""
+    """D(k): every feedback batch so far, as a content-addressed comparisons dataset, less eval answers.
+
+    Answers to eval tasks stay out: this cycle's always (they judge its own
+    candidate), earlier cycles' unless ``human_eval.train_on``. When there is
+    no feedback at all, or no comparison the PMs have not already been
+    trained on (the snapshot is a version PMs were trained on), there is
+    nothing to learn from: the stage halts the cycle with that reason, and
+    the later stages are skipped.
+    """
+    p = ctx.settings.pm
 
     def register(session: Session) -> dict[str, Any]:
-        dataset, created = snapshot_comparisons(session, artifacts=ctx.env.artifacts, name="comparisons", cycle_id=ctx.cycle_id)
-        return {
+        try:
+            dataset, created = snapshot_comparisons(
+                session, artifacts=ctx.env.artifacts, name="comparisons", cycle_id=ctx.cycle_id,
+                include_eval=ctx.settings.human_eval.train_on,
+            )
+        except InvalidInput as exc:
+            if not str(exc).startswith("there are no feedback batches"):
+                raise
+            return {"dataset_id": None, "rows": 0, "new_version": False,
+                    "halt": "no feedback: there are no comparisons to train a PM on"}
+        outputs = {
             "dataset_id": dataset.id,
             "version": dataset.version,
             "rows": dataset.row_count,
             "batches": dataset.meta.get("batch_count"),
+            "excluded_eval_comparisons": dataset.meta.get("excluded_eval_comparisons", 0),
             "new_version": created,
         }
+        trained = None if created else session.scalar(
+            select(PreferenceModel).where(PreferenceModel.dataset_id == dataset.id, PreferenceModel.name == p.name)
+            .order_by(PreferenceModel.version.desc()).limit(1)
+        )
+        if trained is not None:
+            outputs["halt"] = (
+                f"no new feedback: comparisons v{dataset.version} ({dataset.row_count} comparisons) is what "
+                f"{trained.name} v{trained.version} was trained on; nothing to retrain"
+            )
+        return outputs
 
     return ctx.commit("snapshot", register)
 
@@ -561,6 +703,8 @@ def stage_train_pm(ctx: CycleContext) -> dict[str, Any]:
         "num_epochs": p.num_epochs,
         "max_steps": p.max_steps,
         "max_length": p.max_length,
+        "ensemble_size": p.ensemble_size,
+        "test_ensemble_size": p.test_ensemble_size,
         "seed": p.seed,
         **_worker_common(ctx.settings),
         **p.extra,
@@ -589,8 +733,12 @@ def stage_train_pm(ctx: CycleContext) -> dict[str, Any]:
             "test_pm_version": test_pm.version,
             "dataset_id": dataset.id,
             "heldout_accuracy": metrics.get("heldout/accuracy"),
+            "heldout_decisive": metrics.get("heldout/decisive", 0),
             "heldout_ece": metrics.get("heldout/ece"),
             "test_pm_heldout_accuracy": metrics.get("test_pm/heldout/accuracy"),
+            "test_pm_heldout_decisive": metrics.get("test_pm/heldout/decisive", 0),
+            "ensemble_size": p.ensemble_size,
+            "ensemble_spread": metrics.get("ensemble/heldout_spread"),
             "train_comparisons": metrics.get("data/train_comparisons"),
         }
 
@@ -633,6 +781,7 @@ def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
         "kl_target": p.kl_target,
         "learning_rate": p.learning_rate,
         "lam": p.lam,
+        "ensemble_penalty": p.ensemble_penalty,
         "seed": _seed(ctx.week, "ppo", p.seed),
         **_worker_common(ctx.settings),
         **p.extra,
@@ -659,6 +808,7 @@ def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
             "init_policy_id": init.id,
             "reward": metrics.get("ppo/reward"),
             "reward_test_pm": metrics.get("ppo/reward_test_pm"),
+            "reward_spread": metrics.get("ppo/reward_spread"),
             "kl": metrics.get("ppo/kl"),
             "episodes": metrics.get("ppo/episodes"),
         }
@@ -711,11 +861,131 @@ def stage_evaluate(ctx: CycleContext) -> dict[str, Any]:
     return ctx.commit("evaluate", register, compute_s=outcome.compute_s)
 
 
+# -- human_eval --------------------------------------------------------------------------------
+
+
+def eval_pairs(samples: list[dict[str, Any]], prompts: dict[str, str], *, week: str,
+               max_tasks: int | None) -> tuple[list[dict[str, Any]], int]:
+    """Blinded eval tasks from the evaluate step's samples, and how many pairs were identical.
+
+    Each (prompt, sample) whose candidate and deployed-policy responses
+    differ is one task; which of the two is A is decided per task by a hash
+    of (week, prompt, sample), and recorded only in ``candidate_side`` (the
+    task API never shows it). Identical pairs are left out: there is nothing
+    to judge. With ``max_tasks`` the first tasks in hash order are kept.
+    """
+    tasks, identical = [], 0
+    for row in samples:
+        key = json.dumps(row["prompt_id"])
+        candidate, baseline = storable(row["candidate"]["response"]), storable(row["baseline"]["response"])
+        if candidate == baseline:
+            identical += 1
+            continue
+        side = "a" if _unit("eval-order", week, key, row.get("sample", 0)) < 0.5 else "b"
+        a, b = (candidate, baseline) if side == "a" else (baseline, candidate)
+        tasks.append({"prompt_id": str(row["prompt_id"]), "prompt": storable(prompts[key]), "response_a": a,
+                      "response_b": b, "candidate_side": side, "rank": _unit("eval-pick", week, key, row.get("sample", 0))})
+    tasks.sort(key=lambda t: t.pop("rank"))
+    return (tasks if max_tasks is None else tasks[:max_tasks]), identical
+
+
+def human_matches(session: Session, *, deploy_target: str) -> list[Match]:
+    """Every finished human evaluation of the target's cycles, as Elo matches (candidate vs deployed policy)."""
+    runs = session.scalars(select(StageRun).where(StageRun.stage == "human_eval", StageRun.status == "succeeded"))
+    out = []
+    for run in runs:
+        o = run.outputs
+        if o.get("deploy_target", "default") == deploy_target and o.get("answers"):
+            out.append(Match(a=o["candidate_policy_id"], b=o["baseline_policy_id"], wins_a=o["wins"], ties=o["ties"],
+                             wins_b=o["losses"]))
+    return out
+
+
+def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
+    """Blinded A/B comparisons of the candidate against the deployed policy by labelers, on held-out prompts.
+
+    1. The eval tasks: the evaluate step's responses of both policies to the
+       held-out prompts, paired, A/B order random per task (created once per
+       cycle: a re-run finds them).
+    2. Wait like gather: ``min_comparisons`` answers (and every task with
+       ``all_tasks``), every task answered, or the deadline, counted from when
+       the tasks appeared.
+    3. The verdict: wins, ties and losses of the candidate (one answer per
+       task and rater), and Elo ratings of every policy evaluated so far.
+    """
+    h = ctx.settings.human_eval
+    if not h.enabled:
+        outputs = {"enabled": False, "reason": "human evaluation is off (human_eval.enabled): the gate trusts the PMs"}
+        return ctx.commit("human_eval", lambda session: outputs, status="skipped")
+    opened, evaluation = ctx.outputs("open"), ctx.outputs("evaluate")
+
+    # 1. The eval tasks, once.
+    with ctx.db.session() as session:
+        existing = eval_tasks_of(session, cycle_id=ctx.cycle_id)
+        identical = None
+        if not existing:
+            samples_ref = _ref(get_artifact(session, evaluation["samples_artifact_id"]))
+            prompts_ref = _ref(get_artifact(session, get_dataset(session, opened["eval_prompt_dataset_id"]).artifact_id))
+            prompts = {json.dumps(p["id"]): p["prompt"] for p in _read_jsonl(ctx.env, prompts_ref)}
+            pairs, identical = eval_pairs(_read_jsonl(ctx.env, samples_ref), prompts, week=ctx.week, max_tasks=h.max_tasks)
+            get_stage(session, cycle_id=ctx.cycle_id, stage="human_eval", for_update=True)  # one creator at a time
+            if not eval_tasks_of(session, cycle_id=ctx.cycle_id):
+                existing = create_tasks(session, tasks=pairs, cycle_id=ctx.cycle_id, kind="eval")
+        created_at = min((t.created_at for t in existing), default=ctx.env.clock())
+        task_count = len(existing)
+    kill_point("human_eval", "tasks")
+
+    # 2. Wait for the labelers.
+    deadline = created_at + timedelta(seconds=h.deadline_s)
+
+    def count(session: Session) -> Arrivals:
+        tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="eval")
+        return Arrivals(answers=len(eval_judgements(session, cycle_id=ctx.cycle_id)), open_tasks=tasks["open"],
+                        tasks=sum(tasks.values()))
+
+    waited = wait_for_labelers(ctx, count, minimum=h.min_comparisons, all_tasks=h.all_tasks, deadline=deadline,
+                               poll_interval_s=h.poll_interval_s, what="eval answers")
+
+    # 3. The verdict and the Elo ratings.
+    with ctx.db.session() as session:
+        outcomes = [j.outcome for j in eval_judgements(session, cycle_id=ctx.cycle_id)]
+        matches = human_matches(session, deploy_target=ctx.settings.deploy_target)
+    wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
+    verdict = {
+        "enabled": True,
+        "deploy_target": ctx.settings.deploy_target,
+        "candidate_policy_id": evaluation["candidate_policy_id"],
+        "baseline_policy_id": opened["baseline_policy_id"],
+        "tasks": task_count,
+        "identical_pairs": identical,
+        "answers": len(outcomes),
+        "wins": wins,
+        "ties": ties,
+        "losses": len(outcomes) - wins - ties,
+        "win_rate": (wins + 0.5 * ties) / len(outcomes) if outcomes else None,
+        "min_comparisons": h.min_comparisons,
+        "outcome": waited.outcome,
+        "deadline": deadline.isoformat(),
+        "waited_s": waited.seconds,
+    }
+    if outcomes:
+        matches.append(Match(a=verdict["candidate_policy_id"], b=verdict["baseline_policy_id"], wins_a=wins,
+                             ties=ties, wins_b=verdict["losses"]))
+    ratings = fit_elo(matches, anchor=opened["reference_policy_id"]) if matches else {}
+    if ratings and opened["reference_policy_id"] not in ratings:
+        ratings = fit_elo(matches)  # the reference never played here: anchor the earliest policy instead
+    verdict["elo"] = {str(k): round(v, 1) for k, v in sorted(ratings.items())}
+    verdict["elo_candidate"] = verdict["elo"].get(str(verdict["candidate_policy_id"]))
+    verdict["elo_baseline"] = verdict["elo"].get(str(verdict["baseline_policy_id"]))
+    return ctx.commit("human_eval", lambda session: verdict, compute_s=waited.seconds)
+
+
 # -- gate --------------------------------------------------------------------------------------
 
 
-def gate_input(metrics: dict[str, Any]) -> GateInput:
-    """The gate's measurements from the evaluate step's metrics."""
+def gate_input(metrics: dict[str, Any], human: dict[str, Any] | None = None,
+               pms: dict[str, Any] | None = None) -> GateInput:
+    """The gate's measurements: the evaluate step's metrics, the human verdict (None: off), the PMs' held-out accuracy."""
     names = {
         "win_rate_test_pm": "eval/win_rate_test_pm",
         "win_rate_train_pm": "eval/win_rate_train_pm",
@@ -726,15 +996,25 @@ def gate_input(metrics: dict[str, Any]) -> GateInput:
     missing = [key for key in names.values() if not isinstance(metrics.get(key), (int, float))]
     if missing:
         raise InvalidInput(f"the evaluate step reported no {', '.join(missing)}; the gate cannot decide")
-    return GateInput(**{field: float(metrics[key]) for field, key in names.items()})
+    extra: dict[str, Any] = {}
+    if human is not None and human.get("enabled"):
+        extra["human"] = HumanVerdict(wins=human["wins"], ties=human["ties"], losses=human["losses"],
+                                      required=human["min_comparisons"], tasks=human.get("tasks"),
+                                      outcome=human.get("outcome", "deadline"))
+    if pms is not None:
+        extra["train_pm"] = PMEvidence(accuracy=pms.get("heldout_accuracy"), decisive=pms.get("heldout_decisive") or 0)
+        extra["test_pm"] = PMEvidence(accuracy=pms.get("test_pm_heldout_accuracy"),
+                                      decisive=pms.get("test_pm_heldout_decisive") or 0)
+    return GateInput(**{field: float(metrics[key]) for field, key in names.items()}, **extra)
 
 
 def stage_gate(ctx: CycleContext) -> dict[str, Any]:
     """Deploy or reject the candidate, with every failed check's reason."""
-    evaluation = ctx.outputs("evaluate")
-    measured = gate_input(evaluation["metrics"])
-    if any(math.isnan(v) for v in asdict(measured).values()):
-        raise InvalidInput(f"the evaluate step reported NaN measurements: {asdict(measured)}")
+    evaluation, human, pms = ctx.outputs("evaluate"), ctx.outputs("human_eval"), ctx.outputs("train_pm")
+    measured = gate_input(evaluation["metrics"], human, pms)
+    scalars = {k: v for k, v in asdict(measured).items() if isinstance(v, float)}
+    if any(math.isnan(v) for v in scalars.values()):
+        raise InvalidInput(f"the evaluate step reported NaN measurements: {scalars}")
     config = GateConfig(**ctx.settings.gate.model_dump())
     decision = decide(measured, config)
     outputs = {**decision.as_dict(), "measured": asdict(measured), "thresholds": asdict(config),
@@ -771,15 +1051,11 @@ def stage_deploy(ctx: CycleContext) -> dict[str, Any]:
             )
         elif deployment is None:
             candidate = get_policy(session, gate["candidate_policy_id"])
-            measured = gate["measured"]
             deployment = deploy(
                 session,
                 policy_id=candidate.id,
                 name=target,
-                reason=(
-                    f"cycle {ctx.week}: {candidate.name} v{candidate.version} passed the gate "
-                    f"(test-PM win rate {measured['win_rate_test_pm']:.3f}, KL {measured['kl']:.4f})"
-                ),
+                reason=f"cycle {ctx.week}: {candidate.name} v{candidate.version} passed the gate ({_evidence(gate)})",
                 actor="orchestrator",
                 cycle_id=ctx.cycle_id,
             )
@@ -802,6 +1078,16 @@ def stage_deploy(ctx: CycleContext) -> dict[str, Any]:
     return ctx.commit("deploy", lambda session: outputs)
 
 
+def _evidence(gate: dict[str, Any]) -> str:
+    """The gate's headline numbers, for a deployment's reason."""
+    measures, measured = gate.get("measures", {}), gate["measured"]
+    parts = []
+    if measures.get("human_win_rate") is not None:
+        parts.append(f"human win rate {measures['human_win_rate']:.3f}, lower bound {measures['human_lower_bound']:.3f}")
+    parts.append(f"test-PM win rate {measured['win_rate_test_pm']:.3f}, KL {measured['kl']:.4f}")
+    return "; ".join(parts)
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[CycleContext], dict[str, Any]]] = {
     "sample": stage_sample,
     "gather": stage_gather,
@@ -809,6 +1095,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[CycleContext], dict[str, Any]]] = {
     "train_pm": stage_train_pm,
     "ppo": stage_ppo,
     "evaluate": stage_evaluate,
+    "human_eval": stage_human_eval,
     "gate": stage_gate,
     "deploy": stage_deploy,
 }
@@ -817,19 +1104,32 @@ STAGE_FUNCTIONS: dict[str, Callable[[CycleContext], dict[str, Any]]] = {
 # -- finishing -----------------------------------------------------------------------------------
 
 
+def skip_stage(ctx: CycleContext, stage: str, reason: str) -> dict[str, Any]:
+    """Record ``stage`` as skipped with ``reason`` (the later stages of a halted cycle), unless it finished."""
+    with ctx.db.session() as session:
+        run = get_stage(session, cycle_id=ctx.cycle_id, stage=stage)
+        if run is not None and run.status in DONE:
+            return dict(run.outputs)
+        start_stage(session, cycle_id=ctx.cycle_id, stage=stage)
+    return ctx.commit(stage, lambda session: {"skipped": reason}, status="skipped")
+
+
 def finish(ctx: CycleContext) -> Cycle:
-    """Mark the cycle succeeded; a rejected candidate's reasons become the cycle's reason."""
-    deployed = ctx.outputs("deploy")
-    reason = None
-    if not deployed["deployed"]:
-        ppo = ctx.outputs("ppo")
-        reason = (
-            f"candidate policy {ctx.outputs('open')['policy_name']} v{ppo['policy_version']} was not deployed: "
-            + "; ".join(deployed["reasons"])
-        )
+    """Mark the cycle succeeded (closing its open tasks); a halt or a rejected candidate's reasons become its reason."""
+    with ctx.db.session() as session:
+        runs = {r.stage: r for r in get_cycle(session, ctx.cycle_id).stages}
+        halt = next((runs[st].outputs["halt"] for st in STAGES if st in runs and runs[st].outputs.get("halt")), None)
+    reason = halt
+    if halt is None:
+        deployed = ctx.outputs("deploy")
+        if not deployed["deployed"]:
+            ppo = ctx.outputs("ppo")
+            reason = (
+                f"candidate policy {ctx.outputs('open')['policy_name']} v{ppo['policy_version']} was not deployed: "
+                + "; ".join(deployed["reasons"])
+            )
     with ctx.db.session() as session:
         cycle = get_cycle(session, ctx.cycle_id)
         if cycle.status == "running":
             cycle = finish_cycle(session, cycle_id=ctx.cycle_id, status="succeeded", reason=reason)
         return cycle
-

@@ -6,10 +6,12 @@ JavaScript): the deployed policy and what it was made from; the last
 cycle's flow-run state in Prefect (asked with a 3 s timeout when
 PREFECT_API_URL is set; the page says so when Prefect does not answer); and the
 charts an operator reads a week by: PM held-out accuracy and calibration,
-PPO reward against sqrt(KL), the candidate's win rate against the gate's
-bar, PPO reward under the train PM and under the held-out test PM (their gap
-is over-optimisation), the comparisons registered while each cycle ran and
-their rater agreement, and the gold score where the world has one (the demo).
+PPO reward against sqrt(KL), people's blinded A/B verdict on the candidate
+(win rate, its lower bound, the gate's bar) and the PMs' win rates, the Elo
+of the deployed policy from those verdicts, PPO reward under the train PM
+and under the held-out test PM (their gap is over-optimisation) with the
+train-PM ensemble's spread, the comparisons registered while each cycle ran
+and their rater agreement, and the gold score where the world has one (the demo).
 
 It reads the store only; actions stay with the API and the CLI. A browser
 signs in with an operator (or admin) key at ``/dashboard/login``; the key is
@@ -194,10 +196,13 @@ def charts(data: dict[str, Any]) -> dict[str, str]:
 
     lines("pm", "Preference model, held-out", [("accuracy (train PM)", "pm_accuracy"),
           ("accuracy (test PM)", "test_pm_accuracy"), ("ECE (train PM)", "pm_ece")])
-    lines("win_rate", "Candidate vs deployed: win rate", [("test PM", "win_rate"), ("train PM", "win_rate_train_pm"),
+    lines("human", "Candidate vs deployed: people's blinded A/B verdict", [("human win rate", "human_win_rate"),
+          ("its lower bound", "human_lower_bound"), ("gate requires the bound above", "human_bar")])
+    lines("win_rate", "Candidate vs deployed: PM win rate", [("test PM", "win_rate"), ("train PM", "win_rate_train_pm"),
           ("gate requires (test PM)", "required_win_rate")])
+    lines("elo", "Elo of the deployed policy (people's A/B verdicts, P0 = 0)", [("Elo", "elo_deployed")])
     lines("pm_gap", "PPO reward: train PM vs held-out test PM", [("train PM", "ppo_reward"),
-          ("test PM", "ppo_reward_test_pm")])
+          ("test PM", "ppo_reward_test_pm"), ("train-PM ensemble spread", "ppo_reward_spread")])
     lines("gold", "Gold score of the deployed policy", [("gold", "gold_score")])
 
     points = [(math.sqrt(kl), reward, c["week"]) for c in cycles

@@ -50,9 +50,16 @@ class FakeRunner:
     """Runs no model: writes small deterministic outputs, uploads them like the real runner."""
 
     def __init__(self, artifacts: ArtifactStore, work_dir: str | Path, *, eval_metrics: dict | None = None,
-                 fail: dict[str, int] | None = None):
+                 fail: dict[str, int] | None = None, candidate_response: str = RESPONSES[0],
+                 baseline_responses: tuple[str, ...] = RESPONSES[1:], collapse_below: float = 0.0):
         self.inner = InProcessRunner(artifacts, work_dir)
         self.eval_metrics = dict(GOOD_EVAL if eval_metrics is None else eval_metrics)
+        self.candidate_response = candidate_response
+        """what the candidate answers every held-out prompt (the store labeler prefers "Sure")"""
+        self.baseline_responses = baseline_responses
+        """what the deployed policy answers, in turn"""
+        self.collapse_below = collapse_below
+        """sampled below this temperature, a policy gives one response per prompt (a collapsed policy)"""
         self.fail = dict(fail or {})
         """step -> how many of its next runs raise"""
         self.calls: list[str] = []
@@ -86,7 +93,8 @@ class FakeRunner:
         for label in config["policies"]:
             for p in prompts:
                 for k in range(config["num_samples"]):
-                    response = RESPONSES[_h(config["seed"], label, p["id"], k) % len(RESPONSES)]
+                    draw = k if config["temperature"] >= self.collapse_below else 0
+                    response = RESPONSES[_h(config["seed"], label, p["id"], draw) % len(RESPONSES)]
                     lines.append(json.dumps({"prompt_id": p["id"], "policy": label, "sample_index": k,
                                              "prompt": p["prompt"], "response": response}))
         path = out / "samples.jsonl"
@@ -96,8 +104,9 @@ class FakeRunner:
     def _train_pm(self, config: dict, paths: dict, out: Path):
         data = Path(paths[config["dataset_path"]]).read_bytes()
         label = sha256_bytes(data)[:12]
-        metrics = {"heldout/accuracy": 0.8, "heldout/ece": 0.05, "data/train_comparisons": data.count(b"\n"),
-                   "test_pm/heldout/accuracy": 0.75}
+        metrics = {"heldout/accuracy": 0.8, "heldout/decisive": 40, "heldout/ece": 0.05,
+                   "data/train_comparisons": data.count(b"\n"), "test_pm/heldout/accuracy": 0.75,
+                   "test_pm/heldout/decisive": 40}
         return {"pm": self._model_dir(out / "pm", f"pm-{label}"),
                 "test_pm": self._model_dir(out / "test_pm", f"test-pm-{label}")}, metrics
 
@@ -108,8 +117,15 @@ class FakeRunner:
     def _evaluate(self, config: dict, paths: dict, out: Path):
         path = out / "report.json"
         path.write_text(json.dumps({"metrics": self.eval_metrics}))
+        prompts = [json.loads(line) for line in Path(paths[config["prompts_path"]]).read_text().splitlines()]
+        rows = []
+        for i, p in enumerate(prompts):
+            for k in range(config.get("num_samples", 1)):
+                baseline = self.baseline_responses[(i + k) % len(self.baseline_responses)]
+                rows.append(json.dumps({"prompt_id": p["id"], "sample": k, "candidate": {"response": self.candidate_response},
+                                        "baseline": {"response": baseline}}))
         samples = out / "samples.jsonl"
-        samples.write_text(json.dumps({"prompt_id": "p", "candidate": {}, "baseline": {}}) + "\n")
+        samples.write_text("\n".join(rows) + "\n")
         return {"report": path, "samples": samples}, dict(self.eval_metrics)
 
 
@@ -121,6 +137,7 @@ def fast_settings(**changes: Any) -> CycleSettings:
         "stage_retries": 1,
         "retry_delay_s": 0,
         "evaluate": {"prompt_set": "eval-prompts"},
+        "human_eval": {"min_comparisons": 3, "deadline_s": 60, "poll_interval_s": 0.05},
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -151,8 +168,11 @@ class StoreLabeler:
     the commit, so a test can check that no acknowledged comparison was lost.
     """
 
-    def __init__(self, database: Database, *, ack_path: Path | None = None, rater: str = "store-labeler"):
+    def __init__(self, database: Database, *, ack_path: Path | None = None, rater: str = "store-labeler",
+                 prefers: str = "Sure"):
         self.database = database
+        self.prefers = prefers
+        """the labeler prefers the response containing this (B when neither or both do)"""
         self.ack_path = ack_path
         self.rater = rater
         self.stop = threading.Event()
@@ -165,7 +185,7 @@ class StoreLabeler:
                 return 0
             comparisons = [
                 NewComparison(prompt=t.prompt, response_a=t.response_a, response_b=t.response_b,
-                              choice="a" if "Sure" in t.response_a else "b", rater_id=self.rater, task_id=t.id)
+                              choice="a" if self.prefers in t.response_a else "b", rater_id=self.rater, task_id=t.id)
                 for t in tasks
             ]
             batch, _ = create_feedback_batch(session, source="store-labeler", comparisons=comparisons)

@@ -1,8 +1,9 @@
 """Crash tests: the orchestrator process is SIGKILLed inside each stage in turn.
 
 Each run of the child process dies at the next kill point (the stage is
-running; the step ran and its outputs are uploaded; inside the transaction
-that registers its versions; the deployment committed before its hook); the
+running; the step ran and its outputs are uploaded; the eval tasks were
+created; inside the transaction that registers its versions; the deployment
+committed before its hook); the
 next run resumes the same cycle. After the last run finishes it, the store
 holds exactly one version of each output, the tasks were created once, and
 no acknowledged comparison was lost.
@@ -45,6 +46,9 @@ KILL_POINTS = [
     "ppo:in_step",
     "ppo:in_commit",
     "evaluate:ran",
+    "human_eval:started",
+    "human_eval:tasks",
+    "human_eval:in_commit",
     "gate:in_commit",
     "deploy:deployed",
     "deploy:in_commit",
@@ -86,7 +90,9 @@ def test_killed_inside_each_stage_the_reruns_finish_the_cycle_with_one_version_o
         assert s.scalar(select(func.count()).select_from(Policy)) == 2
         assert s.scalar(select(func.count()).select_from(Deployment).where(Deployment.cycle_id == cycle.id)) == 1
         tasks = s.scalar(select(func.count()).select_from(ComparisonTask).where(ComparisonTask.cycle_id == cycle.id))
-        assert tasks == runs["sample"].outputs["tasks"]
+        # the training tasks and the eval tasks were each created once
+        assert tasks == runs["sample"].outputs["tasks"] + runs["human_eval"].outputs["tasks"]
+        assert runs["human_eval"].outputs["tasks"] > 0 and runs["human_eval"].outputs["answers"] >= 3
         # no lost comparisons: every batch the labeler saw committed is in the store, none answers a task twice
         acked = {int(line) for line in (tmp_path / "acks").read_text().split()}
         stored = set(s.scalars(select(FeedbackBatch.id)))

@@ -37,15 +37,19 @@ def test_a_full_cycle_registers_each_version_once_with_its_lineage(prefect_api, 
     with pg_db.session() as s:
         cycle = s.scalar(select(Cycle).where(Cycle.week == WEEK))
         assert [r.stage for r in cycle.stages] == [
-            "open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "gate", "deploy"]
+            "open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "human_eval", "gate", "deploy"]
         assert all(r.status == "succeeded" and r.attempts == 1 for r in cycle.stages)
         assert cycle.flow_run_id is not None
         outputs = {r.stage: r.outputs for r in cycle.stages}
         # one samples dataset with its tasks, one snapshot, two PMs, one candidate, one deploy
         samples = s.get(Dataset, outputs["sample"]["samples_dataset_id"])
         assert (samples.kind, samples.cycle_id, samples.row_count) == ("samples", cycle.id, 6 * 3)
-        assert s.scalar(select(func.count()).select_from(ComparisonTask).where(ComparisonTask.cycle_id == cycle.id)) \
-            == outputs["sample"]["tasks"] > 0
+        assert s.scalar(select(func.count()).select_from(ComparisonTask).where(
+            ComparisonTask.cycle_id == cycle.id, ComparisonTask.kind == "train")) == outputs["sample"]["tasks"] > 0
+        # the human A/B evaluation: one blinded task per held-out prompt, answered; people preferred the candidate
+        human = outputs["human_eval"]
+        assert human["tasks"] == 4 and human["answers"] == 4 and human["wins"] == 4 and human["elo_candidate"] > 0
+        assert outputs["gate"]["measures"]["human_lower_bound"] > 0.5
         pm = s.get(PreferenceModel, outputs["train_pm"]["pm_id"])
         test_pm = s.get(PreferenceModel, outputs["train_pm"]["test_pm_id"])
         assert (pm.name, pm.role, test_pm.name, test_pm.role) == ("pm", "train", "test-pm", "test")
@@ -69,7 +73,7 @@ def test_a_second_trigger_for_the_same_week_does_not_start_a_second_cycle(prefec
         second = weekly_cycle(week=WEEK, params={"ppo": {"learning_rate": 0.5}})
     assert first["cycle_id"] == second["cycle_id"] and second["status"] == "succeeded"
     assert fake_env.runner_for(fake_env.defaults).calls == calls  # no step ran again
-    assert _count(pg_db, Cycle) == 1 and _count(pg_db, Policy) == 2 and _count(pg_db, StageRun) == 9
+    assert _count(pg_db, Cycle) == 1 and _count(pg_db, Policy) == 2 and _count(pg_db, StageRun) == 10
 
 
 def test_an_unparameterised_run_takes_its_week_from_the_scheduled_start(prefect_api, fake_env, pg_db, monkeypatch):

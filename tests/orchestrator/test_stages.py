@@ -81,7 +81,7 @@ def test_gather_stops_at_the_deadline_with_what_arrived(fake_env, pg_db):
     fake_env.clock, fake_env.sleep = clock, sleep
     out = stage_task.fn(ctx, "gather")
     assert out["outcome"] == "deadline" and out["comparisons"] == 0
-    assert out["tasks"] == {"open": ctx.outputs("sample")["tasks"], "done": 0}
+    assert out["tasks"] == {"open": ctx.outputs("sample")["tasks"], "done": 0, "closed": 0}
     with pg_db.session() as s:  # the deadline counts from the end of sampling, as recorded in the store
         assert now[0] - get_stage(s, cycle_id=ctx.cycle_id, stage="sample").finished_at == timedelta(seconds=3600)
 
@@ -98,7 +98,7 @@ def test_gather_waits_for_every_task_when_asked(fake_env, pg_db):
 def test_a_deployment_changed_during_the_cycle_is_not_overridden(fake_env, pg_db):
     ctx = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id=None)
     with StoreLabeler(pg_db):
-        _run(ctx, *STAGES[1:8])
+        _run(ctx, *STAGES[1:9])
     with pg_db.session() as s:  # an operator deploys P0 again (say, to roll back by hand) mid-cycle
         from store.deployments import deploy
 
@@ -122,7 +122,7 @@ def test_a_failed_hook_fails_the_stage_and_the_retry_reuses_the_deployment(fake_
     fake_env.deploy_hook = hook
     ctx = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id=None)
     with StoreLabeler(pg_db):
-        _run(ctx, *STAGES[1:8])
+        _run(ctx, *STAGES[1:9])
     with pytest.raises(HookFailed):
         stage_task.fn(ctx, "deploy")
     out = stage_task.fn(ctx, "deploy")
