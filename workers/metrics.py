@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,15 +110,21 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # several PMs of one run may log at once (train_pm parallel_pms)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` (flushed, so a killed run keeps what it logged)."""
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n")
+        line = json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
             fh.flush()
 
     def rewind(self, *, after_step: int, where: Mapping[str, Any] | None = None) -> None:
         """Drop lines whose ``step`` is greater than ``after_step`` (and that match ``where``)."""
+        with self._lock:
+            self._rewind(after_step, where)
+
+    def _rewind(self, after_step: int, where: Mapping[str, Any] | None) -> None:
         if not self.path.exists():
             return
         kept = []

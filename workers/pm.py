@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.modeling import causal_mask_4d
+
 # segment ids in a packed row
 PAD, PROMPT, RESPONSE_A, RESPONSE_B = -1, 0, 1, 2
 
@@ -293,11 +295,16 @@ class PreferenceModel(nn.Module):
         return hidden[batch.row, batch.index_a], hidden[batch.row, batch.index_b]
 
     def sequence_hidden(self, batch: SequenceBatch) -> torch.Tensor:
-        """Last hidden state of each right-padded sequence, shape [b, h]."""
+        """Last hidden state of each right-padded sequence, shape [b, h].
+
+        The causal mask is passed ready-made (``causal_mask_4d``): building it
+        inside transformers costs more than a small trunk's forward pass.
+        """
         device = self.device
         ids = batch.input_ids.to(device)
         positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        out = self.trunk(input_ids=ids, attention_mask=batch.attention_mask.to(device), position_ids=positions, use_cache=False)
+        mask = causal_mask_4d(batch.attention_mask.to(device), self.trunk)
+        out = self.trunk(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         return out.last_hidden_state[torch.arange(ids.shape[0], device=device), batch.last_index.to(device)]
 
     def score_pairs(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,10 @@ import dataclasses
 import math
 import os
 import shutil
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,7 @@ EVALUATIONS = 5
 # Fields that may differ between a run and the run that resumes it.
 RUN_ONLY_FIELDS = {
     "output_dir",
+    "parallel_pms",
     "max_steps_this_run",
     "progress",
     "num_threads",
@@ -148,6 +151,10 @@ class TrainPMConfig:
     most EVALUATIONS times in a PM's run)"""
     early_stop_patience: int | None = None
     """stop a PM after this many validation evaluations without a new best (None: run every step)"""
+    parallel_pms: int = 1
+    """PMs and ensemble members trained at once, in threads of this process (torch runs its ops outside the GIL),
+    sharing num_threads between them; each trains exactly as it would alone (needs disable_dropout: dropout
+    draws from the process-wide generator)"""
     seed: int = 0
     """seed of the head init, data order and dropout (the second PM uses seed + 1)"""
     batch_size: int = 32
@@ -263,6 +270,13 @@ class TrainPMConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        if self.parallel_pms < 1:
+            raise ConfigError(f"parallel_pms ({self.parallel_pms}) must be >= 1")
+        if self.parallel_pms > 1 and not self.disable_dropout:
+            raise ConfigError(
+                f"parallel_pms ({self.parallel_pms}) needs disable_dropout: dropout draws from the process-wide "
+                "random generator, so PMs trained at once would not train as they would alone"
+            )
         if self.early_stop_patience is not None and self.select_by != "val_loss":
             raise ConfigError(
                 f"early_stop_patience ({self.early_stop_patience}) needs select_by 'val_loss' (it is {self.select_by!r})"
@@ -399,30 +413,45 @@ def run(cfg: TrainPMConfig) -> StepResult:
     layout = TokenLayout(tokenizer, max_length=max_length, append_eos=cfg.append_eos)
     writer = MetricsWriter(out / "metrics.jsonl")
 
-    # 2. Train each PM (one, or the train/test pair) and each of its members, skipping what is already written.
+    # 2. Train each PM (one, or the train/test pair) and each of its members, skipping what is already written;
+    #    parallel_pms of them at once.
+    names = list(dict.fromkeys(job.name for job in jobs))
+    targets = {
+        job.label: (out / job.name if job.members == 1 else out / "members" / job.name / str(job.member)) for job in jobs
+    }
+    todo = [job for job in jobs if not _written(out / job.name, cfg) and not _written(targets[job.label], cfg)]
+    workers = min(cfg.parallel_pms, max(len(todo), 1))
+    if workers > 1 and cfg.num_threads is not None:
+        set_threads(max(1, cfg.num_threads // workers))  # the cores are shared among the PMs training at once
+
+    def train(index_job: tuple[int, _Job]) -> dict[str, Any] | None:
+        index, job = index_job
+        return _train_one(cfg, job, targets[job.label], layout=layout, device=device, compute_dtype=compute_dtype,
+                          writer=writer, check_packing=index == 0)
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train_pm") as pool:
+            trained = list(pool.map(train, enumerate(todo)))
+    else:
+        trained = []
+        for item in enumerate(todo):
+            trained.append(train(item))
+            if trained[-1] is None:
+                break
+    stopped = [job.label for job, result in zip(todo, trained) if result is None]
+    if stopped:  # stopped early by max_steps_this_run
+        return collect_result(STEP, out, {}, {"stopped_in": stopped[0]}, complete=False)
+
     outputs: dict[str, Path] = {}
     metrics: dict[str, Any] = {}
-    check_packing = True
-    for name in dict.fromkeys(job.name for job in jobs):
+    for name in names:
         pm_jobs = [job for job in jobs if job.name == name]
         final = out / name
-        if _written(final, cfg):
+        if len(pm_jobs) == 1 or _written(final, cfg):
             pm_metrics = read_pm_spec(final)["metrics"]
         else:
-            targets = [final] if len(pm_jobs) == 1 else [out / "members" / name / str(j.member) for j in pm_jobs]
-            for job, target in zip(pm_jobs, targets):
-                if _written(target, cfg):
-                    continue
-                trained = _train_one(cfg, job, target, layout=layout, device=device, compute_dtype=compute_dtype,
-                                     writer=writer, check_packing=check_packing)
-                check_packing = False
-                if trained is None:  # stopped early by max_steps_this_run
-                    return collect_result(STEP, out, {}, {"stopped_in": job.label}, complete=False)
-            if len(pm_jobs) == 1:
-                pm_metrics = read_pm_spec(final)["metrics"]
-            else:
-                pm_metrics = _ensemble(cfg, pm_jobs, targets, final, layout=layout, device=device,
-                                       compute_dtype=compute_dtype)
+            pm_metrics = _ensemble(cfg, pm_jobs, [targets[j.label] for j in pm_jobs], final, layout=layout, device=device,
+                                   compute_dtype=compute_dtype)
         outputs[name] = final
         prefix = "" if name == "pm" else f"{name}/"
         metrics.update({f"{prefix}{k}": v for k, v in pm_metrics.items()})
@@ -559,10 +588,15 @@ def _member_data(
     return kept, validation
 
 
+_LOADING = threading.Lock()
+"""transformers' from_pretrained switches process-wide state while it loads: one load at a time (parallel_pms)"""
+
+
 def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> PreferenceModel:
     """Trunk and head from the base model (new head) or a warm-start PM; float32 master weights."""
     source = cfg.warm_start_path or cfg.model_path
-    trunk = load_trunk(source, device=device, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
+    with _LOADING:
+        trunk = load_trunk(source, device=device, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     hidden = trunk.config.hidden_size
     if cfg.warm_start_path is not None:
         head = load_head(cfg.warm_start_path, hidden_size=hidden, device=device, dtype=torch.float32)
@@ -795,7 +829,8 @@ def _train_one(
     if job.members > 1:
         spec["member"] = job.member
     pm.eval()
-    save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP)
+    with _LOADING:
+        save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return results
 
