@@ -144,6 +144,9 @@ class PPOSettings(_Section):
 
     init: Literal["deployed", "reference"] = "deployed"
     """start from the deployed policy (iterated online RLHF) or from the reference policy"""
+    kl_anchor: Literal["reference", "deployed"] = "reference"
+    """what the per-token KL penalty pulls toward: the reference policy (P0, the paper's) or the deployed policy
+    (each cycle a bounded step from the last; the gate's KL budget is still measured from the reference)"""
     total_episodes: int = Field(default=256, ge=1)
     """responses generated and scored over the run"""
     rollout_batch_size: int = Field(default=16, ge=1)

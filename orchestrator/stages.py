@@ -749,17 +749,23 @@ def stage_train_pm(ctx: CycleContext) -> dict[str, Any]:
 
 
 def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
-    """C(k): PPO from the deployed policy (or the reference) against M(k), KL-anchored to the reference."""
+    """C(k): PPO from the deployed policy (or the reference) against M(k), with a per-token KL penalty to the
+    reference (``ppo.kl_anchor: reference``) or to the deployed policy (``deployed``).
+
+    The candidate's lineage names the cycle's reference policy either way (P0: the root its KL budget and its
+    PMs' base are measured from); the anchor the penalty pulled toward is in its config and the stage's outputs.
+    """
     opened, pms = ctx.outputs("open"), ctx.outputs("train_pm")
     p = ctx.settings.ppo
     with ctx.db.session() as session:
         init = get_policy(session, opened["baseline_policy_id"] if p.init == "deployed" else opened["reference_policy_id"])
         reference = get_policy(session, opened["reference_policy_id"])
+        anchor = get_policy(session, opened["baseline_policy_id"]) if p.kl_anchor == "deployed" else reference
         pm, test_pm = get_pm(session, pms["pm_id"]), get_pm(session, pms["test_pm_id"])
         prompt_set = get_dataset(session, opened["prompt_dataset_id"])
         refs = {
             "init": _artifact_of(session, init, "init policy"),
-            "reference": _artifact_of(session, reference, "reference policy"),
+            "reference": _artifact_of(session, anchor, "KL anchor policy"),
             "pm": _artifact_of(session, pm, "PM"),
             "test_pm": _artifact_of(session, test_pm, "test PM"),
             "prompts": _ref(get_artifact(session, prompt_set.artifact_id)),
@@ -806,6 +812,7 @@ def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
             "policy_id": policy.id,
             "policy_version": policy.version,
             "init_policy_id": init.id,
+            "kl_anchor_policy_id": anchor.id,
             "reward": metrics.get("ppo/reward"),
             "reward_test_pm": metrics.get("ppo/reward_test_pm"),
             "reward_spread": metrics.get("ppo/reward_spread"),
@@ -919,18 +926,16 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
         return ctx.commit("human_eval", lambda session: outputs, status="skipped")
     opened, evaluation = ctx.outputs("open"), ctx.outputs("evaluate")
 
-    # 1. The eval tasks, once.
+    # 1. The eval tasks, once (a re-run finds them; the stage row's lock keeps two runs from both creating them).
     with ctx.db.session() as session:
+        samples_ref = _ref(get_artifact(session, evaluation["samples_artifact_id"]))
+        prompts_ref = _ref(get_artifact(session, get_dataset(session, opened["eval_prompt_dataset_id"]).artifact_id))
+        prompts = {json.dumps(p["id"]): p["prompt"] for p in _read_jsonl(ctx.env, prompts_ref)}
+        pairs, identical = eval_pairs(_read_jsonl(ctx.env, samples_ref), prompts, week=ctx.week, max_tasks=h.max_tasks)
+        get_stage(session, cycle_id=ctx.cycle_id, stage="human_eval", for_update=True)
         existing = eval_tasks_of(session, cycle_id=ctx.cycle_id)
-        identical = None
         if not existing:
-            samples_ref = _ref(get_artifact(session, evaluation["samples_artifact_id"]))
-            prompts_ref = _ref(get_artifact(session, get_dataset(session, opened["eval_prompt_dataset_id"]).artifact_id))
-            prompts = {json.dumps(p["id"]): p["prompt"] for p in _read_jsonl(ctx.env, prompts_ref)}
-            pairs, identical = eval_pairs(_read_jsonl(ctx.env, samples_ref), prompts, week=ctx.week, max_tasks=h.max_tasks)
-            get_stage(session, cycle_id=ctx.cycle_id, stage="human_eval", for_update=True)  # one creator at a time
-            if not eval_tasks_of(session, cycle_id=ctx.cycle_id):
-                existing = create_tasks(session, tasks=pairs, cycle_id=ctx.cycle_id, kind="eval")
+            existing = create_tasks(session, tasks=pairs, cycle_id=ctx.cycle_id, kind="eval")
         created_at = min((t.created_at for t in existing), default=ctx.env.clock())
         task_count = len(existing)
     kill_point("human_eval", "tasks")
@@ -971,9 +976,10 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
     if outcomes:
         matches.append(Match(a=verdict["candidate_policy_id"], b=verdict["baseline_policy_id"], wins_a=wins,
                              ties=ties, wins_b=verdict["losses"]))
-    ratings = fit_elo(matches, anchor=opened["reference_policy_id"]) if matches else {}
-    if ratings and opened["reference_policy_id"] not in ratings:
-        ratings = fit_elo(matches)  # the reference never played here: anchor the earliest policy instead
+    played = {m.a for m in matches} | {m.b for m in matches}
+    # P0 (the reference) at 0; if it never played, the earliest policy that did
+    anchor = opened["reference_policy_id"] if opened["reference_policy_id"] in played else None
+    ratings = fit_elo(matches, anchor=anchor)
     verdict["elo"] = {str(k): round(v, 1) for k, v in sorted(ratings.items())}
     verdict["elo_candidate"] = verdict["elo"].get(str(verdict["candidate_policy_id"]))
     verdict["elo_baseline"] = verdict["elo"].get(str(verdict["baseline_policy_id"]))

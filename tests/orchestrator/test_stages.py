@@ -151,3 +151,24 @@ def test_the_resolved_settings_are_fixed_when_the_cycle_opens(fake_env, pg_db):
     again = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id="later")
     assert again.cycle_id == ctx.cycle_id and again.settings == ctx.settings
     assert again.settings.sample.num_samples == 2 and again.settings.sample.prompts_per_cycle == 6
+
+
+def test_the_kl_anchor_may_be_the_deployed_policy_while_the_lineage_keeps_the_reference(fake_env, pg_db):
+    from store.models import Policy
+
+    first = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id=None)
+    with StoreLabeler(pg_db):
+        _run(first, *STAGES[1:])
+    p1 = first.outputs("deploy")["policy_id"]
+    ctx = open_stage(fake_env, week="2026-W31", params={"ppo": {"kl_anchor": "deployed"}}, trigger="manual",
+                     flow_run_id=None)
+    with StoreLabeler(pg_db):
+        out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "ppo")["ppo"]
+    opened = ctx.outputs("open")
+    assert opened["baseline_policy_id"] == p1 and opened["reference_policy_id"] != p1
+    assert out["kl_anchor_policy_id"] == p1
+    with pg_db.session() as s:
+        candidate = s.get(Policy, out["policy_id"])
+        anchor_uri = s.get(Policy, p1).artifact.uri
+        assert candidate.reference_policy_id == opened["reference_policy_id"]  # P0: the root of the KL budget
+        assert candidate.config["reference_path"] == anchor_uri == candidate.config["policy_path"]
