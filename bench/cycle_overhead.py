@@ -1,6 +1,6 @@
 """Orchestration overhead of one weekly cycle: wall time minus the stages' own compute time.
 
-    python bench/cycle_overhead.py [--backend postgres|sqlite] [--world-steps 200]
+    python bench/cycle_overhead.py [--backend postgres|sqlite] [--world-steps 300]
 
 1. A scratch store (a throwaway PostgreSQL database on the server
    RATCHET_BENCH_POSTGRES_URL names, default the local one; or a SQLite file),
@@ -71,7 +71,7 @@ def scratch_database(backend: str, tmp: Path) -> tuple[str, callable]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
-    parser.add_argument("--world-steps", type=int, default=200, help="SFT steps of the demo world's P0")
+    parser.add_argument("--world-steps", type=int, default=300, help="SFT steps of the demo world's P0")
     parser.add_argument("--week", default="2030-W01")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

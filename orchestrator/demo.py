@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -56,15 +57,15 @@ def demo_cycle_settings() -> CycleSettings:
     return CycleSettings.model_validate(
         {
             "prompt_set": "prompts",
-            "sample": {"prompts_per_cycle": 240, "num_samples": 4, "max_new_tokens": 32, "batch_size": 64},
+            "sample": {"prompts_per_cycle": 240, "num_samples": 4, "max_new_tokens": 32, "batch_size": 128},
             "gather": {"min_comparisons": 200, "all_tasks": True, "deadline_s": 300, "poll_interval_s": 0.25},
             "pm": {"learning_rate": 1e-3, "batch_size": 32, "max_steps": 40, "max_length": 96, "heldout_fraction": 0.15,
-                   "ensemble_size": 3, "test_ensemble_size": 1},
+                   "ensemble_size": 3, "test_ensemble_size": 1, "extra": {"parallel_pms": 2}},
             "ppo": {
                 "total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
-                "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0,
+                "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0, "kl_anchor": "deployed",
             },
-            "evaluate": {"prompt_set": "eval-prompts", "num_samples": 2, "max_new_tokens": 32},
+            "evaluate": {"prompt_set": "eval-prompts", "num_samples": 2, "max_new_tokens": 32, "extra": {"batch_size": 64}},
             "human_eval": {"min_comparisons": 50, "deadline_s": 300, "poll_interval_s": 0.25},
             "gate": {"win_margin": 0.02, "kl_budget": 10.0, "max_pm_gap": 0.2},
             "gold": GOLD,
@@ -220,8 +221,9 @@ def run_demo(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-start") as pool:
         prefect_started = pool.submit(start_prefect)
         with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
+            # one thread: the other core is Prefect's while it starts
             world = build_world(database, artifacts, paths.work_dir, config=world_config, tag=f"world-{weeks[0]}",
-                                num_threads=defaults.num_threads)
+                                num_threads=1)
         console.print(
             f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
             f"registered as policy v{world.policy_version} and deployed"
@@ -323,7 +325,7 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
             if body["status"] != "running":
                 progress.update(bar, stage=body["status"])
                 break
-            time.sleep(0.25)
+            time.sleep(0.5)
     summary = cycle_summary(database, cycle_id)
     if summary["status"] == "succeeded":
         verdict = "[green]deployed[/green]" if summary["deployed"] else "[yellow]kept the deployed policy[/yellow]"
@@ -342,16 +344,18 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
 
 def summary_table(result: dict[str, Any]) -> Table:
     """The demo's summary as a rich table."""
-    table = Table(title="Ratchet demo: one row per cycle (gold: of the policy deployed at the end of the cycle)")
-    for column in ("cycle", "week", "PM acc", "PPO reward", "KL", "test-PM win", "human win (bound)", "deployed",
-                   "Elo", "gold"):
-        table.add_column(column, justify="right")
+    table = Table(title="Ratchet demo: one row per cycle (gold: of the policy deployed at the end of the cycle)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
+    # people: the human win rate and its lower bound; PM win: the test PM's win rate
+    for column in ("#", "week", "PM acc", "reward", "KL", "PM win", "people", "deploy", "Elo", "gold"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=max(len(column), 4))
     table.add_row("0", "-", "-", "-", "-", "-", "-", "P0", "0", _fmt(result["gold_score_initial"]))
+    table.caption = "people: human win rate of the candidate (its lower bound); PM win: its test-PM win rate"
     for row in result["cycles"]:
-        human = "-" if row["human_win_rate"] is None else f"{row['human_win_rate']:.3f} ({_fmt(row['human_lower_bound'])})"
+        people = "-" if row["human_win_rate"] is None else f"{row['human_win_rate']:.2f} ({_fmt(row['human_lower_bound'], 2)})"
         table.add_row(
-            str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"]), _fmt(row["ppo_reward"]), _fmt(row["kl"]),
-            _fmt(row["win_rate"]), human, _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
+            str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"], 2), _fmt(row["ppo_reward"], 2), _fmt(row["kl"], 2),
+            _fmt(row["win_rate"], 2), people, _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
             _fmt(row["elo"], 0), _fmt(row["gold_score"]),
         )
     return table

@@ -111,16 +111,24 @@ class SimulatedLabeler:
         self.stats.comparisons += len(comparisons)
         return len(comparisons)
 
-    def run(self, stop: threading.Event, *, poll_interval_s: float = 0.5) -> LabelerStats:
-        """Label until ``stop`` is set; errors are logged and retried after a pause."""
+    def run(self, stop: threading.Event, *, poll_interval_s: float = 0.5, max_interval_s: float = 2.0) -> LabelerStats:
+        """Label until ``stop`` is set; errors are logged and retried after a pause.
+
+        With no task to answer the pause doubles, up to ``max_interval_s``, and
+        is ``poll_interval_s`` again once tasks come: an idle labeler costs
+        the server little while a cycle trains.
+        """
+        pause = poll_interval_s
         while not stop.is_set():
             try:
                 if self.label_once():
+                    pause = poll_interval_s
                     continue
             except httpx.HTTPError as exc:
                 self.stats.errors.append(str(exc))
                 log.warning("labeler %s: %s", self.rater_id, exc)
-            stop.wait(poll_interval_s)
+            stop.wait(pause)
+            pause = min(pause * 2, max_interval_s)
         return self.stats
 
     def close(self) -> None:

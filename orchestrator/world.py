@@ -44,7 +44,7 @@ class WorldConfig:
     """position embeddings (prompts are ~20 tokens, responses ~30)"""
     correct_weight: int = 2
     """copies of the right response per prompt in P0's corpus (see ``demo_world.corpus``)"""
-    sft_steps: int = 200
+    sft_steps: int = 300
     """fine-tuning steps of P0"""
     sft_learning_rate: float = 1e-2
     """fine-tuning learning rate (a tiny model takes a large one)"""
