@@ -25,11 +25,15 @@ def fetch_tasks(
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     cycle_id: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="default: the running cycle")] = None,
 ) -> Any:
-    """Lease up to ``limit`` open tasks to the caller.
+    """Lease up to ``limit`` open tasks to the caller, eval tasks first.
 
     Tasks come from the running cycle (or ``cycle_id``); when no cycle is
-    running, from any open task. A leased task goes to no one else until its
-    lease runs out; a task answered in a feedback batch (by ``task_id``) is done.
+    running, from open tasks that belong to no cycle. A finished cycle's
+    tasks are closed and a failed one's wait for its re-run: no labeler is
+    handed a stale task. A leased task goes to no one else until its lease
+    runs out; a task answered in a feedback batch (by ``task_id``) is done.
+    An eval task (the blinded A/B evaluation of a candidate) looks like any
+    other: which response is the candidate's is never shown.
     """
     if cycle_id is None:
         cycle_id = session.scalar(select(Cycle.id).where(Cycle.status == "running").order_by(Cycle.id.desc()).limit(1))

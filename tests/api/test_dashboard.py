@@ -16,9 +16,12 @@ STAGE_OUTPUTS = {
     "snapshot": {"rows": 5},
     "gather": {"comparisons": 5},
     "train_pm": {"pm_version": 1, "heldout_accuracy": 0.71, "heldout_ece": 0.08, "test_pm_heldout_accuracy": 0.66},
-    "ppo": {"policy_version": 2, "reward": 0.42, "reward_test_pm": 0.18, "kl": 2.25},
+    "ppo": {"policy_version": 2, "reward": 0.42, "reward_test_pm": 0.18, "reward_spread": 0.3, "kl": 2.25},
     "evaluate": {"metrics": {"eval/win_rate_test_pm": 0.47, "eval/win_rate_train_pm": 0.74, "eval/kl": 2.1}},
+    "human_eval": {"enabled": True, "answers": 60, "wins": 20, "ties": 10, "losses": 30, "win_rate": 25 / 60,
+                   "elo_candidate": -58.0, "elo_baseline": 0.0},
     "gate": {"deploy": False, "reasons": ["test-PM win rate 0.470 is below the required 0.520"],
+             "measures": {"human_lower_bound": 0.33, "human_bar": 0.5},
              "thresholds": {"win_margin": 0.02, "kl_budget": 1.0, "max_pm_gap": 0.2}},
     "deploy": {"deployed": False, "reasons": ["test-PM win rate 0.470 is below the required 0.520"]},
 }
@@ -86,12 +89,12 @@ def test_the_page_shows_cycles_the_deployed_lineage_and_charts(client, keys, pg_
     assert page.status_code == 200
     html = page.text
     for text in ("2026-W47", "candidate rejected by the gate", "test-PM win rate 0.470 is below the required 0.520",
-                 "0.710", "0.470", "trained on", "first policy &lt;b&gt;"):  # stored text is escaped
+                 "0.710", "0.470", "0.417", "&ge; 0.330 of 60", "trained on", "first policy &lt;b&gt;"):  # stored text is escaped
         assert text in html, text
     assert "<b>" not in html.split("first policy", 1)[1][:20]
-    for name in ("pm", "win_rate", "pm_gap", "reward_kl", "feedback", "agreement"):
+    for name in ("pm", "human", "win_rate", "elo", "pm_gap", "reward_kl", "feedback", "agreement"):
         assert f'id="chart-{name}"' in html, name
-    assert html.count("<svg") == 6
+    assert html.count("<svg") == 8
 
 
 def test_the_data_behind_the_page(pg_db, artifacts):
@@ -100,6 +103,7 @@ def test_the_data_behind_the_page(pg_db, artifacts):
     (cycle,) = data["cycles"]
     assert cycle["pm_accuracy"] == 0.71 and cycle["pm_ece"] == 0.08 and cycle["required_win_rate"] == pytest.approx(0.52)
     assert cycle["ppo_reward_test_pm"] == 0.18 and cycle["deployed"] is False
+    assert (cycle["human_answers"], cycle["human_lower_bound"], cycle["elo_deployed"]) == (60, 0.33, 0.0)
     assert [c["kind"] for c in data["deployed"]["chain"]] == ["policy", "pm", "dataset"]
     assert data["deployed"]["feedback_batches"] == 2 and data["deployed"]["policies_before"] == 1
     (feedback,) = data["feedback"]
@@ -107,5 +111,5 @@ def test_the_data_behind_the_page(pg_db, artifacts):
     # pairs 0 and 1 were judged by r1 and by r2, alike
     assert feedback["pairs_with_multiple_raters"] == 2 and feedback["agreement"] == 1.0
     svgs = charts(data)
-    assert set(svgs) == {"pm", "win_rate", "pm_gap", "reward_kl", "feedback", "agreement"}
+    assert set(svgs) == {"pm", "human", "win_rate", "elo", "pm_gap", "reward_kl", "feedback", "agreement"}
     assert "2026-W47" in svgs["reward_kl"]  # each point is labelled with its week

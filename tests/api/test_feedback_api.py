@@ -161,6 +161,24 @@ def test_tasks_are_leased_once_and_answered_tasks_are_done(client, keys, pg_db):
         assert s.get(ComparisonTask, task["id"]).status == "done"
 
 
+def test_eval_tasks_are_served_first_blinded_and_a_finished_cycles_tasks_never(client, keys, pg_db):
+    from store.cycles import finish_cycle, open_cycle
+
+    with pg_db.session() as s:
+        done, _ = open_cycle(s, week="2026-W01")
+        create_tasks(s, cycle_id=done.id, tasks=[{"prompt": "stale", "response_a": "x", "response_b": "y"}])
+        finish_cycle(s, cycle_id=done.id, status="succeeded")  # closes its open task
+        running, _ = open_cycle(s, week="2026-W02")
+        create_tasks(s, cycle_id=running.id, tasks=[{"prompt": "train", "response_a": "x", "response_b": "y"}])
+        create_tasks(s, cycle_id=running.id, kind="eval", tasks=[
+            {"prompt": "eval", "response_a": "candidate", "response_b": "deployed", "candidate_side": "a"}])
+    leased = client.get("/v1/comparison-tasks?limit=10", headers=keys.labeler).json()["data"]
+    assert [t["prompt"] for t in leased] == ["eval", "train"]  # the eval task first; the stale one never
+    assert set(leased[0]) == set(leased[1])  # an eval task looks like any other
+    assert not {"candidate_side", "kind"} & set(leased[0]) and leased[0]["metadata"] == {}
+    assert client.get(f"/v1/comparison-tasks?cycle_id={done.id}", headers=keys.labeler).json()["count"] == 0
+
+
 def test_list_pages_with_a_cursor(client, keys):
     for i in range(5):
         client.post("/v1/feedback-batches", json=batch_body(1, source=f"s{i}"), headers=keys.labeler)
