@@ -589,7 +589,8 @@ def _member_data(
 
 
 _LOADING = threading.Lock()
-"""transformers' from_pretrained switches process-wide state while it loads: one load at a time (parallel_pms)"""
+"""transformers' from_pretrained switches process-wide state while it loads (weight init patched out, modules
+made on the meta device): PMs training at once (parallel_pms) build, load and save their modules one at a time"""
 
 
 def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> PreferenceModel:
@@ -597,13 +598,13 @@ def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> Prefere
     source = cfg.warm_start_path or cfg.model_path
     with _LOADING:
         trunk = load_trunk(source, device=device, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
-    hidden = trunk.config.hidden_size
-    if cfg.warm_start_path is not None:
-        head = load_head(cfg.warm_start_path, hidden_size=hidden, device=device, dtype=torch.float32)
-    else:
-        std = cfg.head_init_std or getattr(trunk.config, "initializer_range", None) or 0.02
-        head = PreferenceModel.new_head(hidden, std=std, seed=seed).to(device)
-    pm = PreferenceModel(trunk, head)
+        hidden = trunk.config.hidden_size
+        if cfg.warm_start_path is not None:
+            head = load_head(cfg.warm_start_path, hidden_size=hidden, device=device, dtype=torch.float32)
+        else:
+            std = cfg.head_init_std or getattr(trunk.config, "initializer_range", None) or 0.02
+            head = PreferenceModel.new_head(hidden, std=std, seed=seed).to(device)
+        pm = PreferenceModel(trunk, head)
     if cfg.disable_dropout:
         disable_dropout(pm)
     return pm

@@ -235,6 +235,20 @@ def test_a_killed_ensemble_run_resumes_to_the_same_members(tmp_path, ensemble):
     assert last.metrics["heldout/log_loss"] == pytest.approx(result.metrics["heldout/log_loss"], abs=1e-5)
 
 
+def test_members_trained_two_at_a_time_train_exactly_as_one_at_a_time(tmp_path, ensemble):
+    cfg, result = ensemble
+    parallel = run(dataclasses.replace(cfg, output_dir=str(tmp_path / "par"), parallel_pms=2))
+    for rel in (".", "members/1", "members/2"):
+        a, b = _weights(Path(result.outputs["pm"]) / rel), _weights(tmp_path / "par/pm" / rel)
+        assert all(torch.equal(a[k], b[k]) for k in a), rel
+    assert _weights(Path(result.outputs["test_pm"])).keys() == _weights(tmp_path / "par/test_pm").keys()
+    assert parallel.metrics["heldout/log_loss"] == result.metrics["heldout/log_loss"]
+    labels = {r["pm"] for r in read_metrics(tmp_path / "par/metrics.jsonl")}
+    assert labels == {"pm/member-0", "pm/member-1", "pm/member-2", "test_pm"}
+    with pytest.raises(ConfigError, match=r"parallel_pms \(2\) needs disable_dropout"):
+        run(dataclasses.replace(cfg, parallel_pms=2, disable_dropout=False))
+
+
 def test_warm_start_from_an_earlier_pm(tmp_path, trained_pm, tiny_gpt2, synthetic_path):
     _, earlier = trained_pm
     fresh = write_jsonl(tmp_path / "more.jsonl", synthetic_preferences(80, seed=7))
