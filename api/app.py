@@ -23,6 +23,7 @@ from api.deps import KeyCache
 from api.routes import admin, dashboard, feedback, operations, registry, tasks
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
+from store.errors import DatabaseUnavailable
 from store.feedback import IdempotentReplay
 from store.feedback_async import AsyncFeedbackWriter
 from store.settings import Settings, get_settings
@@ -58,7 +59,7 @@ def create_app(
     """
     settings = settings or get_settings()
     owns_database = database is None
-    database = database or open_database(settings.resolved_database_url)
+    database = database or open_database(settings.resolved_database_url, pool_timeout_s=settings.db_pool_timeout_s)
     artifacts = artifacts or ArtifactStore(settings.resolved_artifacts_url)
 
     @asynccontextmanager
@@ -73,7 +74,9 @@ def create_app(
         # (store.feedback_async); the pool lives in the loop that serves.
         warming = None
         if database.engine.dialect.name == "postgresql" and settings.inline_batch_bytes > 0:
-            app.state.inline_writer = await AsyncFeedbackWriter.open(database.url, max_size=settings.inline_pool_size)
+            app.state.inline_writer = await AsyncFeedbackWriter.open(
+                database.url, max_size=settings.inline_pool_size, acquire_timeout_s=settings.db_pool_timeout_s
+            )
             warming = asyncio.create_task(app.state.inline_writer.warm())
         try:
             yield
@@ -100,20 +103,34 @@ def create_app(
     @app.exception_handler(IdempotentReplay)
     async def _lost_race(request: Request, exc: IdempotentReplay) -> JSONResponse:
         as_import = request.url.path.endswith("/import")
-        body = await run_in_threadpool(feedback.replayed_batch, database, exc.batch_id, as_import=as_import)
+        try:
+            body = await run_in_threadpool(feedback.replayed_batch, database, exc.batch_id, as_import=as_import)
+        except DatabaseUnavailable as lost:  # a handler's own error would be a 500
+            return errors.database_unavailable(lost)
         return JSONResponse(body, status_code=200)
 
-    app.add_middleware(ServerTiming)
+    app.add_middleware(AnswerHeaders)
     for module in (admin, feedback, tasks, registry, operations, dashboard):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app
 
 
-class ServerTiming:
-    """Adds ``Server-Timing: app;dur=<ms>`` to every answer: the time the app
+class AnswerHeaders:
+    """Adds to every answer ``Server-Timing: app;dur=<ms>`` (the time the app
     spent on the request, so a client can tell server time from network and
-    its own queueing (a pure ASGI middleware: no extra task or thread hop)."""
+    its own queueing) and, unless the route set its own,
+    ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
+    ``Referrer-Policy: same-origin`` (no page of the app may be framed, sniffed
+    into another type, or tell another site which URL linked to it). The
+    dashboard adds its own Content-Security-Policy; the API docs page loads
+    scripts and keeps none. A pure ASGI middleware: no extra task or thread hop."""
+
+    SECURITY = (
+        (b"x-frame-options", b"DENY"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"same-origin"),
+    )
 
     def __init__(self, app):
         self.app = app
@@ -124,15 +141,17 @@ class ServerTiming:
             return
         start = time.perf_counter()
 
-        async def timed_send(message):
+        async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 duration = (time.perf_counter() - start) * 1000
                 headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend((name, value) for name, value in self.SECURITY if name not in present)
                 headers.append((b"server-timing", f"app;dur={duration:.2f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, timed_send)
+        await self.app(scope, receive, send_with_headers)
 
 
 def _openapi(app: FastAPI) -> dict:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store import errors
@@ -20,6 +21,8 @@ from store import errors
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 100
+RETRY_AFTER_S = 5
+"""the Retry-After of a 503 (database or dependency unavailable)"""
 
 
 class FieldError(BaseModel):
@@ -43,14 +46,29 @@ class PayloadTooLarge(Exception):
     """A request over a configured size limit (413)."""
 
 
+class RequestTimedOut(Exception):
+    """A request body that stopped arriving (408)."""
+
+
+class TooManyRequests(Exception):
+    """The caller already runs as many of these requests as it may (429, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 DESCRIPTIONS = {
     401: "Missing, unknown or revoked API key",
     403: "The API key's role may not do this",
     404: "Not found",
+    408: "The request body stopped arriving; nothing was written",
     409: "Conflict (idempotency key reused with another body, nothing to roll back, ...)",
     413: "Request over a size limit; the message names the limit",
     422: "Invalid input; each bad record is named by index and field",
-    503: "Database unreachable, schema not at head, or no orchestrator configured",
+    429: "The API key already runs as many of these requests as it may; retry after Retry-After seconds",
+    503: "Database unreachable or busy, schema not at head, server at capacity, or no orchestrator configured;"
+    " retry after Retry-After seconds",
 }
 
 
@@ -62,6 +80,15 @@ def responses(*codes: int) -> dict[int | str, dict]:
 def _body(status: int, detail: str, field_errors: list[dict] | None = None, headers: dict | None = None) -> JSONResponse:
     payload = ErrorResponse(detail=detail, errors=[FieldError(**e) for e in (field_errors or [])[:MAX_REPORTED_ERRORS]])
     return JSONResponse(payload.model_dump(), status_code=status, headers=headers)
+
+
+def database_unavailable(exc: BaseException) -> JSONResponse:
+    """The 503 for a database that cannot be reached or has no free connection.
+
+    The driver's words (host, port, user) go to the log only: the key lookup
+    that precedes authentication can fail this way too."""
+    log.error("database unavailable: %s", exc)
+    return _body(503, f"database unavailable; retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def pydantic_field_errors(
@@ -122,6 +149,14 @@ def install(app: FastAPI) -> None:
     async def _too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
         return _body(413, str(exc))
 
+    @app.exception_handler(RequestTimedOut)
+    async def _timed_out(_: Request, exc: RequestTimedOut) -> JSONResponse:
+        return _body(408, str(exc), headers={"Connection": "close"})
+
+    @app.exception_handler(TooManyRequests)
+    async def _too_many(_: Request, exc: TooManyRequests) -> JSONResponse:
+        return _body(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(errors.SchemaNotAtHead)
     async def _schema(_: Request, exc: errors.SchemaNotAtHead) -> JSONResponse:
         return _body(503, str(exc))
@@ -129,9 +164,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(errors.ServiceUnavailable)
     async def _service_unavailable(_: Request, exc: errors.ServiceUnavailable) -> JSONResponse:
         log.error("service unavailable: %s", exc)
-        return _body(503, str(exc), headers={"Retry-After": "5"})
+        return _body(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(errors.DatabaseUnavailable)
     async def _unavailable(_: Request, exc: errors.DatabaseUnavailable) -> JSONResponse:
-        log.error("database unavailable: %s", exc)
-        return _body(503, f"database unavailable: {exc}", headers={"Retry-After": "5"})
+        return database_unavailable(exc)
+
+    # Connectivity errors that escaped a session scope (none should): still a 503, never a 500.
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _unscoped(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("a database error was raised outside a session scope: %r", exc)
+        return database_unavailable(exc)

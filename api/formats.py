@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 FORMATS = ("hh-rlhf", "trl")
@@ -30,10 +31,16 @@ ASSISTANT_MARKER = "\n\nAssistant:"
 GZIP_MAGIC = b"\x1f\x8b"
 """The first two bytes of every gzip stream (RFC 1952), used to auto-detect gzip."""
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib with a gzip header and trailer
+INFLATE_PIECE_BYTES = 64 * 1024
+"""most decoded bytes one inflate step makes: a gzip bomb is refused after at most this much past the limit"""
 
 
 class FormatError(ValueError):
     """A line could not be parsed; the message is the reason, for a human."""
+
+
+class DecodedTooLarge(Exception):
+    """The decoded (after gzip) body went past the parser's ``max_decoded_bytes``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +115,25 @@ def _string_field(obj: dict, name: str) -> str:
     return value
 
 
-def parse_record(fmt: str, obj: object) -> tuple[str, str, str]:
+def parse_record(fmt: str, obj: object, *, max_text_chars: int | None = None) -> tuple[str, str, str]:
     """Read one decoded JSON line as ``(prompt, chosen_response, rejected_response)``.
 
     ``hh-rlhf`` lines are ``{"chosen": str, "rejected": str}`` (split with
     ``split_hh_dialogue``); ``trl`` lines are
     ``{"prompt": str, "chosen": str, "rejected": str}``. Other fields are
-    ignored. Raises ``FormatError`` naming the missing or wrong field, and
-    ``ValueError`` for an unknown ``fmt``.
+    ignored. Raises ``FormatError`` naming the missing or wrong field, or the
+    text longer than ``max_text_chars`` (prompt and responses as they would be
+    stored), and ``ValueError`` for an unknown ``fmt``.
     """
+    texts = _record_texts(fmt, obj)
+    if max_text_chars is not None:
+        for name, value in zip(("prompt", "chosen", "rejected"), texts, strict=True):
+            if len(value) > max_text_chars:
+                raise FormatError(f"{name} is {len(value)} characters long, over the limit of {max_text_chars}")
+    return texts
+
+
+def _record_texts(fmt: str, obj: object) -> tuple[str, str, str]:
     _check_format(fmt)
     if not isinstance(obj, dict):
         raise FormatError("line is not a JSON object")
@@ -142,17 +159,34 @@ class JsonlImportParser:
 
     ``gzip=None`` detects gzip by its magic bytes (1f 8b) at the start of the
     stream. Blank lines are skipped (but counted in line numbers). A line that
-    is not UTF-8, not JSON, or not a valid record becomes a ``ParsedLine``
-    with ``error`` set; only a corrupt or truncated gzip stream raises
+    is not UTF-8, not JSON (nested too deeply included), not a valid record, or
+    that holds a text over ``max_text_chars`` becomes a ``ParsedLine`` with
+    ``error`` set; only a corrupt or truncated gzip stream raises
     ``FormatError``, since nothing after the damage can be read.
+
+    Memory stays bounded whatever the body: gzip is inflated at most
+    ``INFLATE_PIECE_BYTES`` at a time, a line over ``max_line_bytes`` raises
+    ``FormatError``, and a decoded body over ``max_decoded_bytes`` raises
+    ``DecodedTooLarge`` as soon as it passes the limit (a gzip bomb is never
+    inflated whole).
     """
 
-    def __init__(self, fmt: str, *, gzip: bool | None = None, max_line_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        fmt: str,
+        *,
+        gzip: bool | None = None,
+        max_line_bytes: int = 8 * 1024 * 1024,
+        max_decoded_bytes: int | None = None,
+        max_text_chars: int | None = None,
+    ) -> None:
         _check_format(fmt)
         self.fmt = fmt
         self.max_line_bytes = max_line_bytes
+        self.max_decoded_bytes = max_decoded_bytes
+        self.max_text_chars = max_text_chars
         self.decoded_bytes = 0
-        """bytes of decoded (after gzip) body seen so far, for the caller's size limit"""
+        """bytes of decoded (after gzip) body seen so far"""
         self._gzip: bool | None = None
         self._inflater = None  # a zlib decompressobj once the body is known to be gzip
         self._gzip_started = False
@@ -165,27 +199,22 @@ class JsonlImportParser:
 
     def feed(self, chunk: bytes) -> list[ParsedLine]:
         """Take the next chunk of the body; return the lines it completed."""
+        return [parsed for lines in self.feed_pieces(chunk) for parsed in lines]
+
+    def feed_pieces(self, chunk: bytes) -> Iterator[list[ParsedLine]]:
+        """Like ``feed``, but yields the lines piece by decoded piece, so a caller can
+        write them before the rest of the chunk is inflated."""
         if self._closed:
             raise ValueError("feed() after close()")
         if self._gzip is None:
             self._head += chunk
             if len(self._head) < len(GZIP_MAGIC):
-                return []
+                return
             chunk, self._head = self._head, b""
             self._start(gzip=chunk.startswith(GZIP_MAGIC))
-        if self._gzip:
-            chunk = self._inflate(chunk)
-        self.decoded_bytes += len(chunk)
-        self._partial += chunk
-        if b"\n" not in chunk:
-            if len(self._partial) > self.max_line_bytes:
-                raise FormatError(f"line {self._line + 1} is longer than {self.max_line_bytes} bytes")
-            return []
-        *lines, tail = self._partial.split(b"\n")
-        self._partial = tail
-        if len(tail) > self.max_line_bytes:
-            raise FormatError(f"a line is longer than {self.max_line_bytes} bytes")
-        return [parsed for raw in lines if (parsed := self._parse_line(raw)) is not None]
+        for piece in self._inflate(chunk) if self._gzip else (chunk,):
+            self._count(len(piece))
+            yield self._split(piece)
 
     def close(self) -> list[ParsedLine]:
         """End the body: return its last line if it had no newline.
@@ -197,6 +226,7 @@ class JsonlImportParser:
         self._closed = True
         if self._gzip is None:
             self._start(gzip=False)  # fewer than two bytes cannot be gzip
+            self._count(len(self._head))
             self._partial += self._head
         if self._gzip and not self._gzip_started:
             raise FormatError("gzip stream is empty")
@@ -211,18 +241,42 @@ class JsonlImportParser:
         if gzip:
             self._inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
 
-    def _inflate(self, chunk: bytes) -> bytes:
-        out = []
-        while chunk:
-            self._gzip_started = True
+    def _count(self, size: int) -> None:
+        self.decoded_bytes += size
+        if self.max_decoded_bytes is not None and self.decoded_bytes > self.max_decoded_bytes:
+            raise DecodedTooLarge(f"import body is over the limit of {self.max_decoded_bytes} bytes (after gzip decoding)")
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        more = False  # the last piece filled its bound: zlib may hold more output without more input
+        while data or more:
+            if data:
+                self._gzip_started = True
             if self._inflater.eof:  # concatenated gzip members (`cat a.gz b.gz`, pigz) form one stream
                 self._inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
             try:
-                out.append(self._inflater.decompress(chunk))
+                piece = self._inflater.decompress(data, INFLATE_PIECE_BYTES)
             except zlib.error as exc:
                 raise FormatError(f"gzip stream is corrupt: {exc}") from None
-            chunk = self._inflater.unused_data
-        return b"".join(out)
+            data = self._inflater.unused_data if self._inflater.eof else self._inflater.unconsumed_tail
+            more = len(piece) == INFLATE_PIECE_BYTES and not self._inflater.eof
+            if piece:
+                yield piece
+
+    def _split(self, piece: bytes) -> list[ParsedLine]:
+        self._partial += piece
+        if b"\n" not in piece:
+            if len(self._partial) > self.max_line_bytes:
+                raise FormatError(f"line {self._line + 1} is longer than {self.max_line_bytes} bytes")
+            return []
+        if not self._partial.strip():  # only blank lines: count them without a Python object each
+            self._line += self._partial.count(b"\n")
+            del self._partial[: self._partial.rfind(b"\n") + 1]
+            return []
+        *lines, tail = self._partial.split(b"\n")
+        self._partial = tail
+        if len(tail) > self.max_line_bytes:
+            raise FormatError(f"a line is longer than {self.max_line_bytes} bytes")
+        return [parsed for raw in lines if (parsed := self._parse_line(raw)) is not None]
 
     def _parse_line(self, raw: bytearray) -> ParsedLine | None:
         self._line += 1
@@ -238,8 +292,10 @@ class JsonlImportParser:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             return self._error(f"invalid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:  # the decoder recurses once per level of arrays and objects
+            return self._error("invalid JSON: nested too deeply")
         try:
-            prompt, chosen, rejected = parse_record(self.fmt, obj)
+            prompt, chosen, rejected = parse_record(self.fmt, obj, max_text_chars=self.max_text_chars)
         except FormatError as exc:
             return self._error(str(exc))
         return ParsedLine(self._line, prompt, chosen, rejected, None)

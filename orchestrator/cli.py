@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.settings import shift_week
 from store import errors
+from store.cycles import week_problem
 from store.db import Database, assert_schema_at_head, current_revision, head_revision, open_database, upgrade
 from store.settings import get_settings
 
@@ -37,6 +37,14 @@ console = Console(stderr=True)
 def _fail(message: str, code: int = 1) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
+
+
+def _checked_week(option: str, week: str) -> str:
+    """``week`` if it labels an ISO week that exists (2026 has 53, 2027 has 52), else exit saying why."""
+    problem = week_problem(week)
+    if problem is not None:
+        _fail(f"{option} {problem}")
+    return week
 
 
 def _database() -> Database:
@@ -138,6 +146,8 @@ def demo(
     temporary local server, the REST API on a loopback port, a simulated labeler
     posting through it. Set RATCHET_DATABASE_URL to run it on PostgreSQL.
     """
+    if start_week is not None:
+        _checked_week("--start-week", start_week)
     settings = get_settings()
     _prefect_env(settings.home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -149,8 +159,6 @@ def demo(
 
     hf_logging.set_verbosity_error()
     try:
-        if start_week is not None:
-            start_week = shift_week(start_week, 0)  # normalised; InvalidInput for a label that is not an ISO week
         result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, start_week=start_week,
                           seed=seed)
     except errors.StoreError as exc:
@@ -222,7 +230,7 @@ def cycle_run(
     settings = get_settings()
     _prefect_env(settings.home)
     overrides = _parse_params(param, params)
-    week = week or week_of(datetime.now(UTC))
+    week = _checked_week("--week", week) if week is not None else week_of(datetime.now(UTC))
     if via_deployment:
         from prefect.deployments import run_deployment
 
@@ -251,6 +259,7 @@ def cycle_show(week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")
     from orchestrator.report import cycle_summary
     from store.models import Cycle
 
+    _checked_week("--week", week)
     db = _database()
     try:
         with db.session() as session:
@@ -410,7 +419,9 @@ def api(
 
     POST /v1/cycles starts cycles as RATCHET_CYCLE_LAUNCHER says (a thread here on the
     embedded store, run_deployment of the weekly-cycle deployment otherwise), and
-    rollbacks call RATCHET_DEPLOY_HOOK.
+    rollbacks call RATCHET_DEPLOY_HOOK. The deployment launcher needs PREFECT_API_URL
+    (without it POST /v1/cycles is a 503 saying so); the thread launcher without it
+    starts Prefect's temporary server on the first trigger and stops it on shutdown.
     """
     import uvicorn
 

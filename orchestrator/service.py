@@ -7,22 +7,33 @@ cycle launcher for ``POST /v1/cycles`` and the deploy hook for rollbacks.
 - ``deployment`` (the default off the embedded store; production): the
   route opens the week's cycle and creates a flow run of the ``weekly-cycle``
   deployment (``RATCHET_CYCLE_DEPLOYMENT``) with ``run_deployment``; a Prefect
-  worker runs it. The API process does no training.
+  worker runs it. The API process does no training. Without
+  ``PREFECT_API_URL`` the route answers 503 saying to set it (and the server
+  warns at start-up): a service does not spawn an orchestrator of its own that
+  no worker polls.
 - ``thread`` (the default on the embedded store): the flow runs in a thread
-  of the API process, against the configured Prefect API or its temporary
-  server: a single-machine setup.
+  of the API process, against the configured Prefect API or else Prefect's
+  temporary server: a single-machine setup. The temporary server is started
+  for the first cycle and belongs to the API process: the app's shutdown
+  (uvicorn's, on SIGTERM or Ctrl-C) stops it.
 - ``off``: ``POST /v1/cycles`` answers 503.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api.app import create_app
 from orchestrator.hooks import api_on_deploy, hook_from_settings
-from orchestrator.launcher import DeploymentLauncher, ThreadLauncher
+from orchestrator.launcher import DeploymentLauncher, ThreadLauncher, configured_prefect_api
 from orchestrator.settings import load_defaults
 from store.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def create_service_app(settings: Settings | None = None) -> FastAPI:
@@ -36,4 +47,23 @@ def create_service_app(settings: Settings | None = None) -> FastAPI:
         app.state.cycle_launcher = ThreadLauncher(app.state.database, defaults)
     elif mode == "deployment":
         app.state.cycle_launcher = DeploymentLauncher(app.state.database, defaults, deployment=settings.cycle_deployment)
+        if configured_prefect_api() is None:
+            log.warning("PREFECT_API_URL is not set: POST /v1/cycles answers 503 until it is (and the server restarts)")
+    if app.state.cycle_launcher is not None:
+        _close_on_shutdown(app, app.state.cycle_launcher)
     return app
+
+
+def _close_on_shutdown(app: FastAPI, launcher: ThreadLauncher | DeploymentLauncher) -> None:
+    """Run ``launcher.close()`` when the app shuts down, after the app's own shutdown."""
+    serve = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with serve(app_):
+                yield
+        finally:
+            launcher.close()
+
+    app.router.lifespan_context = lifespan

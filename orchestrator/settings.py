@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from store.cycles import check_week
 from store.errors import InvalidInput
 
 SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments")
@@ -344,12 +345,9 @@ def week_of(when: datetime) -> str:
 
 
 def week_monday(week: str) -> date:
-    """The Monday of an ISO week label."""
-    try:
-        year, number = week.split("-W")
-        return date.fromisocalendar(int(year), int(number), 1)
-    except ValueError:
-        raise InvalidInput(f"week {week!r} is not an ISO week like 2026-W48") from None
+    """The Monday of an ISO week label; ``InvalidInput`` saying why for a week that does not exist."""
+    year, number = check_week(week).split("-W")
+    return date.fromisocalendar(int(year), int(number), 1)
 
 
 def shift_week(week: str, weeks: int) -> str:

@@ -1048,7 +1048,7 @@ def stage_deploy(ctx: CycleContext) -> dict[str, Any]:
     stale = None
     with ctx.db.session() as session:
         deployment = cycle_deployment(session, cycle_id=ctx.cycle_id, name=target)
-        active = active_deployment(session, name=target)
+        active = active_deployment(session, name=target, lock=True)  # held until this deploy commits
         if deployment is None and (active is None or active.id != opened["deployment_id"]):
             stale = (
                 f"the deployment of {target!r} changed while the cycle ran (it was deployment "

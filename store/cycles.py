@@ -2,19 +2,21 @@
 
 A cycle is keyed by its ISO week, so two triggers for the same week are one
 cycle. A stage run is keyed by (cycle, stage): a re-run after a crash finds
-the stages that succeeded and skips them.
+the stages that succeeded and skips them. A week label must name a week that
+exists (``week_problem``): an ISO year has 52 or 53 weeks.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.errors import Conflict, NotFound
+from store.errors import Conflict, InvalidInput, NotFound
 from store.models import Cycle, StageRun, utcnow
 from store.tasks import close_tasks
 from store.versioning import get_row, list_rows
@@ -26,10 +28,46 @@ def iso_week(when: datetime) -> str:
     return f"{year}-W{week:02d}"
 
 
+def weeks_in_year(year: int) -> int:
+    """How many weeks ISO year ``year`` has: 52 or 53 (28 December is always in the last one)."""
+    return date(year, 12, 28).isocalendar().week
+
+
+def week_problem(week: str) -> str | None:
+    """Why ``week`` is not the label of an existing ISO week, or None when it is.
+
+    ``2026-W53`` exists and ``2027-W53`` does not: checked with ``date.fromisocalendar``.
+    """
+    match = re.fullmatch(r"([0-9]{4})-W([0-9]{2})", week)
+    if match is None:
+        return f"{week!r} is not an ISO week label like 2026-W48"
+    year, number = int(match[1]), int(match[2])
+    if year < 1:
+        return f"{week!r} is not an ISO week: year {year} is before year 1"
+    try:
+        date.fromisocalendar(year, number, 1)
+    except ValueError:
+        last = weeks_in_year(year)
+        return f"{week!r} does not exist: ISO year {year} has {last} weeks (W01 to W{last})"
+    return None
+
+
+def check_week(week: str) -> str:
+    """``week`` if it labels an existing ISO week, else ``InvalidInput`` (field ``week``) saying why."""
+    problem = week_problem(week)
+    if problem is not None:
+        raise InvalidInput(f"week {problem}", [{"field": "week", "message": problem}])
+    return week
+
+
 def open_cycle(
     session: Session, *, week: str, trigger: str = "manual", params: dict[str, Any] | None = None
 ) -> tuple[Cycle, bool]:
-    """The cycle of ``week``, created if new; returns (cycle, created)."""
+    """The cycle of ``week``, created if new; returns (cycle, created).
+
+    ``InvalidInput`` for a week that does not exist (``check_week``).
+    """
+    check_week(week)
     existing = session.scalar(select(Cycle).where(Cycle.week == week))
     if existing is not None:
         return existing, False

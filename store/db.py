@@ -8,6 +8,7 @@ into ``store.errors`` exceptions, so callers never see a driver exception.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -21,7 +22,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from store import errors
 from store.models import VersionRow
@@ -29,40 +32,68 @@ from store.models import VersionRow
 log = logging.getLogger(__name__)
 
 IMMUTABLE_MARKER = "ratchet: immutable version row"
+POOL_TIMEOUT_S = 5.0
+"""how long a checkout waits for a free pooled connection by default (``RATCHET_DB_POOL_TIMEOUT_S``)"""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int | None = None, max_overflow: int | None = None, pool_timeout_s: float = POOL_TIMEOUT_S
+) -> Engine:
     """An engine for ``url``, set up for the store's concurrency needs.
 
     SQLite (the embedded default) gets WAL, foreign keys, a busy timeout and
     ``BEGIN IMMEDIATE`` transactions: writers queue instead of failing, and
     SAVEPOINTs work (pysqlite's own transaction handling is switched off, as
     SQLAlchemy's SQLite documentation recommends). Postgres gets a pool with
-    pre-ping so a restarted server does not fail the first request.
+    pre-ping so a restarted server does not fail the first request, and a
+    connect timeout as short as the pool timeout (at least libpq's 2 s).
+    A checkout waits at most ``pool_timeout_s`` for a free connection, then
+    ``DatabaseUnavailable`` (a 503 in the API) instead of a request that hangs.
+    ``pool_size`` and ``max_overflow`` default to 8 + 16 (SQLite) and 16 + 32.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=8, max_overflow=16
+            url,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            pool_size=8 if pool_size is None else pool_size,
+            max_overflow=16 if max_overflow is None else max_overflow,
+            pool_timeout=pool_timeout_s,
         )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - driver hook
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # pragma: no cover - driver hook
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        _sqlite_setup(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=16, max_overflow=32)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=16 if pool_size is None else pool_size,
+        max_overflow=32 if max_overflow is None else max_overflow,
+        pool_timeout=pool_timeout_s,
+        connect_args=_connect_timeout(parsed, pool_timeout_s),
+    )
+
+
+def _connect_timeout(parsed, timeout_s: float) -> dict:
+    if parsed.get_driver_name() in ("psycopg2", "psycopg"):
+        return {"connect_timeout": max(2, math.ceil(timeout_s))}
+    return {}
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL, foreign keys, a busy timeout and BEGIN IMMEDIATE on every SQLite connection."""
+    @event.listens_for(engine, "connect")
+    def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - driver hook
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):  # pragma: no cover - driver hook
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _refuse_version_updates(session: Session, _ctx, _instances) -> None:
@@ -87,33 +118,87 @@ def translate(exc: DBAPIError) -> errors.StoreError:
 
 
 class Database:
-    """An engine plus the managed session scope."""
+    """An engine plus the managed session scope.
 
-    def __init__(self, url: str):
+    ``pool_timeout_s``, ``pool_size`` and ``max_overflow`` go to ``make_engine``.
+    """
+
+    def __init__(self, url: str, *, pool_timeout_s: float = POOL_TIMEOUT_S, pool_size: int | None = None,
+                 max_overflow: int | None = None):
         self.url = url
-        self.engine = make_engine(url)
+        self.pool_timeout_s = pool_timeout_s
+        self.engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout_s=pool_timeout_s)
+        self._driver_error = self.engine.dialect.dbapi.Error
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._probe: Engine | None = None
         event.listen(self._sessions, "before_flush", _refuse_version_updates)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on any error."""
+        """A session that commits on success and rolls back on any error.
+
+        Database errors leave it as ``store.errors`` exceptions: those raised
+        through SQLAlchemy, those of the driver used directly (COPY), and a
+        pool with no free connection within ``pool_timeout_s``
+        (``DatabaseUnavailable``). A rollback that fails too (the connection
+        is gone) is logged; the first error is the one raised.
+        """
         session = self._sessions()
         try:
             yield session
             session.commit()
-        except DBAPIError as exc:
-            session.rollback()
-            raise translate(exc) from exc
-        except BaseException:
-            session.rollback()
-            raise
+        except BaseException as exc:
+            _rollback(session)
+            translated = self.translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         finally:
             session.close()
+
+    def translate(self, exc: BaseException) -> BaseException:
+        """The store error for a database error raised in this database's sessions; ``exc`` itself otherwise."""
+        if isinstance(exc, DBAPIError):
+            return translate(exc)
+        if isinstance(exc, self._driver_error):
+            return translate(DBAPIError.instance(None, None, exc, self._driver_error))
+        if isinstance(exc, PoolTimeout):
+            pool = self.engine.pool
+            return errors.DatabaseUnavailable(
+                f"no database connection was free within {self.pool_timeout_s:g} s "
+                f"(all {pool.size()} pooled and {pool.overflow()} overflow connections are in use)"
+            )
+        return exc
+
+    @property
+    def probe_engine(self) -> Engine:
+        """An engine without a pool, for health checks: each check opens its own
+        connection (with the connect timeout), so it never queues behind a busy pool."""
+        if self._probe is None:
+            self._probe = _without_pool(self.url, self.pool_timeout_s)
+        return self._probe
 
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        if self._probe is not None:
+            self._probe.dispose()
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception as exc:  # noqa: BLE001 - the error that made us roll back is what the caller hears
+        log.warning("rollback failed too (the connection is probably gone): %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+
+def _without_pool(url: str, timeout_s: float) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": timeout_s, "check_same_thread": False})
+        _sqlite_setup(engine)
+        return engine
+    return create_engine(url, poolclass=NullPool, connect_args=_connect_timeout(parsed, timeout_s))
 
 
 # --- migrations -------------------------------------------------------------
@@ -176,9 +261,9 @@ def _safe(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def open_database(url: str, *, require_head: bool = True) -> Database:
+def open_database(url: str, *, require_head: bool = True, pool_timeout_s: float = POOL_TIMEOUT_S) -> Database:
     """A ``Database`` for ``url``; by default refuses a schema that is not at head."""
-    db = Database(url)
+    db = Database(url, pool_timeout_s=pool_timeout_s)
     if require_head:
         try:
             assert_schema_at_head(db.engine)

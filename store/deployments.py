@@ -5,11 +5,24 @@ A rollback writes a new row that restores that previous deployment's policy
 and inherits *its* ``previous_id``, so rolling back again goes one further
 step back, like an undo stack; the rollback row names the deployment it
 rolled back (``rolled_back_id``).
+
+Deploys and rollbacks of one target are serialised: each reads the active
+deployment and appends the next row while holding the target's lock, so
+eight concurrent rollbacks walk back eight steps (or find nothing left and
+get ``Conflict``) and eight concurrent deploys form one chain. On PostgreSQL
+the lock is a transaction-scoped advisory lock,
+``pg_advisory_xact_lock(<namespace>, hashtext(<target>))``: it needs no row
+to exist before the first deploy, and it is released when the transaction
+commits or rolls back, so a crashed caller never leaves it held. Two targets
+whose names hash alike merely wait for each other. On SQLite there is
+nothing to take: the store's engine begins every transaction with
+``BEGIN IMMEDIATE``, so a transaction holds the database's only write lock
+from its first statement, reads included, until it ends.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.errors import Conflict, NotFound
@@ -18,9 +31,27 @@ from store.versioning import create_version, get_row, latest_version, list_rows
 
 DEFAULT_TARGET = "default"
 
+LOCK_NAMESPACE = 0x52444550
+"""first key of the targets' advisory locks (``RDEP``), so they cannot meet other advisory locks"""
 
-def active_deployment(session: Session, *, name: str = DEFAULT_TARGET) -> Deployment | None:
-    """The active deployment of target ``name``, or None before the first deploy."""
+
+def lock_target(session: Session, *, name: str) -> None:
+    """Hold target ``name``'s deployment lock until the session's transaction ends (waiting for it if taken).
+
+    Taking it again in the same transaction is free: PostgreSQL advisory locks are re-entrant.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(LOCK_NAMESPACE, func.hashtext(name))))
+
+
+def active_deployment(session: Session, *, name: str = DEFAULT_TARGET, lock: bool = False) -> Deployment | None:
+    """The active deployment of target ``name``, or None before the first deploy.
+
+    ``lock`` takes the target's lock first (``lock_target``): the answer then stays the active deployment
+    until the transaction ends, for a caller that decides on it and then deploys.
+    """
+    if lock:
+        lock_target(session, name=name)
     return latest_version(session, Deployment, name=name)
 
 
@@ -33,8 +64,8 @@ def deploy(
     actor: str = "",
     cycle_id: int | None = None,
 ) -> Deployment:
-    """Make ``policy_id`` the active policy of target ``name``."""
-    current = active_deployment(session, name=name)
+    """Make ``policy_id`` the active policy of target ``name`` (under the target's lock)."""
+    current = active_deployment(session, name=name, lock=True)
     return create_version(
         session,
         Deployment,
@@ -49,8 +80,8 @@ def deploy(
 
 
 def rollback(session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", actor: str = "") -> Deployment:
-    """Restore the deployment that was active before the current one."""
-    current = active_deployment(session, name=name)
+    """Restore the deployment that was active before the current one (under the target's lock)."""
+    current = active_deployment(session, name=name, lock=True)
     if current is None:
         raise NotFound(f"deployment target {name!r} has never been deployed")
     if current.previous_id is None:

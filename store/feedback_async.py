@@ -34,6 +34,8 @@ from store.feedback import ContentHash, NewComparison, comparison_metadata_json,
 from store.models import utcnow
 
 WARM_CONNECTIONS = 4
+ACQUIRE_TIMEOUT_S = 5.0
+"""how long a request waits for a pooled connection (or a new one to open) by default (``RATCHET_DB_POOL_TIMEOUT_S``)"""
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,13 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     still rolls back any open transaction and drops a broken connection."""
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError):
+        return "no connection to the database within the acquire timeout"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def asyncpg_dsn(url: str) -> str:
     """The asyncpg DSN of a SQLAlchemy PostgreSQL URL (``postgresql+psycopg2://…`` → ``postgresql://…``)."""
     parsed = make_url(url)
@@ -95,16 +104,21 @@ class AsyncFeedbackWriter:
 
     Create it inside the event loop that will use it (the app's lifespan);
     the pool connects lazily, so a database that is down at start-up is a 503
-    on the first request, not a server that will not start.
+    on the first request, not a server that will not start. A request waits
+    at most ``acquire_timeout_s`` for a connection (a new one included), then
+    ``DatabaseUnavailable``.
     """
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = ACQUIRE_TIMEOUT_S):
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
 
     @classmethod
-    async def open(cls, url: str, *, max_size: int) -> AsyncFeedbackWriter:
-        pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=0, max_size=max_size, reset=_keep_session)
-        return cls(pool)
+    async def open(cls, url: str, *, max_size: int, acquire_timeout_s: float = ACQUIRE_TIMEOUT_S) -> AsyncFeedbackWriter:
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(url), min_size=0, max_size=max_size, reset=_keep_session, timeout=acquire_timeout_s
+        )
+        return cls(pool, acquire_timeout_s=acquire_timeout_s)
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Close the pool: gracefully, or by terminating its connections after ``timeout_s``."""
@@ -178,7 +192,7 @@ class AsyncFeedbackWriter:
             [comparison_metadata_json(c) for c in comparisons],
         )
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 try:
                     batch_id = await conn.fetchval(
                         _INSERT_BATCH,
@@ -198,16 +212,16 @@ class AsyncFeedbackWriter:
                     raise StoreError(f"feedback batch with idempotency key {idempotency_key!r} vanished")
                 return first, False
         except _UNAVAILABLE as exc:
-            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc
 
     async def find_replay(self, idempotency_key: str, request_sha256: str) -> dict[str, Any] | None:
         """The batch first registered under ``idempotency_key`` (None if none); ``Conflict``
         when it was registered for another request."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
                 return await self._find(conn, idempotency_key, request_sha256)
         except _UNAVAILABLE as exc:
-            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc
 
     @staticmethod
     async def _find(conn: asyncpg.Connection, idempotency_key: str | None, request_sha256: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from store.errors import Conflict, InvalidInput, NotFound
 from store.models import ROLES, ApiKey, utcnow
+from store.sessions import revoke_key_sessions
 from store.versioning import list_rows
 
 TOKEN_PREFIX = "rk_"
@@ -42,12 +43,13 @@ def authenticate(session: Session, token: str) -> ApiKey | None:
 
 
 def revoke_api_key(session: Session, *, name: str) -> ApiKey:
-    """Revoke the key ``name`` (idempotent)."""
+    """Revoke the key ``name`` (idempotent), and end its dashboard sessions."""
     key = session.scalar(select(ApiKey).where(ApiKey.name == name))
     if key is None:
         raise NotFound(f"no API key named {name!r}")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        revoke_key_sessions(session, api_key_id=key.id)
     return key
 
 

@@ -368,3 +368,22 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class DashboardSession(Base):
+    """A browser's sign-in to the dashboard: only the sha256 of its random id is stored.
+
+    It ends at ``expires_at`` (a fixed lifetime from sign-in), after an idle
+    timeout counted from ``last_seen_at``, at sign-out (``revoked_at``), or
+    when its API key is revoked.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(SHA256_LEN), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None]

@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     one statement (asyncpg); larger ones stream through COPY in a worker thread; 0 sends every batch the COPY way"""
     inline_pool_size: int = Field(default=16, ge=1)
     """most asyncpg connections each API process holds for small batches (PostgreSQL); 4 of them are opened at start-up"""
+    db_pool_timeout_s: float = Field(default=5.0, gt=0)
+    """how long a request waits for a free database connection (and a new one to open) before it is answered
+    503 with Retry-After; the pools of the API never queue a request longer"""
+    max_imports: int = Field(default=8, ge=1)
+    """most JSONL imports one API process streams at once, each holding a database connection
+    (over it: 503 with Retry-After)"""
+    max_imports_per_key: int = Field(default=2, ge=1)
+    """most JSONL imports one API key streams at once (over it: 429 with Retry-After)"""
+    import_idle_timeout_s: float = Field(default=30.0, gt=0)
+    """longest an import waits for the next chunk of its body; a body that stops arriving is answered 408
+    and its transaction rolled back"""
     auth_cache_s: float = Field(default=5.0, ge=0)
     """how long the API remembers an authenticated key; a revocation made elsewhere takes effect within it"""
     task_lease_s: int = Field(default=600, ge=1)
@@ -98,6 +109,15 @@ class Settings(BaseSettings):
     def is_embedded(self) -> bool:
         """True when running on the embedded SQLite default."""
         return self.resolved_database_url.startswith("sqlite")
+
+    # The operator dashboard's sign-in (api/routes/dashboard.py, store/sessions.py).
+    dashboard_session_s: int = Field(default=12 * 3600, ge=60)
+    """longest a dashboard sign-in lasts, however busy (seconds from sign-in)"""
+    dashboard_idle_s: int = Field(default=3600, ge=60)
+    """a dashboard sign-in unused for this many seconds ends"""
+    dashboard_secure_cookie: bool = False
+    """always mark the dashboard's cookies Secure (for TLS ended at a proxy that does not pass the scheme on);
+    requests that came over https get it anyway"""
 
 
 @lru_cache(maxsize=1)

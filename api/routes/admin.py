@@ -2,40 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Admin, DatabaseDep, SessionDep
-from api.errors import responses
+from api.errors import RETRY_AFTER_S, responses
 from api.schemas.common import NO_NUL, Public
 from store import errors
 from store.db import assert_schema_at_head
 from store.keys import create_api_key, list_api_keys, revoke_api_key
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["admin"])
 
 
 class Health(BaseModel):
-    status: str
-    database: str
-    schema_revision: str | None = None
-    detail: str | None = None
+    status: Literal["ok", "unavailable"]
+    backend: str
+    """the kind of database: postgresql or sqlite"""
+    database: Literal["ok", "unreachable", "schema_not_at_head"]
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready"}})
 def healthz(database: DatabaseDep) -> Any:
-    """Ready when the database answers and its schema is at this code's head."""
+    """Ready when the database answers and its schema is at this code's head.
+
+    Unauthenticated, so it says no more than that: the backend's kind and its
+    state, never its address, user or the driver's message (those are logged).
+    The check opens its own connection instead of waiting for the request
+    pool, so a server whose pool is exhausted still answers it at once.
+    """
+    backend = database.engine.dialect.name
     try:
-        revision = assert_schema_at_head(database.engine)
+        assert_schema_at_head(database.probe_engine)
     except errors.StoreError as exc:
         kind = "schema_not_at_head" if isinstance(exc, errors.SchemaNotAtHead) else "unreachable"
-        body = Health(status="unavailable", database=kind, detail=str(exc))
-        return JSONResponse(body.model_dump(), status_code=503)
-    return Health(status="ok", database="ok", schema_revision=revision)
+        log.error("health check failed (%s): %s", kind, exc)
+        body = Health(status="unavailable", backend=backend, database=kind)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return Health(status="ok", backend=backend, database="ok")
 
 
 class ApiKeyCreate(BaseModel):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,8 +17,8 @@ from sqlalchemy import func, select
 
 from api.batches import parse_batch, parse_batch_streaming
 from api.deps import IdPath, DatabaseDep, Labeler, PagingDep, SessionDep, SettingsDep
-from api.errors import PayloadTooLarge, responses
-from api.formats import FormatError, JsonlImportParser, export_record
+from api.errors import PayloadTooLarge, RequestTimedOut, TooManyRequests, responses
+from api.formats import DecodedTooLarge, FormatError, JsonlImportParser, export_record
 from api.schemas.common import NO_NUL, LineagePublic, Page
 from api.schemas.feedback import (
     AgreementPublic,
@@ -25,8 +28,9 @@ from api.schemas.feedback import (
     ImportResult,
     SkippedLine,
 )
+from api.schemas.feedback import MAX_TEXT_CHARS
 from store.db import Database
-from store.errors import InvalidInput
+from store.errors import InvalidInput, ServiceUnavailable
 from store.feedback import (
     BatchWriter,
     NewComparison,
@@ -172,21 +176,90 @@ def _register(
         return FeedbackBatchPublic.model_validate(row), created
 
 
+class ImportSlots:
+    """How many imports this process, and each API key, is streaming now.
+
+    An import holds a database connection and a transaction for as long as
+    its body takes to arrive, so both are bounded: a key over its share is
+    answered 429 (the caller is the one to slow down: its own imports are in
+    the way), a process at its total 503 (the server is busy, whoever asks);
+    both with Retry-After. Counted on the event loop, so no lock is needed.
+    """
+
+    def __init__(self, *, total: int, per_key: int):
+        self.total = total
+        self.per_key = per_key
+        self._by_key: Counter[int] = Counter()
+
+    def running(self, key_id: int | None = None) -> int:
+        """Imports running now: of ``key_id``, or of every key."""
+        return sum(self._by_key.values()) if key_id is None else self._by_key[key_id]
+
+    @contextmanager
+    def hold(self, key_id: int) -> Iterator[None]:
+        """Count an import of ``key_id`` while the block runs; 429 or 503 over the limits."""
+        if self._by_key[key_id] >= self.per_key:
+            raise TooManyRequests(
+                f"this API key already runs {self._by_key[key_id]} import(s), its limit (RATCHET_MAX_IMPORTS_PER_KEY);"
+                " retry when one has finished"
+            )
+        if self.running() >= self.total:
+            raise ServiceUnavailable(
+                f"the server already runs {self.total} imports, its limit (RATCHET_MAX_IMPORTS); retry later"
+            )
+        self._by_key[key_id] += 1
+        try:
+            yield
+        finally:
+            self._by_key[key_id] -= 1
+            if not self._by_key[key_id]:
+                del self._by_key[key_id]
+
+
+def import_slots(request: Request) -> ImportSlots:
+    """The app's ``ImportSlots``, made from its settings on first use."""
+    state = request.app.state
+    if getattr(state, "import_slots", None) is None:
+        settings = state.settings
+        state.import_slots = ImportSlots(total=settings.max_imports, per_key=settings.max_imports_per_key)
+    return state.import_slots
+
+
 class _ImportJob:
     """One streamed import: a transaction held open while the body arrives.
 
     Parsed lines are written in chunks; the batch row comes last. Any error,
     a dropped connection or a killed server rolls the whole import back.
+    Every method runs in a worker thread; ``abort`` answers with the store
+    error the session scope made of a database error.
     """
 
-    def __init__(self, database: Database, *, source: str, rater_id: str, api_key_id: int, fmt: str):
+    def __init__(
+        self, database: Database, *, source: str, rater_id: str, api_key_id: int, fmt: str, max_records: int
+    ):
         self._scope = database.session()
         self.session = self._scope.__enter__()
-        self.writer = BatchWriter(self.session, source=source, api_key_id=api_key_id, metadata={"import_format": fmt})
+        self._open = True
+        try:
+            self.writer = BatchWriter(self.session, source=source, api_key_id=api_key_id, metadata={"import_format": fmt})
+        except BaseException as exc:
+            raise self.abort(exc) from None
         self.rater_id = rater_id
+        self.max_records = max_records
         self.pending: list[NewComparison] = []
         self.skipped: list[SkippedLine] = []
         self.skipped_count = 0
+
+    def consume(self, parser: JsonlImportParser, chunk: bytes) -> None:
+        """Parse the next chunk of the body, piece by decoded piece, writing as the lines come."""
+        for lines in parser.feed_pieces(chunk):
+            self.take(lines)
+            if len(self.pending) >= IMPORT_CHUNK_RECORDS:
+                self.flush()
+
+    def end(self, parser: JsonlImportParser) -> None:
+        """Take the body's last line (one without a newline)."""
+        self.take(parser.close())
 
     def take(self, lines) -> None:
         for parsed in lines:
@@ -198,6 +271,11 @@ class _ImportJob:
                 problems = comparison_problems(comp, parsed.line)
                 if not problems:
                     self.pending.append(comp)
+                    if self.writer.count + len(self.pending) > self.max_records:
+                        raise PayloadTooLarge(
+                            f"the import has more than {self.max_records} comparisons (at line {parsed.line}):"
+                            f" over the limit of {self.max_records} per batch"
+                        )
                     continue
                 reason = "; ".join(p["message"] for p in problems)
             else:
@@ -218,14 +296,20 @@ class _ImportJob:
             "skipped_lines": [s.model_dump() for s in self.skipped[:100]],
         }
         batch = self.writer.finish(idempotency_key=idempotency_key, request_sha256=request_sha256, metadata=report)
-        self._scope.__exit__(None, None, None)
+        self._open = False
+        self._scope.__exit__(None, None, None)  # commits; a failed commit raises the translated error
         return batch
 
-    def abort(self, exc: BaseException) -> None:
+    def abort(self, exc: BaseException) -> BaseException:
+        """Roll back (once); the error to answer with: the store error the scope made of ``exc``, or ``exc``."""
+        if not self._open:
+            return exc
+        self._open = False
         try:
             self._scope.__exit__(type(exc), exc, exc.__traceback__)
-        except BaseException:  # noqa: BLE001 - the original error is what the caller reports
-            pass
+        except BaseException as translated:  # noqa: BLE001 - returned for the caller to raise
+            return translated
+        return exc
 
 
 def _import_result(batch) -> ImportResult:
@@ -276,50 +360,71 @@ async def import_batch(
     gzip = True if request.headers.get("content-encoding", "").lower() == "gzip" else None
     source = source or f"import:{format}"
     hasher, size = hashlib.sha256(), 0
+    chunks = _body_chunks(request, settings.import_idle_timeout_s)
 
-    if idempotency_key is not None:
-        first = await run_in_threadpool(_replay_of, database, idempotency_key)
-        if first is not None:
-            async for chunk in request.stream():
+    with import_slots(request).hold(key.id):
+        if idempotency_key is not None:
+            first = await run_in_threadpool(_replay_of, database, idempotency_key)
+            if first is not None:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
+                    hasher.update(chunk)
+                await run_in_threadpool(_replay_of, database, idempotency_key, hasher.hexdigest())
+                response.status_code = 200
+                return _import_result(first)
+
+        parser = JsonlImportParser(format, gzip=gzip, max_decoded_bytes=limit, max_text_chars=MAX_TEXT_CHARS)
+        job = await run_in_threadpool(
+            _ImportJob, database, source=source, rater_id=rater_id or source, api_key_id=key.id, fmt=format,
+            max_records=settings.max_batch_records,
+        )
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
                 hasher.update(chunk)
-            await run_in_threadpool(_replay_of, database, idempotency_key, hasher.hexdigest())
-            response.status_code = 200
-            return _import_result(first)
+                await run_in_threadpool(job.consume, parser, chunk)
+            await run_in_threadpool(job.end, parser)
+            if strict and job.skipped_count:
+                raise InvalidInput(
+                    f"{job.skipped_count} line(s) could not be imported (strict mode): nothing was written",
+                    [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
+                )
+            if job.writer.count + len(job.pending) == 0:
+                raise InvalidInput(
+                    f"no line could be imported ({job.skipped_count} skipped)",
+                    [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
+                )
+            batch = await run_in_threadpool(job.finish, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())
+        except FormatError as exc:
+            await run_in_threadpool(job.abort, exc)
+            raise InvalidInput(f"the body could not be read: {exc}", [{"field": "body", "message": str(exc)}]) from None
+        except DecodedTooLarge as exc:
+            await run_in_threadpool(job.abort, exc)
+            raise PayloadTooLarge(str(exc)) from None
+        except BaseException as exc:
+            # Shielded: a cancelled request (client gone) must still roll back and return its connection.
+            raise await asyncio.shield(run_in_threadpool(job.abort, exc))
+        return _import_result(batch)
 
-    parser = JsonlImportParser(format, gzip=gzip)
-    job = await run_in_threadpool(
-        _ImportJob, database, source=source, rater_id=rater_id or source, api_key_id=key.id, fmt=format
-    )
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
-            hasher.update(chunk)
-            await run_in_threadpool(job.take, parser.feed(chunk))
-            if parser.decoded_bytes > limit:
-                raise PayloadTooLarge(f"import body is over the limit of {limit} bytes (after gzip decoding)")
-            if len(job.pending) >= IMPORT_CHUNK_RECORDS:
-                await run_in_threadpool(job.flush)
-        job.take(parser.close())
-        if strict and job.skipped_count:
-            raise InvalidInput(
-                f"{job.skipped_count} line(s) could not be imported (strict mode): nothing was written",
-                [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
-            )
-        if job.writer.count + len(job.pending) == 0:
-            raise InvalidInput(
-                f"no line could be imported ({job.skipped_count} skipped)",
-                [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
-            )
-        batch = await run_in_threadpool(job.finish, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())
-    except FormatError as exc:
-        await run_in_threadpool(job.abort, exc)
-        raise InvalidInput(f"the body could not be read: {exc}", [{"field": "body", "message": str(exc)}]) from None
-    except BaseException as exc:
-        await run_in_threadpool(job.abort, exc)
-        raise
-    return _import_result(batch)
+
+async def _body_chunks(request: Request, idle_timeout_s: float):
+    """The request body's chunks; ``RequestTimedOut`` when none arrives within ``idle_timeout_s``."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"no part of the import body arrived for {idle_timeout_s:g} s (RATCHET_IMPORT_IDLE_TIMEOUT_S):"
+                " nothing was written"
+            ) from None
+        yield chunk
 
 
 def _replay_of(database: Database, idempotency_key: str, request_sha256: str | None = None):

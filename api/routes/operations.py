@@ -81,7 +81,12 @@ def start_cycle(body: CycleCreate, key: Operator, request: Request, response: Re
     """Start the cycle of a week now (default: this week); a week has one cycle."""
     launcher = getattr(request.app.state, "cycle_launcher", None)
     if launcher is None:
-        raise HTTPException(503, "no orchestrator is configured for this API server, so it cannot start cycles")
+        raise HTTPException(
+            503,
+            "no orchestrator is configured for this API server (RATCHET_CYCLE_LAUNCHER=off), so it cannot start "
+            "cycles: serve it with RATCHET_CYCLE_LAUNCHER=deployment and PREFECT_API_URL set (or =thread on one "
+            "machine), or start the week's cycle with `ratchet cycle run --week W`",
+        )
     week = body.week or iso_week(datetime.now(UTC))
     started = launcher(week=week, params=body.params, actor=key.name)
     if not started.created:

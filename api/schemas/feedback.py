@@ -63,8 +63,8 @@ class ComparisonCreate(BaseModel):
         if self.response_a == self.response_b and self.choice != "tie":
             raise PydanticCustomError(
                 "identical_responses",
-                "response_a and response_b are identical, so choice must be 'tie', not {choice!r}",
-                {"choice": self.choice},
+                "response_a and response_b are identical, so choice must be 'tie', not {choice}",
+                {"choice": repr(self.choice)},
             )
         return self
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from api.schemas.common import NO_NUL, JsonObject, Public
 from api.schemas.feedback import AgreementPublic
+from store.cycles import week_problem
 
 
 class ArtifactPublic(Public):
@@ -127,9 +129,17 @@ class CycleCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     week: str | None = Field(default=None, pattern=r"^[0-9]{4}-W[0-9]{2}$")
-    """the ISO week to run (default: the current one)"""
+    """the ISO week to run (default: the current one); it must exist: 2026 has 53 weeks, 2027 has 52"""
     params: JsonObject = {}
     """overrides of the cycle's settings"""
+
+    @field_validator("week")
+    @classmethod
+    def _existing_week(cls, week: str | None) -> str | None:
+        problem = None if week is None else week_problem(week)
+        if problem is not None:
+            raise PydanticCustomError("iso_week", "{problem}", {"problem": problem})
+        return week
 
 
 class CycleStarted(BaseModel):

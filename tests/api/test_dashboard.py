@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from api.routes.dashboard import COOKIE, charts, dashboard_data
@@ -25,6 +27,25 @@ STAGE_OUTPUTS = {
              "thresholds": {"win_margin": 0.02, "kl_budget": 1.0, "max_pm_gap": 0.2}},
     "deploy": {"deployed": False, "reasons": ["test-PM win rate 0.470 is below the required 0.520"]},
 }
+
+
+def token_of(headers: dict) -> str:
+    """The API key in a ``bearer()`` header."""
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+def form_csrf(html: str) -> str:
+    """The CSRF token of the (first) form on a dashboard page."""
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, "the page has no CSRF field"
+    return found.group(1)
+
+
+def sign_in(client, headers: dict, **post_headers):
+    """Sign in as a browser does: the form, then its POST (the answer, not followed)."""
+    form = client.get("/dashboard/login")
+    return client.post("/dashboard/login", data={"token": token_of(headers), "csrf": form_csrf(form.text)},
+                       headers=post_headers, follow_redirects=False)
 
 
 def seed(db, artifacts) -> None:
@@ -55,14 +76,13 @@ def test_a_browser_without_a_key_is_sent_to_sign_in(client):
 
 
 def test_sign_in_needs_an_operator_key_and_sets_a_strict_cookie(client, keys):
-    token = lambda headers: headers["Authorization"].removeprefix("Bearer ")  # noqa: E731
-    bad = client.post("/dashboard/login", data={"token": "nope"}, follow_redirects=False)
+    bad = sign_in(client, {"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and "unknown or revoked" in bad.text
-    labeler = client.post("/dashboard/login", data={"token": token(keys.labeler)}, follow_redirects=False)
+    labeler = sign_in(client, keys.labeler)
     assert labeler.status_code == 403 and "needs an operator key" in labeler.text
-    assert client.post("/dashboard/login", data={"token": token(keys.revoked)}, follow_redirects=False).status_code == 401
+    assert sign_in(client, keys.revoked).status_code == 401
 
-    ok = client.post("/dashboard/login", data={"token": token(keys.operator)}, follow_redirects=False)
+    ok = sign_in(client, keys.operator)
     assert ok.status_code == 303 and ok.headers["location"] == "/dashboard"
     cookie = ok.headers["set-cookie"].lower()
     assert cookie.startswith(f"{COOKIE}=") and "httponly" in cookie and "samesite=strict" in cookie and "path=/dashboard" in cookie
@@ -70,7 +90,7 @@ def test_sign_in_needs_an_operator_key_and_sets_a_strict_cookie(client, keys):
     assert page.status_code == 200 and "signed in as operator" in page.text
     assert "No cycle has run yet" in page.text and "Nothing is deployed" in page.text
 
-    out = client.post("/dashboard/logout", follow_redirects=False)
+    out = client.post("/dashboard/logout", data={"csrf": form_csrf(page.text)}, follow_redirects=False)
     assert out.status_code == 303 and COOKIE in out.headers["set-cookie"]
     client.cookies.clear()
     assert client.get("/dashboard", follow_redirects=False).status_code == 303

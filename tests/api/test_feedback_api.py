@@ -195,3 +195,27 @@ def test_missing_batch_is_404(client, keys):
     r = client.get("/v1/feedback-batches/999", headers=keys.labeler)
     assert r.status_code == 404 and r.json()["detail"] == "feedback batch 999 does not exist"
     assert client.get("/v1/feedback-batches/0", headers=keys.labeler).status_code == 422
+
+
+def test_identical_responses_name_the_choice_given(client, keys, pg_db):
+    same = comparison(0, response_a=" same", response_b=" same", choice="b")
+    r = client.post("/v1/feedback-batches", json=batch_body(1) | {"comparisons": [same]}, headers=keys.labeler)
+    assert r.status_code == 422
+    assert r.json()["errors"] == [
+        {"index": 0, "field": "choice", "message": "response_a and response_b are identical, so choice must be 'tie', not 'b'"}
+    ]
+
+
+@pytest.mark.parametrize("size", [3, 700], ids=["small", "large"])
+def test_a_json_syntax_error_names_the_record_it_breaks(client, keys, pg_db, size):
+    import json
+
+    records = [json.dumps(comparison(i)) for i in range(size)]
+    records[size - 2] = records[size - 2].replace('"choice": "a",', '"choice": "a"')  # a missing comma
+    body = '{"source": "s", "comparisons": [' + ", ".join(records) + "]}"
+    r = client.post("/v1/feedback-batches", content=body, headers=keys.labeler | {"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    [error] = r.json()["errors"]
+    assert (error["index"], error["field"]) == (size - 2, "choice")
+    assert error["message"].startswith(f"invalid JSON in comparison {size - 2}: Expecting ',' delimiter at line 1 column ")
+    assert counts(pg_db) == (0, 0)

@@ -282,3 +282,50 @@ def test_decoded_size_is_counted_and_a_runaway_line_is_refused():
     ok = JsonlImportParser("trl")
     ok.feed(gz.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3))
     assert ok.decoded_bytes == 48 * 3
+
+
+def test_a_line_nested_too_deep_is_skipped_with_its_reason():
+    body = jsonl(trl()) + b"[" * 10_000 + b"]" * 10_000 + b"\n" + jsonl(trl(prompt="Q3"))
+    assert parse_body("trl", body, chunk=4096) == [
+        ok(1, "Can you help me?", "Sure.", "No."),
+        bad(2, "invalid JSON: nested too deeply"),
+        ok(3, "Q3", "Sure.", "No."),
+    ]
+
+
+@pytest.mark.parametrize("fmt, record, field", [
+    ("trl", trl(chosen="x" * 101), "chosen"),
+    ("trl", trl(prompt="p" * 101), "prompt"),
+    ("hh-rlhf", hh(rejected=" " + "y" * 100), "rejected"),
+])
+def test_a_text_over_the_limit_is_skipped_with_its_reason(fmt, record, field):
+    parser = JsonlImportParser(fmt, max_text_chars=100)  # PROMPT is 71 characters
+    [line] = parser.feed(jsonl(record)) + parser.close()
+    assert line.error == f"{field} is 101 characters long, over the limit of 100"
+
+
+def test_a_gzip_bomb_is_refused_in_bounded_memory():
+    import tracemalloc
+
+    from api.formats import DecodedTooLarge
+
+    bomb = gzip.compress(b"\n" * (64 * 1024 * 1024), compresslevel=9)  # ~65 KB of gzip
+    parser = JsonlImportParser("trl", max_decoded_bytes=4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodedTooLarge, match="over the limit of 4194304 bytes"):
+            for start in range(0, len(bomb), 65_536):
+                parser.feed(bomb[start : start + 65_536])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 1024 * 1024  # loose: the whole bomb would be 64 MiB
+    assert parser.decoded_bytes <= 4 * 1024 * 1024 + 1024 * 1024
+
+
+def test_a_large_gzip_chunk_is_inflated_in_pieces_and_loses_no_line():
+    records = [trl(prompt=f"Q{i}", chosen="a" * 500) for i in range(5_000)]
+    body = gzip.compress(jsonl(*records))
+    parsed = parse_body("trl", body, chunk=len(body))
+    assert [p.prompt for p in parsed] == [f"Q{i}" for i in range(5_000)]
+    assert all(p.error is None for p in parsed)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -33,6 +33,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api.app import create_app
+from api.errors import ErrorResponse
+from api.schemas.feedback import ImportResult
 from api.schemas.registry import CyclePublic, CycleStarted
 from store.artifacts import ArtifactStore
 from store.cycles import finish_stage, open_cycle, start_stage
@@ -282,3 +284,63 @@ def test_import_refuses_a_nul_in_its_source(client, keys):
     )
     assert r.status_code == 422
     assert [e["field"] for e in r.json()["errors"]] == ["source"]
+
+
+# --- the import route under hostile bodies ---------------------------------------------
+# The schema run above sends small JSON Lines bodies; these are the ones a hostile client
+# sends: nesting deeper than the decoder's recursion limit, texts over the 200,000-character
+# limit, lines too long to buffer, gzip bombs, gzip that is cut short or corrupted, random
+# bytes. Whatever the body, the answer is a 2xx with an ImportResult or a 4xx with the
+# documented error body: never a 500.
+
+_nested_line = st.sampled_from([10, 1_000, 10_000, 100_000]).map(lambda depth: b"[" * depth + b"]" * depth) | (
+    st.sampled_from([1_000, 50_000]).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth)
+)
+_long_line = st.sampled_from([199_999, 200_001, 1_000_000]).flatmap(
+    lambda n: st.sampled_from([
+        {"prompt": "p", "chosen": "x" * n, "rejected": "y"},
+        {"prompt": "p" * n, "chosen": "x", "rejected": "y"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: " + "x" * n, "rejected": "\n\nHuman: q\n\nAssistant: y"},
+    ])
+).map(lambda record: json.dumps(record).encode())
+_hostile_line = st.one_of(_pair_line(), _noise_line, _nested_line, _long_line, st.binary(min_size=1, max_size=200))
+
+
+@st.composite
+def hostile_import_bodies(draw) -> tuple[bytes, dict]:
+    """(body, extra headers): JSON Lines of hostile lines, plain or gzip in several states of repair."""
+    body = b"\n".join(draw(st.lists(_hostile_line, min_size=1, max_size=5)))
+    encoding = draw(st.sampled_from(["plain", "gzip", "gzip", "gzip-truncated", "gzip-corrupt", "gzip-bomb", "random"]))
+    if encoding == "random":
+        body = draw(st.binary(min_size=1, max_size=2_000))
+    elif encoding == "gzip-bomb":
+        body = gzip.compress(b"\n" * draw(st.sampled_from([9_000_000, 64_000_000])), compresslevel=9)
+    elif encoding != "plain":
+        body = gzip.compress(body, mtime=0)
+        if encoding == "gzip-truncated":
+            body = body[: draw(st.integers(2, len(body) - 1))]
+        elif encoding == "gzip-corrupt":
+            at = draw(st.integers(10, len(body) - 1))
+            body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
+    declared = draw(st.booleans()) and encoding.startswith("gzip")
+    return body, ({"Content-Encoding": "gzip"} if declared else {})
+
+
+@given(case=hostile_import_bodies(), fmt=st.sampled_from(["trl", "hh-rlhf"]), strict=st.booleans())
+@settings(
+    max_examples=40, derandomize=True, database=None, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+def test_the_import_route_never_answers_500(client, keys, case, fmt, strict):
+    body, headers = case
+    r = client.post(
+        f"/v1/feedback-batches/import?format={fmt}&strict={str(strict).lower()}", content=body,
+        headers=keys.labeler | {"Content-Type": "application/jsonl"} | headers,
+    )
+    assert r.status_code in (200, 201, 413, 422), r.text
+    if r.status_code < 300:
+        result = ImportResult.model_validate(r.json())
+        assert result.imported >= 1
+    else:
+        error = ErrorResponse.model_validate(r.json())
+        assert error.detail

@@ -127,3 +127,53 @@ def test_dataset_snapshot_exports_and_reports_agreement(client, keys, pg_db, art
     assert client.get(f"/v1/datasets/{old.id}", headers=keys.labeler).json()["agreement"] == expected
     exported = client.get(f"/v1/datasets/{ds.id}/export?format=trl", headers=keys.labeler)
     assert exported.text.count("\n") == 2
+
+
+def _trl_line(i: int, **overrides) -> bytes:
+    record = {"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} | overrides
+    return json.dumps(record).encode() + b"\n"
+
+
+def test_a_line_nested_too_deep_is_skipped_not_a_500(client, keys, pg_db):
+    body = _trl_line(1) + b"[" * 10_000 + b"]" * 10_000 + b"\n" + _trl_line(3)
+    r = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    assert (r.json()["imported"], r.json()["skipped_lines"]) == (2, [{"line": 2, "reason": "invalid JSON: nested too deeply"}])
+
+
+def test_a_gzip_bomb_is_413_without_being_inflated(client, keys, pg_db):
+    import tracemalloc
+
+    bomb = gzip.compress(b"\n" * (64 * 1024 * 1024), compresslevel=9)  # ~65 KB, 8x the 8 MB limit once inflated
+    tracemalloc.start()
+    try:
+        r = client.post(
+            "/v1/feedback-batches/import?format=trl", content=bomb,
+            headers=keys.labeler | {"Content-Type": "application/jsonl", "Content-Encoding": "gzip"},
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 413, r.text
+    assert "limit of 8000000 bytes (after gzip decoding)" in r.json()["detail"]
+    assert peak < 24 * 1024 * 1024  # loose: inflating the whole bomb at once takes 64 MiB
+    assert _rows(pg_db) == (0, 0)
+
+
+def test_an_import_text_over_the_batch_limit_is_a_skipped_line(client, keys, pg_db):
+    body = _trl_line(1) + _trl_line(2, chosen="x" * 200_001) + _trl_line(3)
+    r = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    assert r.json()["imported"] == 2
+    assert r.json()["skipped_lines"] == [{"line": 2, "reason": "chosen is 200001 characters long, over the limit of 200000"}]
+
+
+def test_an_import_over_the_record_limit_is_413_and_writes_nothing(client, keys, pg_db):
+    body = b"".join(_trl_line(i) for i in range(1_001))  # api_settings: max_batch_records=1000
+    r = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=keys.labeler)
+    assert r.status_code == 413, r.text
+    assert "over the limit of 1000 per batch" in r.json()["detail"]
+    assert _rows(pg_db) == (0, 0)
+    at_limit = client.post("/v1/feedback-batches/import?format=trl", content=b"".join(_trl_line(i) for i in range(1_000)),
+                           headers=keys.labeler)
+    assert at_limit.status_code == 201 and at_limit.json()["imported"] == 1_000

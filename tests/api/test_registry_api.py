@@ -1,5 +1,8 @@
 """Registry reads, deployments, cycles, health and keys through the real app."""
 
+from concurrent.futures import ThreadPoolExecutor
+from threading import Barrier
+
 from api.app import create_app
 from fastapi.testclient import TestClient
 from store.datasets import snapshot_comparisons
@@ -39,6 +42,28 @@ def test_rollback_restores_the_previous_deployment(client, keys, pg_db):
     assert client.get("/v1/deployments", headers=keys.labeler).json()["count"] == 3
 
 
+def test_concurrent_rollbacks_walk_back_one_step_each_and_then_conflict(client, keys, pg_db):
+    with pg_db.session() as s:
+        policies = [builders.policy(s).id for _ in range(5)]
+        for p in policies:
+            deploy(s, policy_id=p)
+    barrier = Barrier(8)
+
+    def roll_back(i):
+        barrier.wait()
+        return client.post("/v1/deployments/rollback", json={"reason": f"storm {i}"}, headers=keys.operator)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(roll_back, range(8)))
+    # Five deploys leave four steps to walk back (to p4, p3, p2, p1); the other four find nothing left.
+    done = [r.json() for r in answers if r.status_code == 201]
+    refused = [r.json()["detail"] for r in answers if r.status_code != 201]
+    assert sorted(d["policy_id"] for d in done) == policies[:4]
+    assert sorted(d["version"] for d in done) == [6, 7, 8, 9] and len({d["rolled_back_id"] for d in done}) == 4
+    assert [r.status_code for r in answers].count(409) == 4 and all("no earlier deployment" in d for d in refused)
+    assert client.get("/v1/deployments/active", headers=keys.labeler).json()["policy_id"] == policies[0]
+
+
 def test_rollback_of_a_target_never_deployed_is_404(client, keys):
     r = client.post("/v1/deployments/rollback", json={"name": "canary"}, headers=keys.operator)
     assert r.status_code == 404
@@ -48,7 +73,19 @@ def test_rollback_of_a_target_never_deployed_is_404(client, keys):
 def test_starting_a_cycle_needs_an_orchestrator(client, keys):
     r = client.post("/v1/cycles", json={}, headers=keys.operator)
     assert r.status_code == 503 and "no orchestrator" in r.json()["detail"]
+    assert "RATCHET_CYCLE_LAUNCHER" in r.json()["detail"] and "ratchet cycle run" in r.json()["detail"]
     assert client.post("/v1/cycles", json={"week": "last week"}, headers=keys.operator).status_code == 422
+
+
+def test_a_cycle_for_a_week_that_does_not_exist_is_422(client, keys):
+    for week, why in [("2026-W99", "ISO year 2026 has 53 weeks"), ("2026-W00", "ISO year 2026 has 53 weeks"),
+                      ("2027-W53", "ISO year 2027 has 52 weeks"), ("0000-W01", "before year 1")]:
+        r = client.post("/v1/cycles", json={"week": week}, headers=keys.operator)
+        assert r.status_code == 422, (week, r.text)
+        (error,) = r.json()["errors"]
+        assert error["field"] == "week" and why in error["message"], error
+    # 2026 has a 53rd week: valid, so the request gets as far as the (missing) orchestrator.
+    assert client.post("/v1/cycles", json={"week": "2026-W53"}, headers=keys.operator).status_code == 503
 
 
 def test_admin_creates_and_revokes_keys(client, keys):

@@ -1,11 +1,12 @@
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from threading import Barrier
 
 import pytest
 
 from store.cycles import finish_stage, get_stage, iso_week, open_cycle, start_stage
 from store.deployments import active_deployment, deploy, rollback
-from store.errors import Conflict, InvalidInput, NotFound
+from store.errors import Conflict, InvalidInput, NotFound, StoreError
 from store.keys import authenticate, create_api_key, revoke_api_key
 from store.tasks import create_tasks, lease_tasks
 from tests import builders
@@ -29,6 +30,72 @@ def test_deploy_and_roll_back_like_an_undo_stack(db):
         assert d1.previous_id is None
 
 
+def _all_at_once(threads: int, work):
+    """``work(i)`` for i in 0..threads-1, started together in threads; a store error is returned, not raised."""
+    barrier = Barrier(threads)
+
+    def run(i):
+        barrier.wait()
+        try:
+            return work(i)
+        except StoreError as exc:
+            return exc
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, range(threads)))
+
+
+def test_concurrent_rollbacks_each_walk_back_one_step(db):
+    with db.session() as s:
+        policies = [builders.policy(s).id for _ in range(10)]
+        deployed = [deploy(s, policy_id=p).id for p in policies]
+
+    def roll_back(i):
+        with db.session() as s:
+            row = rollback(s, actor=f"ops-{i}")
+            return row.policy_id, row.rolled_back_id
+
+    results = _all_at_once(8, roll_back)
+    # Ten deploys, eight rollbacks: they restore p9, p8, ..., p2 in turn, each undoing the one before.
+    assert sorted(policy for policy, _ in results) == policies[1:9]
+    assert len({undone for _, undone in results}) == 8 and deployed[-1] in {undone for _, undone in results}
+    with db.session() as s:
+        assert active_deployment(s).policy_id == policies[1]
+
+
+def test_concurrent_rollbacks_past_the_first_deployment_are_conflicts(db):
+    with db.session() as s:
+        policies = [builders.policy(s).id for _ in range(3)]
+        for p in policies:
+            deploy(s, policy_id=p, name="canary")
+
+    def roll_back(_):
+        with db.session() as s:
+            return rollback(s, name="canary").policy_id
+
+    results = _all_at_once(8, roll_back)
+    assert sorted(r for r in results if isinstance(r, int)) == policies[:2]
+    refused = [r for r in results if not isinstance(r, int)]
+    assert len(refused) == 6 and all(isinstance(r, Conflict) and "no earlier deployment" in str(r) for r in refused)
+    with db.session() as s:
+        assert active_deployment(s, name="canary").policy_id == policies[0]
+
+
+def test_concurrent_deploys_to_a_new_target_form_one_chain(db):
+    with db.session() as s:
+        policies = [builders.policy(s).id for _ in range(8)]
+
+    def deploy_one(i):
+        with db.session() as s:
+            return deploy(s, policy_id=policies[i], name="fresh")
+
+    rows = sorted(_all_at_once(8, deploy_one), key=lambda row: row.version)
+    assert [row.version for row in rows] == list(range(1, 9))
+    assert [row.previous_id for row in rows] == [None] + [row.id for row in rows[:-1]]
+    with db.session() as s:
+        assert active_deployment(s, name="fresh").id == rows[-1].id
+
+
 def test_a_cycle_is_one_per_week_even_under_concurrent_triggers(db):
     week = iso_week(datetime(2026, 11, 23, tzinfo=UTC))
     assert week == "2026-W48"
@@ -42,6 +109,17 @@ def test_a_cycle_is_one_per_week_even_under_concurrent_triggers(db):
         results = list(pool.map(trigger, range(4)))
     assert len({cid for cid, _ in results}) == 1
     assert sum(created for _, created in results) == 1
+
+
+def test_a_cycle_is_refused_for_a_week_that_does_not_exist(db):
+    with db.session() as s:
+        for week, why in [("2026-W54", "2026 has 53 weeks"), ("2027-W53", "2027 has 52 weeks"),
+                          ("2026-W00", "2026 has 53 weeks")]:
+            with pytest.raises(InvalidInput, match=why) as refused:
+                open_cycle(s, week=week)
+            assert refused.value.errors[0]["field"] == "week"
+        cycle, created = open_cycle(s, week="2026-W53")
+        assert created and cycle.week == "2026-W53"
 
 
 def test_stage_runs_restart_after_failure_and_refuse_a_second_success(db):
