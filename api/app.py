@@ -14,17 +14,24 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from api import errors
 from api.deps import KeyCache
-from api.routes import admin, dashboard, feedback, operations, registry, tasks
+from api.routes import (
+    admin,
+    cycles,
+    dashboard,
+    datasets,
+    deployments,
+    feedback_batches,
+    imports,
+    policies,
+    preference_models,
+    tasks,
+)
 from store.artifacts import ArtifactStore
 from store.db import Database, open_database
-from store.errors import DatabaseUnavailable
-from store.feedback import IdempotentReplay
 from store.feedback_async import AsyncFeedbackWriter
 from store.settings import Settings, get_settings
 
@@ -40,6 +47,11 @@ Roles are ranked labeler < operator < admin; a key may do what its role and
 the roles below it may. Every error body is `{"detail", "errors"}`; invalid
 input names each bad record by `index` and `field`.
 """
+
+ROUTERS = (
+    admin, feedback_batches, imports, tasks, datasets, preference_models, policies, deployments, cycles, dashboard,
+)
+"""The modules whose ``router`` the app serves, one per resource, in the order they are matched."""
 
 
 def create_app(
@@ -100,17 +112,8 @@ def create_app(
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     errors.install(app)
 
-    @app.exception_handler(IdempotentReplay)
-    async def _lost_race(request: Request, exc: IdempotentReplay) -> JSONResponse:
-        as_import = request.url.path.endswith("/import")
-        try:
-            body = await run_in_threadpool(feedback.replayed_batch, database, exc.batch_id, as_import=as_import)
-        except DatabaseUnavailable as lost:  # a handler's own error would be a 500
-            return errors.database_unavailable(lost)
-        return JSONResponse(body, status_code=200)
-
     app.add_middleware(AnswerHeaders)
-    for module in (admin, feedback, tasks, registry, operations, dashboard):
+    for module in ROUTERS:
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app

@@ -1,4 +1,4 @@
-"""Dependencies: the request's database session, auth, paging."""
+"""Dependencies: the request's database session, auth, paging, the idempotency key."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi import Depends, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.schemas.common import NO_NUL
 from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
@@ -23,6 +24,18 @@ from store.settings import Settings
 MAX_ID = 2**31 - 1
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="row id")]
 """An id in a path: a positive 32-bit integer (anything else is 422, not a database error)."""
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=NO_NUL,
+        description="Retry-safe key: a replay returns the first answer; the same key with another body is 409",
+    ),
+]
+"""The ``Idempotency-Key`` header of the routes that register feedback batches."""
 
 ROLE_RANK = {"labeler": 0, "operator": 1, "admin": 2}
 

@@ -77,6 +77,12 @@ def responses(*codes: int) -> dict[int | str, dict]:
     return {code: {"model": ErrorResponse, "description": DESCRIPTIONS[code]} for code in codes}
 
 
+def raw_body(content: dict[str, dict]) -> dict:
+    """The ``openapi_extra`` of a route that reads its body raw (to hash and size-check it
+    first): the body it requires, by media type."""
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def _body(status: int, detail: str, field_errors: list[dict] | None = None, headers: dict | None = None) -> JSONResponse:
     payload = ErrorResponse(detail=detail, errors=[FieldError(**e) for e in (field_errors or [])[:MAX_REPORTED_ERRORS]])
     return JSONResponse(payload.model_dump(), status_code=status, headers=headers)

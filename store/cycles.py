@@ -91,6 +91,11 @@ def list_cycles(session: Session, *, limit: int = 50, after_id: int | None = Non
     return list_rows(session, Cycle, limit=limit, after_id=after_id)
 
 
+def running_cycle_id(session: Session) -> int | None:
+    """The id of the newest running cycle, or None when no cycle runs."""
+    return session.scalar(select(Cycle.id).where(Cycle.status == "running").order_by(Cycle.id.desc()).limit(1))
+
+
 def finish_cycle(session: Session, *, cycle_id: int, status: str, reason: str | None = None) -> Cycle:
     """Mark a running cycle succeeded, failed or cancelled.
 

@@ -176,6 +176,11 @@ def get_dataset(session: Session, dataset_id: int) -> Dataset:
     return get_row(session, Dataset, dataset_id, label="dataset")
 
 
+def dataset_batch_ids(session: Session, *, dataset_id: int) -> list[int]:
+    """The ids of the feedback batches in dataset ``dataset_id``, ascending."""
+    return sorted(session.scalars(select(dataset_batches.c.batch_id).where(dataset_batches.c.dataset_id == dataset_id)))
+
+
 def get_dataset_version(session: Session, *, name: str, version: int | None = None) -> Dataset:
     """Dataset ``name`` at ``version`` (the newest when None)."""
     return get_named_version(session, Dataset, name=name, version=version, label="dataset")

@@ -3,14 +3,17 @@ a cycle's headline numbers for its report and the dashboard."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from store.cycles import get_cycle
 from store.db import Database
 from store.deployments import active_deployment
+from store.feedback import rater_agreement
+from store.lineage import lineage_back
 from store.models import (
     ApiKey,
     Artifact,
@@ -22,6 +25,7 @@ from store.models import (
     FeedbackBatch,
     Policy,
     PreferenceModel,
+    utcnow,
 )
 
 COUNTED = {
@@ -125,4 +129,57 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
             "gold_score": metrics.get(gold_key) if deployed is not None else None,
         }
     )
+    return out
+
+
+def recent_cycles(session: Session, *, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` cycles, summarised, oldest first."""
+    rows = session.scalars(select(Cycle).options(selectinload(Cycle.stages)).order_by(Cycle.id.desc()).limit(limit)).all()
+    return [summarize_cycle(row) for row in reversed(rows)]
+
+
+def deployed_lineage(session: Session, *, target: str) -> dict[str, Any] | None:
+    """The active deployment of ``target`` and the lineage chain behind it (policy <- PM <- dataset), or None."""
+    deployment = active_deployment(session, name=target)
+    if deployment is None:
+        return None
+    graph = lineage_back(session, kind="policy", id=deployment.policy_id)
+    by_kind: dict[str, int] = defaultdict(int)
+    for kind, _ in graph.nodes:
+        by_kind[kind] += 1
+    chain, key = [], ("policy", deployment.policy_id)
+    while key is not None:  # policy -> its PM -> that PM's dataset (the "trained on" edges)
+        node = graph.nodes[key]
+        chain.append({"kind": node.kind, "name": node.name, "version": node.version, "id": node.id})
+        key = next((e.parent for e in graph.edges if e.child == key and e.parent[0] in ("pm", "dataset")), None)
+    return {
+        "target": target,
+        "version": deployment.version,
+        "action": deployment.action,
+        "since": deployment.created_at,
+        "reason": deployment.reason,
+        "chain": chain,
+        "feedback_batches": by_kind.get("feedback_batch", 0),
+        "policies_before": by_kind.get("policy", 1) - 1,
+    }
+
+
+def feedback_by_cycle(session: Session, cycles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per cycle: the comparisons registered while it ran (from its start to its end, or
+    now) and the rater agreement among those batches."""
+    if not cycles:
+        return []
+    first = min(c["started_at"] for c in cycles)
+    rows = session.execute(
+        select(FeedbackBatch.id, FeedbackBatch.created_at, FeedbackBatch.comparison_count)
+        .where(FeedbackBatch.created_at >= first)
+    ).all()
+    now = utcnow()
+    out = []
+    for c in cycles:
+        end = c["finished_at"] or now
+        batch_ids = [i for i, created, _ in rows if c["started_at"] <= created < end]
+        count = sum(n for _, created, n in rows if c["started_at"] <= created < end)
+        out.append({"week": c["week"], "comparisons": count, "batches": len(batch_ids),
+                    **rater_agreement(session, batch_ids)})
     return out

@@ -43,7 +43,6 @@ import math
 import os
 import re
 import secrets
-from collections import defaultdict
 from functools import partial
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
@@ -54,17 +53,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 
 from api.deps import ROLE_RANK, Caller, caller_of
 from store.db import Database
-from store.deployments import active_deployment
-from store.feedback import rater_agreement
-from store.lineage import lineage_back
-from store.models import Cycle, FeedbackBatch, utcnow
 from store.sessions import create_session, purge_sessions, resolve_session, revoke_session
-from store.status import summarize_cycle
+from store.status import deployed_lineage, feedback_by_cycle, recent_cycles
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 log = logging.getLogger(__name__)
@@ -96,12 +89,9 @@ _style = pygal.style.Style(
 def dashboard_data(database: Database, *, weeks: int, target: str = "default") -> dict[str, Any]:
     """Everything the page shows, as plain values (the tests read this)."""
     with database.session() as session:
-        rows = session.scalars(
-            select(Cycle).options(selectinload(Cycle.stages)).order_by(Cycle.id.desc()).limit(weeks)
-        ).all()
-        cycles = [summarize_cycle(row) for row in reversed(rows)]  # oldest first
-        deployed = _deployed(session, target)
-        feedback = _feedback_by_cycle(session, cycles)
+        cycles = recent_cycles(session, limit=weeks)
+        deployed = deployed_lineage(session, target=target)
+        feedback = feedback_by_cycle(session, cycles)
     states = flow_run_states([c["flow_run_id"] for c in cycles if c["flow_run_id"]])
     for c in cycles:
         c["prefect_state"] = None if states is None else states.get(c["flow_run_id"])
@@ -135,52 +125,6 @@ def flow_run_states(flow_run_ids: list[str], *, timeout_s: float = PREFECT_TIMEO
         log.warning("Prefect did not answer for %d flow run(s): %s", len(wanted), exc)
         return None
     return {str(run.id): run.state.name if run.state is not None else "unknown" for run in runs}
-
-
-def _deployed(session, target: str) -> dict[str, Any] | None:
-    deployment = active_deployment(session, name=target)
-    if deployment is None:
-        return None
-    graph = lineage_back(session, kind="policy", id=deployment.policy_id)
-    by_kind: dict[str, int] = defaultdict(int)
-    for kind, _ in graph.nodes:
-        by_kind[kind] += 1
-    chain, key = [], ("policy", deployment.policy_id)
-    while key is not None:  # policy -> its PM -> that PM's dataset (the "trained on" edges)
-        node = graph.nodes[key]
-        chain.append({"kind": node.kind, "name": node.name, "version": node.version, "id": node.id})
-        key = next((e.parent for e in graph.edges if e.child == key and e.parent[0] in ("pm", "dataset")), None)
-    return {
-        "target": target,
-        "version": deployment.version,
-        "action": deployment.action,
-        "since": deployment.created_at,
-        "reason": deployment.reason,
-        "chain": chain,
-        "feedback_batches": by_kind.get("feedback_batch", 0),
-        "policies_before": by_kind.get("policy", 1) - 1,
-    }
-
-
-def _feedback_by_cycle(session, cycles: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per cycle: the comparisons registered while it ran (from its start to its end, or
-    now) and the rater agreement among those batches."""
-    if not cycles:
-        return []
-    first = min(c["started_at"] for c in cycles)
-    rows = session.execute(
-        select(FeedbackBatch.id, FeedbackBatch.created_at, FeedbackBatch.comparison_count)
-        .where(FeedbackBatch.created_at >= first)
-    ).all()
-    now = utcnow()
-    out = []
-    for c in cycles:
-        end = c["finished_at"] or now
-        batch_ids = [i for i, created, _ in rows if c["started_at"] <= created < end]
-        count = sum(n for _, created, n in rows if c["started_at"] <= created < end)
-        out.append({"week": c["week"], "comparisons": count, "batches": len(batch_ids),
-                    **rater_agreement(session, batch_ids)})
-    return out
 
 
 # --- the charts ----------------------------------------------------------------------------

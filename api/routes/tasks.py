@@ -6,12 +6,11 @@ from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from sqlalchemy import select
 
 from api.deps import Labeler, SessionDep, SettingsDep
 from api.errors import responses
 from api.schemas.feedback import ComparisonTaskList, ComparisonTaskPublic
-from store.models import Cycle
+from store.cycles import running_cycle_id
 from store.tasks import lease_tasks
 
 router = APIRouter(prefix="/v1/comparison-tasks", tags=["feedback"])
@@ -36,7 +35,7 @@ def fetch_tasks(
     other: which response is the candidate's is never shown.
     """
     if cycle_id is None:
-        cycle_id = session.scalar(select(Cycle.id).where(Cycle.status == "running").order_by(Cycle.id.desc()).limit(1))
+        cycle_id = running_cycle_id(session)
     rows = lease_tasks(
         session, labeler=key.name, limit=limit, lease=timedelta(seconds=settings.task_lease_s), cycle_id=cycle_id
     )

@@ -67,3 +67,23 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if "tests/api/" in str(item.fspath) and "pg_db" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+
+
+def lose_the_idempotency_race(monkeypatch, *route_lookups: tuple[object, str], store_misses: int = 0) -> None:
+    """Make the next request with an idempotency key act as the loser of a race: its
+    lookups before the insert (the route's own, named by module and attribute, and
+    the store's first ``store_misses``) find no batch, as if the winner committed
+    just after them, so its insert is the one that collides."""
+    import store.feedback
+
+    for module, name in route_lookups:
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    real, misses = store.feedback.find_replay, [store_misses]
+
+    def find_replay(*args, **kwargs):
+        if misses[0]:
+            misses[0] -= 1
+            return None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.feedback, "find_replay", find_replay)

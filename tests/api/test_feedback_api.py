@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 from store.models import Comparison, ComparisonTask, FeedbackBatch
 from store.tasks import create_tasks
 from store.settings import Settings
-from tests.api.conftest import batch_body, comparison
+from tests.api.conftest import batch_body, comparison, lose_the_idempotency_race
 
 
 @pytest.fixture(params=["inline", "copy"])
@@ -68,6 +68,25 @@ def test_replay_returns_the_first_answer_and_a_changed_body_conflicts(client, ke
     assert again.json()["id"] == first.json()["id"]
     changed = client.post("/v1/feedback-batches", json=batch_body(3), headers=headers)
     assert changed.status_code == 409 and "different request" in changed.json()["detail"]
+    assert counts(pg_db) == (1, 2)
+
+
+def test_a_registration_that_loses_an_idempotency_race_answers_the_winners_batch(
+    pg_db, artifacts, tmp_path, keys, monkeypatch
+):
+    from fastapi.testclient import TestClient
+
+    import api.routes.feedback_batches
+    from api.app import create_app
+
+    app = create_app(Settings(home=tmp_path, inline_batch_bytes=0), database=pg_db, artifacts=artifacts)
+    headers = keys.labeler | {"Idempotency-Key": "vendor-x-race"}
+    with TestClient(app) as c:
+        first = c.post("/v1/feedback-batches", json=batch_body(2), headers=headers)
+        lose_the_idempotency_race(monkeypatch, (api.routes.feedback_batches, "find_replay"), store_misses=1)
+        lost = c.post("/v1/feedback-batches", json=batch_body(2), headers=headers)
+    assert (first.status_code, lost.status_code) == (201, 200), lost.text
+    assert lost.json() == first.json()
     assert counts(pg_db) == (1, 2)
 
 

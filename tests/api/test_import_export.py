@@ -8,6 +8,7 @@ from sqlalchemy import func, insert, select
 
 from store.datasets import create_dataset, snapshot_comparisons
 from store.models import Comparison, FeedbackBatch, dataset_batches
+from tests.api.conftest import lose_the_idempotency_race
 
 HH_SAMPLE = Path(__file__).parents[1] / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
 
@@ -91,6 +92,19 @@ def test_import_replay_with_the_same_key_answers_the_first_import(client, keys, 
     assert again.json() == first.json()
     other = client.post("/v1/feedback-batches/import?format=trl", content=body + body, headers=headers)
     assert other.status_code == 409
+    assert _rows(pg_db) == (1, 1)
+
+
+def test_an_import_that_loses_an_idempotency_race_answers_the_winners_import(client, keys, pg_db, monkeypatch):
+    import api.routes.imports
+
+    body = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+    headers = keys.labeler | {"Idempotency-Key": "import-race"}
+    first = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=headers)
+    lose_the_idempotency_race(monkeypatch, (api.routes.imports, "replay_of"))
+    lost = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=headers)
+    assert (first.status_code, lost.status_code) == (201, 200), lost.text
+    assert lost.json() == first.json()
     assert _rows(pg_db) == (1, 1)
 
 
