@@ -10,13 +10,13 @@ one process, with models built here (no downloads):
 1. Setup: a byte-level BPE tokenizer trained on the HH-RLHF sample
    (``tests/data/hh-rlhf``), a GPT-2 "step" policy (4 layers x 256, dropout
    0.1) and a "throughput" policy (12 x 768), written with save_pretrained
-   and loaded by the steps through ``workers.modeling`` like a user's model.
+   and loaded by the steps through ``workers.common.modeling`` like a user's model.
 2. Steps on ``--device`` with ``--dtype``: sft, sample, train_pm (train and
    test PM on the HH sample), ppo (value head; LoRA; on CUDA also float32
    weights), evaluate (PPO's policy against the initial one, both PMs, the
    demo world's gold function) and best_of_n. Per step: ok, wall seconds,
    the device and dtype of every model it loaded (recorded at
-   ``workers.modeling``'s loader), whether its key metrics are finite, and
+   ``workers.common.modeling``'s loader), whether its key metrics are finite, and
    peak CUDA memory (``torch.cuda.max_memory_allocated``). For ppo also the
    fraction of policy weights that changed (bfloat16 weights round away
    updates much smaller than their own size).
@@ -141,13 +141,13 @@ def finite(metrics: dict[str, Any], keys: list[str]) -> tuple[bool, list[str]]:
 class LoadRecorder:
     """The (directory, device, dtype) of every model a step loads.
 
-    Every step loads its models through ``workers.modeling._load`` (causal LMs,
+    Every step loads its models through ``workers.common.modeling._load`` (causal LMs,
     trunks, PMs), so wrapping it shows where each model actually lives,
     whatever the config asked for.
     """
 
     def __init__(self):
-        import workers.modeling as modeling
+        import workers.common.modeling as modeling
 
         self.loads: list[tuple[str, str, str]] = []
         original = modeling._load
@@ -182,7 +182,7 @@ def build_inputs(work: Path, size: dict, sampling) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from tests.workers.builders import hh_comparisons
-    from workers.testing import build_tiny_model, build_tokenizer, count_parameters
+    from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
 
     comparisons = hh_comparisons(size["comparisons"])
     prompts = sampling.hh_prompts(max(size["prompts"], size["eval_prompts"], size["tp_prompts"]) * 2)
@@ -218,9 +218,9 @@ def random_pm(policy_dir: str, out: Path) -> str:
     """A PM directory with the policy's trunk and a random head (only when train_pm failed, so PPO still runs)."""
     import torch
 
-    from workers.modeling import load_tokenizer, load_trunk
-    from workers.pm import PreferenceModel
-    from workers.score import save_pm
+    from workers.common.modeling import load_tokenizer, load_trunk
+    from workers.common.pm import PreferenceModel
+    from workers.common.score import save_pm
 
     trunk = load_trunk(policy_dir, device=torch.device("cpu"), dtype=torch.float32)
     head = PreferenceModel.new_head(trunk.config.hidden_size, std=0.02, seed=1)
@@ -405,7 +405,7 @@ def _main(args, check: Check) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from workers.runtime import resolve_device, resolve_dtype
+    from workers.common.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -592,7 +592,7 @@ def resume(check, recorder, args, size, inputs, policy, common, state, device, d
                                   "resumed_complete": resumed.complete})
 
     def ppo():
-        from workers.metrics import read_metrics
+        from workers.common.metrics import read_metrics
         from workers.ppo import PPOConfig, run
 
         def cfg(out: str, **kw):
@@ -634,7 +634,7 @@ def throughput(check, recorder, args, size, inputs, common, state, device, dtype
     k, new_tokens = 4, size["tp_new_tokens"]
 
     def sampling_fn():
-        from workers.modeling import load_causal_lm, load_tokenizer
+        from workers.common.modeling import load_causal_lm, load_tokenizer
         from workers.sample import SampleConfig, run
 
         prompts_path = write_jsonl(work / "tp-prompts.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(prompts)])
@@ -674,7 +674,7 @@ def throughput(check, recorder, args, size, inputs, common, state, device, dtype
                 "all": {n: [round(x, 1) for x in v] for n, v in results.items()}}
 
     def ppo_fn():
-        from workers.metrics import read_metrics
+        from workers.common.metrics import read_metrics
         from workers.ppo import PPOConfig, run
 
         out = work / "tp-ppo"

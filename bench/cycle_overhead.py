@@ -82,7 +82,7 @@ def main() -> int:
     from orchestrator.demo import ApiThread, demo_cycle_settings, start_prefect
     from orchestrator.flow import use_env, weekly_cycle
     from orchestrator.labeler import SimulatedLabeler
-    from orchestrator.stages import STAGES, CycleEnv
+    from orchestrator.cycle import STAGES, CycleEnv
     from orchestrator.world import WorldConfig, build_world
     from store.artifacts import ArtifactStore
     from store.db import open_database

@@ -55,9 +55,9 @@ def split_hh(text: str) -> tuple[str, str]:
 def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: float) -> dict:
     """Tokenizer, models and the shared data split, written under ``work``."""
     sys.path.insert(0, str(ROOT))
-    from workers.data import Comparison, split_comparisons
-    from workers.pm import TokenLayout
-    from workers.testing import build_tiny_model, build_tokenizer, count_parameters
+    from workers.common.data import Comparison, split_comparisons
+    from workers.common.pm import TokenLayout
+    from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
 
     records = []
     with gzip.open(HH, "rt", encoding="utf-8") as fh:

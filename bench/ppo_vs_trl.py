@@ -62,9 +62,9 @@ def build_models(size: str) -> Path:
     import torch
     from transformers import GPT2ForSequenceClassification
 
-    from workers.pm import PreferenceModel
-    from workers.score import save_pm
-    from workers.testing import build_tiny_model, build_tokenizer
+    from workers.common.pm import PreferenceModel
+    from workers.common.score import save_pm
+    from workers.common.testing import build_tiny_model, build_tokenizer
 
     spec = SIZES[size]
     root = WORK / size

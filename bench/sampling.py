@@ -50,7 +50,7 @@ def hh_prompts(n: int) -> list[str]:
 
 def encode_for_peer(tok, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Each prompt's token ids as ``workers.sample`` feeds them: leading special tokens, then the last tokens."""
-    from workers.pm import special_prefix
+    from workers.common.pm import special_prefix
 
     prefix = special_prefix(tok)
     keep = max_prompt_tokens - len(prefix)
@@ -65,7 +65,7 @@ def peer_tokens_per_s(model, tok, encoded: list[list[int]], *, samples: int, max
     """
     import torch
 
-    from workers.runtime import synchronize
+    from workers.common.runtime import synchronize
 
     device = next(model.parameters()).device
     tokens, start = 0, time.perf_counter()
@@ -101,9 +101,9 @@ def main() -> None:
 
     import torch
 
-    from workers.modeling import load_causal_lm, load_tokenizer
+    from workers.common.modeling import load_causal_lm, load_tokenizer
     from workers.sample import SampleConfig, run
-    from workers.testing import build_tiny_model, build_tokenizer, count_parameters
+    from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)

@@ -194,7 +194,7 @@ def _parse_params(items: list[str], raw: str | None) -> dict:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            _fail(f"--param {item!r} is not of the form key=value (dotted keys for sections: ppo.learning_rate=1e-4)")
+            _fail(f"--param {item!r} is not of the form key=value (dotted keys for sections: ppo.config.learning_rate=1e-4)")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -212,7 +212,7 @@ def _parse_params(items: list[str], raw: str | None) -> dict:
 @cycle_app.command("run")
 def cycle_run(
     week: Annotated[str | None, typer.Option(help="ISO week, e.g. 2026-W48 (default: this week)")] = None,
-    param: Annotated[list[str], typer.Option("--param", help="a setting override, key=value (dotted: ppo.learning_rate=1e-4)")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option("--param", help="a setting override, key=value (dotted: ppo.config.learning_rate=1e-4)")] = [],  # noqa: B006
     params: Annotated[str | None, typer.Option(help="setting overrides as a JSON object")] = None,
     via_deployment: Annotated[bool, typer.Option("--via-deployment", help="create a flow run of the weekly-cycle deployment instead of running here")] = False,
 ) -> None:
@@ -249,6 +249,26 @@ def cycle_run(
     typer.echo(json.dumps(summary, default=str))
     if summary.get("status") == "failed":
         raise typer.Exit(1)
+
+
+@cycle_app.command("defaults")
+def cycle_defaults(
+    param: Annotated[list[str], typer.Option("--param", help="a setting override, key=value (dotted: ppo.config.learning_rate=1e-4)")] = [],  # noqa: B006
+    params: Annotated[str | None, typer.Option(help="setting overrides as a JSON object")] = None,
+) -> None:
+    """Print the effective cycle settings with every field's documentation.
+
+    The server's defaults (RATCHET_CYCLE_CONFIG, else the built-in ones), with
+    the overrides given here, checked as a trigger's params are; each worker
+    step's config is listed field by field, with the value a cycle runs it with.
+    """
+    from orchestrator.settings import describe, load_defaults, resolve
+
+    try:
+        settings = resolve(load_defaults(get_settings().cycle_config), _parse_params(param, params), trusted=True)
+    except errors.InvalidInput as exc:
+        _fail("; ".join([str(exc), *(f"{e['field']}: {e['message']}" for e in exc.errors)]), code=2)
+    typer.echo("\n".join(describe(settings)))
 
 
 @cycle_app.command("show")

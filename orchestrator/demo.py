@@ -40,7 +40,7 @@ from rich.table import Table
 from orchestrator.labeler import SimulatedLabeler
 from orchestrator.report import cycle_summary
 from orchestrator.settings import CycleSettings, resolve, shift_week, week_monday, week_of
-from orchestrator.stages import STAGES, CycleEnv
+from orchestrator.cycle import STAGES, CycleEnv
 from orchestrator.world import GOLD, WorldConfig, build_world
 from store.artifacts import ArtifactStore
 from store.cycles import list_cycles
@@ -57,15 +57,17 @@ def demo_cycle_settings() -> CycleSettings:
     return CycleSettings.model_validate(
         {
             "prompt_set": "prompts",
-            "sample": {"prompts_per_cycle": 240, "num_samples": 4, "max_new_tokens": 32, "batch_size": 128},
+            "sample": {"prompts_per_cycle": 240, "config": {"num_samples": 4, "max_new_tokens": 32, "batch_size": 128}},
             "gather": {"min_comparisons": 200, "all_tasks": True, "deadline_s": 300, "poll_interval_s": 0.25},
-            "pm": {"learning_rate": 1e-3, "batch_size": 32, "max_steps": 40, "max_length": 96, "heldout_fraction": 0.15,
-                   "ensemble_size": 3, "test_ensemble_size": 1, "extra": {"parallel_pms": 2}},
+            "pm": {"config": {"learning_rate": 1e-3, "batch_size": 32, "max_steps": 40, "max_length": 96,
+                              "heldout_fraction": 0.15, "ensemble_size": 3, "test_ensemble_size": 1, "parallel_pms": 2}},
             "ppo": {
-                "total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
-                "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0, "kl_anchor": "deployed",
+                "kl_anchor": "deployed",
+                "config": {"total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
+                           "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0},
             },
-            "evaluate": {"prompt_set": "eval-prompts", "num_samples": 2, "max_new_tokens": 32, "extra": {"batch_size": 64}},
+            "evaluate": {"prompt_set": "eval-prompts",
+                         "config": {"num_samples": 2, "max_new_tokens": 32, "batch_size": 64}},
             "human_eval": {"min_comparisons": 50, "deadline_s": 300, "poll_interval_s": 0.25},
             "gate": {"win_margin": 0.02, "kl_budget": 10.0, "max_pm_gap": 0.2},
             "gold": GOLD,
@@ -79,7 +81,7 @@ def demo_cycle_settings() -> CycleSettings:
 
 def seeded(settings: CycleSettings, seed: int) -> CycleSettings:
     """``settings`` with the PM, PPO and evaluation seeds set to ``seed``."""
-    return resolve(settings, {"pm": {"seed": seed}, "ppo": {"seed": seed}, "evaluate": {"seed": seed}}, trusted=True)
+    return resolve(settings, {"pm": {"config": {"seed": seed}}, "ppo": {"config": {"seed": seed}}, "evaluate": {"config": {"seed": seed}}}, trusted=True)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
     open -> sample -> gather -> snapshot -> train_pm -> ppo -> evaluate -> human_eval -> gate -> deploy
 
 The stage logic lives in ``orchestrator.stages`` (plain functions over a
-``CycleContext``); this module gives each stage a Prefect task with retries
+``CycleContext``, run by ``orchestrator.cycle.run_stage``); this module gives each stage a Prefect task with retries
 and exponential backoff, derives the week of a scheduled run from its
 scheduled start time (scheduled runs get no parameters), marks the cycle
 failed after a stage's last retry, and publishes the cycle's report as a
@@ -24,10 +24,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from orchestrator import stages
+from orchestrator.cycle import STAGES, CycleContext, CycleEnv, CycleFinished, fail_cycle, run_stage, skip_stage
 from orchestrator.report import cycle_markdown, cycle_summary
 from orchestrator.settings import week_of
-from orchestrator.stages import STAGES, CycleContext, CycleEnv, CycleFinished
+from orchestrator.stages import STAGE_FUNCTIONS, finish, open_stage
 from store.errors import InvalidInput, NotFound
 
 log = logging.getLogger("ratchet.cycle")
@@ -84,7 +84,7 @@ def _retryable(task_, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False) if state is not None else None
     if isinstance(exc, NOT_RETRYABLE):
         return False
-    from workers.config import WorkerError  # no torch: workers.config imports it lazily
+    from workers.common.config import WorkerError  # no torch: workers.common.config imports it lazily
 
     return not isinstance(exc, WorkerError)
 
@@ -92,7 +92,7 @@ def _retryable(task_, task_run, state) -> bool:
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retryable)
 def stage_task(ctx: CycleContext, stage: str) -> dict[str, Any]:
     """One stage of the cycle (skipped when it already succeeded)."""
-    return stages.run_stage(ctx, stage)
+    return run_stage(ctx, stage, STAGE_FUNCTIONS[stage])
 
 
 def _run_name() -> str:
@@ -125,14 +125,14 @@ def weekly_cycle(week: str | None = None, params: dict[str, Any] | None = None, 
     trigger = trigger or ("schedule" if run is not None and run.auto_scheduled else "manual")
     flow_run_id = str(run.id) if run is not None else None
     try:
-        ctx = stages.open_stage(env, week=week, params=params, trigger=trigger, flow_run_id=flow_run_id)
+        ctx = open_stage(env, week=week, params=params, trigger=trigger, flow_run_id=flow_run_id)
     except CycleFinished as done:
         log.info("cycle %s is already %s; nothing to do", week, done.status)
         return cycle_summary(env.database, done.cycle_id)
     except Exception as exc:
         cycle_id = _cycle_id(env, week)
         if cycle_id is not None:
-            stages.fail_cycle(env, cycle_id, "open", exc)
+            fail_cycle(env, cycle_id, "open", exc)
             _publish(env, cycle_id)
         raise
     stage = "open"
@@ -145,11 +145,11 @@ def weekly_cycle(week: str | None = None, params: dict[str, Any] | None = None, 
                 # Nothing left to learn this week (no new feedback): the later stages are skipped, not run.
                 log.warning("cycle %s: %s; skipping %s", week, outputs["halt"], ", ".join(STAGES[index + 1 :]))
                 for later in STAGES[index + 1 :]:
-                    stages.skip_stage(ctx, later, outputs["halt"])
+                    skip_stage(ctx, later, outputs["halt"])
                 break
-        stages.finish(ctx)
+        finish(ctx)
     except Exception as exc:
-        stages.fail_cycle(env, ctx.cycle_id, stage, exc)
+        fail_cycle(env, ctx.cycle_id, stage, exc)
         raise
     finally:
         _publish(env, ctx.cycle_id)

@@ -1,8 +1,9 @@
 """Step runners: how the orchestrator runs a worker step.
 
-A ``StepRequest`` names the step, its config (artifact URIs where the step
-reads inputs), the artifacts those URIs are (to verify them), the outputs to
-upload, and the (cycle, stage) key. A runner returns a ``StepOutcome``: the
+A ``StepRequest`` names the step, its config, its inputs by config field
+(the artifacts the step reads: a runner verifies them and hands the step
+their local paths in those fields), the outputs to upload, and the (cycle,
+stage) key. A runner returns a ``StepOutcome``: the
 step's result (``StepResult.to_dict()``), the uploaded outputs as artifact
 refs, and the step's own compute time.
 
@@ -62,13 +63,15 @@ class StepRequest:
     key: str
     """idempotency key, ``"<week>:<stage>"``"""
     config: dict[str, Any]
-    """the step's config fields; input paths are artifact URIs; output_dir is filled in by the runner"""
-    inputs: list[ArtifactRef]
-    """the artifacts the config's URIs name (checked on fetch)"""
+    """the step's config fields other than its inputs; output_dir is filled in by the runner"""
+    inputs: dict[str, ArtifactRef]
+    """the config fields that name an input, with the artifact each reads (checked on fetch)"""
     outputs: list[str]
     """named outputs of the step's result to upload"""
     artifact_prefix: str
     """artifact key the outputs are uploaded under (``cycles/<week>/<stage>``)"""
+    input_sets: dict[str, dict[str, ArtifactRef]] = field(default_factory=dict)
+    """the config fields that name several inputs by label (sample's ``policies``), with their artifacts"""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (a Prefect deployment parameter)."""
@@ -76,7 +79,8 @@ class StepRequest:
             "step": self.step,
             "key": self.key,
             "config": self.config,
-            "inputs": [vars(ref) for ref in self.inputs],
+            "inputs": {name: vars(ref) for name, ref in self.inputs.items()},
+            "input_sets": {name: {label: vars(ref) for label, ref in refs.items()} for name, refs in self.input_sets.items()},
             "outputs": list(self.outputs),
             "artifact_prefix": self.artifact_prefix,
         }
@@ -87,10 +91,25 @@ class StepRequest:
             step=data["step"],
             key=data["key"],
             config=dict(data["config"]),
-            inputs=[ArtifactRef(**ref) for ref in data["inputs"]],
+            inputs={name: ArtifactRef(**ref) for name, ref in data["inputs"].items()},
+            input_sets={name: {label: ArtifactRef(**ref) for label, ref in refs.items()}
+                        for name, refs in data.get("input_sets", {}).items()},
             outputs=list(data["outputs"]),
             artifact_prefix=data["artifact_prefix"],
         )
+
+    def step_config(self, path_of: Callable[[ArtifactRef], str]) -> dict[str, Any]:
+        """The step's config with each input field set to ``path_of`` its artifact (a local path, or its URI
+        for the record)."""
+        return {
+            **self.config,
+            **{name: path_of(ref) for name, ref in self.inputs.items()},
+            **{name: {label: path_of(ref) for label, ref in refs.items()} for name, refs in self.input_sets.items()},
+        }
+
+    def recorded_config(self) -> dict[str, Any]:
+        """The config as the store records it beside a version: inputs as their artifact URIs."""
+        return self.step_config(lambda ref: ref.uri)
 
     @property
     def work_subdir(self) -> str:
@@ -139,16 +158,6 @@ class StepRunner(Protocol):
     def run(self, request: StepRequest) -> StepOutcome: ...
 
 
-def _replace_uris(value: Any, paths: dict[str, str]) -> Any:
-    if isinstance(value, str):
-        return paths.get(value, value)
-    if isinstance(value, dict):
-        return {k: _replace_uris(v, paths) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_replace_uris(v, paths) for v in value]
-    return value
-
-
 class InProcessRunner:
     """Runs worker steps in this process (imported lazily) and uploads their outputs."""
 
@@ -189,19 +198,16 @@ class InProcessRunner:
         return str(dest)
 
     def run(self, request: StepRequest) -> StepOutcome:
-        module_name, class_name = _step(request.step)
-        paths = {ref.uri: self.localize(ref) for ref in request.inputs}
-        output_dir = self.work_dir / request.work_subdir
-        config = {**_replace_uris(request.config, paths), "output_dir": str(output_dir)}
+        config = self.step_config(request)
         # Lazily: the orchestrator must not import torch before it runs a step.
-        from workers.config import from_dict
+        from workers.common.config import from_dict
 
         if self.num_threads is not None:
             import torch
 
             torch.set_num_threads(self.num_threads)
-        module = importlib.import_module(module_name)
-        cfg = from_dict(getattr(module, class_name), config, source=f"{request.step} config")
+        module = importlib.import_module(_step(request.step)[0])
+        cfg = from_dict(config_class(request.step), config, source=f"{request.step} config")
         t0 = time.perf_counter()
         result = module.run(cfg)
         compute_s = time.perf_counter() - t0
@@ -214,6 +220,10 @@ class InProcessRunner:
         for name in request.outputs:
             uploaded[name] = self.upload(request, name, Path(result.outputs[name]), result.manifests.get(name))
         return StepOutcome(result=result.to_dict(), outputs=uploaded, compute_s=compute_s)
+
+    def step_config(self, request: StepRequest) -> dict[str, Any]:
+        """The config the step runs with here: its inputs as local paths, its output folder under the work dir."""
+        return {**request.step_config(self.localize), "output_dir": str(self.work_dir / request.work_subdir)}
 
     def upload(self, request: StepRequest, name: str, path: Path, worker_sha: str | None) -> ArtifactRef:
         """Upload one output under ``<artifact_prefix>/<name>``; the store's checksum is the one registered."""
@@ -240,6 +250,12 @@ def _step(step: str) -> tuple[str, str]:
     if step not in STEPS:
         raise StepFailed(f"unknown worker step {step!r}; known: {', '.join(STEPS)}")
     return STEPS[step]
+
+
+def config_class(step: str) -> type:
+    """The config dataclass of a worker step (imports the step's module, and with it torch)."""
+    module_name, class_name = _step(step)
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _protocols(fs) -> tuple[str, ...]:

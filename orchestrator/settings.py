@@ -7,20 +7,30 @@ A cycle's settings are the server's defaults (the JSON file named by
 field. The resolved settings are recorded in the cycle's ``open`` stage, so
 a resumed cycle runs with exactly the settings it started with.
 
+The fields of a worker step are not repeated here: the step's config
+dataclass (``workers.sample.SampleConfig``, ``workers.train_pm.TrainPMConfig``,
+``workers.ppo.PPOConfig``, ``workers.evaluate.EvaluateConfig``) is their one
+definition. A stage's section holds what the orchestrator decides (names,
+inputs, stage-level knobs) and, under ``config``, the step's fields this
+cycle sets: ``{"ppo": {"config": {"learning_rate": 1e-4}}}``. ``resolve``
+checks them against the dataclass, so a typo or a bad value is refused when
+the cycle is triggered, with the field named; ``ratchet cycle defaults``
+prints every field with its effective value and documentation.
+
 Some fields choose code or machines (the gold function, the runner, work
 pools and deployments): those come from the server's file only, never from
 a trigger's params (an operator key must not be able to run code of its
-choosing). Worker-step fields without a typed setting pass through
-``extra`` and are checked by the step's own config (a typo fails the stage
-with the field named).
+choosing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,35 +42,114 @@ SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class SampleSettings(_Section):
-    """The sample stage: K responses per prompt from the deployed policy, paired into comparison tasks."""
+_ARTIFACT = "<artifact>"
+"""what stands in for an input path when overrides are checked against a step's config"""
+
+
+class StepSection(_Section):
+    """A stage that runs a worker step: what the orchestrator decides, plus overrides of the step's config.
+
+    The step's config dataclass (``workers.<step>``) is the one definition
+    of its fields, their defaults and their documentation; ``config`` names
+    only the fields this cycle sets otherwise. ``resolve`` checks them
+    against the dataclass (``check``); ``CycleSettings.step_config`` is the
+    config a stage runs the step with, and ``ratchet cycle defaults`` prints
+    it field by field.
+    """
+
+    step: ClassVar[str]
+    """the worker step (a key of ``orchestrator.runners.STEPS``)"""
+    set_by_stage: ClassVar[dict[str, Any]]
+    """config fields the stage sets itself (inputs, outputs, cycle-wide choices), each with the stand-in value
+    an override check builds the config with"""
+
+    cycle_defaults: ClassVar[dict[str, Any]] = {}
+    """fields of the step's config a cycle sets otherwise unless its ``config`` says (the cycle's own defaults)"""
+
+    config: dict[str, Any] = Field(default={}, validate_default=True)
+    """fields of the step's config this cycle sets (over ``cycle_defaults``; the rest keep the step's defaults)"""
+
+    @field_validator("config")
+    @classmethod
+    def _over_cycle_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return {**cls.cycle_defaults, **value}
+
+    def step_defaults(self) -> dict[str, Any]:
+        """The step's defaults of every field a cycle may set (imports the step's module: torch)."""
+        from orchestrator.runners import config_class
+
+        out = {}
+        for field in dataclasses.fields(config_class(self.step)):
+            if field.name in self.set_by_stage:
+                continue
+            if field.default is not dataclasses.MISSING:
+                out[field.name] = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                out[field.name] = field.default_factory()
+        return out
+
+    def cycle_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """What the cycle itself needs of the step's fields beyond the step's own checks: (field, message)."""
+        return []
+
+    def check(self, where: str) -> list[dict[str, Any]]:
+        """Problems of ``config`` against the step's config dataclass, each naming its field under ``where``."""
+        from orchestrator.runners import config_class
+        from workers.common.config import ConfigError, coerce, from_dict
+
+        cls = config_class(self.step)
+        hints = typing.get_type_hints(cls)
+        errors, values = [], {}
+        for name, value in self.config.items():
+            if name not in hints:
+                errors.append((name, f"{cls.__name__} has no field {name!r}"))
+            elif name in self.set_by_stage:
+                errors.append((name, "set by the stage itself, not by the cycle's settings"))
+            else:
+                try:
+                    values[name] = coerce(value, hints[name], name)
+                except ConfigError as exc:
+                    errors.append((name, str(exc)))
+        errors += self.cycle_problems({**self.step_defaults(), **values})
+        problems = [{"field": f"{where}.config.{name}", "message": message} for name, message in errors]
+        if not problems:
+            try:
+                from_dict(cls, {**self.set_by_stage, **values}, source=f"{where}.config")
+            except ConfigError as exc:  # the step's own checks name the field first: "batch_size (12) must be ..."
+                named = str(exc).split(" ", 1)[0]
+                field = f"{where}.config.{named}" if named in hints else f"{where}.config"
+                problems.append({"field": field, "message": str(exc)})
+        return problems
+
+
+class SampleSettings(StepSection):
+    """The sample stage: K responses per prompt from the deployed policy, paired into comparison tasks
+    (the step: ``workers.sample.SampleConfig``)."""
+
+    step: ClassVar[str] = "sample"
+    set_by_stage: ClassVar[dict[str, Any]] = {"policies": {"policy": _ARTIFACT}, "prompts_path": _ARTIFACT,
+                                              "output_dir": _ARTIFACT}
 
     prompts_per_cycle: int | None = Field(default=None, ge=1)
     """prompts sampled this cycle, a different subset every week (None: the whole prompt set)"""
-    num_samples: int = Field(default=4, ge=2)
-    """responses per prompt and policy (K); pairs of them become comparison tasks"""
     pairs_per_prompt: int | None = Field(default=None, ge=1)
     """comparison tasks per prompt (None: every pair of distinct responses, K(K-1)/2)"""
     snapshots: int = Field(default=1, ge=1)
     """how many recently deployed policies to sample from (the paper sampled several, for diversity)"""
-    max_new_tokens: int = Field(default=128, ge=1)
-    """longest response in tokens"""
-    temperature: float = Field(default=1.0, ge=0)
-    """sampling temperature"""
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    """nucleus sampling mass"""
-    batch_size: int = Field(default=32, ge=1)
-    """sequences generated together"""
     top_up_rounds: int = Field(default=3, ge=0)
     """when the responses are too alike to make the tasks gather.min_comparisons needs (a collapsed policy),
     sample again, up to this many times: more prompts, a hotter temperature, earlier deployed snapshots"""
     top_up_temperature: float = Field(default=0.5, ge=0)
     """added to the temperature in each top-up round"""
-    extra: dict[str, Any] = {}
-    """other SampleConfig fields, passed through"""
+
+    def cycle_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
+        if values["num_samples"] < 2:
+            return [("num_samples", f"num_samples ({values['num_samples']}) must be >= 2: pairs of a prompt's "
+                                    "responses become comparison tasks")]
+        return []
 
 
 class GatherSettings(_Section):
@@ -106,8 +195,14 @@ class HumanEvalSettings(_Section):
     the held-out prompts held out"""
 
 
-class PMSettings(_Section):
-    """The train_pm stage: the train PM and the test PM, on the two halves of the comparison snapshot."""
+class PMSettings(StepSection):
+    """The train_pm stage: the train PM and the test PM, on the two halves of the comparison snapshot
+    (the step: ``workers.train_pm.TrainPMConfig``; its ``ensemble_size`` members make the train PM, whose
+    mean less ``ppo.config.ensemble_penalty`` times their spread PPO optimises)."""
+
+    step: ClassVar[str] = "train_pm"
+    set_by_stage: ClassVar[dict[str, Any]] = {"model_path": _ARTIFACT, "dataset_path": _ARTIFACT,
+                                              "warm_start_path": None, "output_dir": _ARTIFACT, "two_pms": True}
 
     name: str = "pm"
     """name of the train PM's versions (the PM that PPO optimises against)"""
@@ -117,80 +212,38 @@ class PMSettings(_Section):
     """"name:version" of the policy whose language model the PMs start from (None: the reference policy)"""
     warm_start: bool = False
     """start from the previous cycle's PMs instead of the base model (the paper retrains from scratch)"""
-    heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
-    """comparisons held out for accuracy and calibration"""
-    batch_size: int = Field(default=32, ge=1)
-    """comparisons per optimizer step"""
-    learning_rate: float = Field(default=1e-5, gt=0)
-    """peak learning rate"""
-    num_epochs: float = Field(default=1.0, gt=0)
-    """passes over the training comparisons"""
-    max_steps: int | None = Field(default=None, ge=1)
-    """optimizer steps per PM (None: from num_epochs)"""
-    max_length: int | None = Field(default=None, ge=4)
-    """longest prompt + response in tokens"""
-    ensemble_size: int = Field(default=3, ge=1)
-    """members of the train PM: seeds and bootstrap resamples of its half, each selected on its out-of-bag
-    comparisons; PPO optimises their mean less ppo.ensemble_penalty times their spread"""
-    test_ensemble_size: int = Field(default=1, ge=1)
-    """members of the test PM (on the other half, disjoint from every train-PM member's data)"""
-    seed: int = 0
-    """seed of the PMs"""
-    extra: dict[str, Any] = {}
-    """other TrainPMConfig fields, passed through"""
+    cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_size": 3}
 
 
-class PPOSettings(_Section):
-    """The ppo stage: a candidate policy trained against the train PM with a KL penalty to the reference."""
+class PPOSettings(StepSection):
+    """The ppo stage: a candidate policy trained against the train PM with a KL penalty to the reference
+    (the step: ``workers.ppo.PPOConfig``; its ``seed`` is mixed with the cycle's week)."""
+
+    step: ClassVar[str] = "ppo"
+    set_by_stage: ClassVar[dict[str, Any]] = {"policy_path": _ARTIFACT, "reference_path": _ARTIFACT,
+                                              "pm_path": _ARTIFACT, "test_pm_path": _ARTIFACT,
+                                              "prompts_path": _ARTIFACT, "output_dir": _ARTIFACT}
 
     init: Literal["deployed", "reference"] = "deployed"
     """start from the deployed policy (iterated online RLHF) or from the reference policy"""
     kl_anchor: Literal["reference", "deployed"] = "reference"
     """what the per-token KL penalty pulls toward: the reference policy (P0, the paper's) or the deployed policy
     (each cycle a bounded step from the last; the gate's KL budget is still measured from the reference)"""
-    total_episodes: int = Field(default=256, ge=1)
-    """responses generated and scored over the run"""
-    rollout_batch_size: int = Field(default=16, ge=1)
-    """prompts per rollout"""
-    mini_batch_size: int = Field(default=8, ge=1)
-    """responses per gradient step"""
-    ppo_epochs: int = Field(default=4, ge=1)
-    """passes over each rollout"""
-    response_length: int = Field(default=32, ge=1)
-    """longest response in tokens"""
-    temperature: float = Field(default=1.0, gt=0)
-    """rollout sampling temperature"""
-    kl_coef: float = Field(default=0.001, ge=0)
-    """per-token KL penalty coefficient (the paper: 0.001)"""
-    kl_target: float | None = None
-    """adaptive KL coefficient aiming at this KL (None: fixed)"""
-    learning_rate: float = Field(default=1e-5, gt=0)
-    """policy learning rate"""
-    lam: float = Field(default=0.95, ge=0, le=1)
-    """GAE lambda (1: Monte Carlo returns, credit reaches the first token undiminished)"""
-    ensemble_penalty: float = Field(default=0.5, ge=0)
-    """the conservative reward's lambda: the train-PM ensemble's mean minus this times its spread"""
-    seed: int = 0
-    """seed of the run"""
-    extra: dict[str, Any] = {}
-    """other PPOConfig fields, passed through"""
+    cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_penalty": 0.5}
 
 
-class EvalSettings(_Section):
-    """The evaluate stage: the candidate against the deployed policy on held-out prompts."""
+class EvalSettings(StepSection):
+    """The evaluate stage: the candidate against the deployed policy on held-out prompts
+    (the step: ``workers.evaluate.EvaluateConfig``; the same seed every week, so numbers compare across cycles)."""
+
+    step: ClassVar[str] = "evaluate"
+    set_by_stage: ClassVar[dict[str, Any]] = {
+        "candidate_path": _ARTIFACT, "baseline_path": _ARTIFACT, "reference_path": _ARTIFACT, "pm_path": _ARTIFACT,
+        "test_pm_path": _ARTIFACT, "prompts_path": _ARTIFACT, "output_dir": _ARTIFACT, "gold": None,
+    }
 
     prompt_set: str | None = "eval-prompts"
     """name of the held-out prompt set (None or missing from the store: the training prompt set)"""
-    max_new_tokens: int = Field(default=32, ge=1)
-    """longest response in tokens"""
-    temperature: float = Field(default=1.0, gt=0)
-    """sampling temperature"""
-    num_samples: int = Field(default=1, ge=1)
-    """responses per prompt and policy"""
-    seed: int = 0
-    """seed of the samples"""
-    extra: dict[str, Any] = {}
-    """other EvaluateConfig fields, passed through"""
 
 
 class GateSettings(_Section):
@@ -275,15 +328,25 @@ class CycleSettings(_Section):
             raise ValueError(f"step_deployments lacks {', '.join(sorted(missing))} (runner is deployment)")
         return self
 
+    def step_config(self, section: str) -> dict[str, Any]:
+        """The config a step section's stage runs its step with, less what the stage sets itself: the step's
+        defaults, the cycle's device (no progress bars), then the section's ``config``."""
+        step = getattr(self, section)
+        return {**step.step_defaults(), "device": self.device, "progress": False, **step.config}
+
     def retry_delays(self) -> list[float]:
         """Seconds before each retry: exponential backoff from retry_delay_s."""
         return [self.retry_delay_s * 2**i for i in range(self.stage_retries)]
 
 
+STEP_SECTIONS = ("sample", "pm", "ppo", "evaluate")
+"""the sections of the stages that run a worker step (``StepSection``)"""
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("extra", "step_deployments"):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "step_deployments":
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -301,10 +364,7 @@ def load_defaults(path: str | Path | None) -> CycleSettings:
         raise InvalidInput(f"cycle config {path} (RATCHET_CYCLE_CONFIG) does not exist") from None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"cycle config {path} is not valid JSON: {exc}") from None
-    try:
-        return CycleSettings.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(f"cycle config {path} is invalid", _errors(exc)) from None
+    return _validated(data, f"cycle config {path} is invalid")
 
 
 def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: bool = False) -> CycleSettings:
@@ -321,10 +381,72 @@ def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: 
                 "these cycle settings come from the server's RATCHET_CYCLE_CONFIG only",
                 [{"field": f"params.{f}", "message": "may not be set by a trigger"} for f in locked],
             )
+    return _validated(_merge(defaults.model_dump(), params), "invalid cycle params", prefix="params.")
+
+
+def _validated(data: dict[str, Any], what: str, prefix: str = "") -> CycleSettings:
+    """``data`` as settings, each step section's ``config`` checked against the step's config dataclass;
+    ``InvalidInput`` names every bad field."""
+    settings, problems = None, []
     try:
-        return CycleSettings.model_validate(_merge(defaults.model_dump(), params))
+        settings = CycleSettings.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput("invalid cycle params", _errors(exc, prefix="params.")) from None
+        problems = _errors(exc, prefix=prefix)
+    for name in STEP_SECTIONS:
+        section_type = type(CycleSettings.model_fields[name].default)
+        try:
+            section = section_type.model_validate(data.get(name, {}))
+        except ValidationError:
+            continue  # reported above
+        problems += section.check(prefix + name)
+    if problems:
+        raise InvalidInput(what, problems)
+    return settings
+
+
+def recorded(data: dict[str, Any]) -> CycleSettings:
+    """Settings as an open stage recorded them; a section written before ``config`` existed (its step's fields
+    beside its own, others under ``extra``) is read with those fields moved under ``config``."""
+    data = dict(data)
+    for name in STEP_SECTIONS:
+        section = dict(data.get(name) or {})
+        own = type(CycleSettings.model_fields[name].default).model_fields
+        moved = {key: section.pop(key) for key in list(section) if key not in own and key != "extra"}
+        if moved or "extra" in section:
+            section["config"] = {**section.get("config", {}), **moved, **section.pop("extra", {})}
+        data[name] = section
+    return CycleSettings.model_validate(data)
+
+
+def describe(settings: CycleSettings) -> list[str]:
+    """The settings as ``ratchet cycle defaults`` prints them: every field, its value and its documentation,
+    each step section's worker config field by field (imports the steps' modules: torch)."""
+    from orchestrator.runners import config_class
+    from workers.common.config import field_docs
+
+    def entry(indent: str, name: str, value: Any, doc: str | None) -> list[str]:
+        return [f"{indent}{name} = {json.dumps(value, default=str)}", *([f"{indent}    {doc}"] if doc else [])]
+
+    def entries(model: BaseModel, indent: str, section_name: str = "") -> list[str]:
+        lines = []
+        for name, field in type(model).model_fields.items():
+            value, doc = getattr(model, name), " ".join((field.description or "").split())
+            if name == "config" and isinstance(model, StepSection):
+                step = config_class(model.step)
+                docs = field_docs(step)
+                lines.append(f"{indent}config ({step.__module__}.{step.__name__}; the stage sets "
+                             f"{', '.join(model.set_by_stage)}):")
+                for key, setting in settings.step_config(section_name).items():
+                    mark = "  # this cycle's" if key in model.config else ""
+                    lines += entry(indent + "    ", f"{key}", setting, docs.get(key))
+                    lines[-1 if key not in docs else -2] += mark
+            elif isinstance(value, BaseModel):
+                lines += [f"{indent}{name}:  # {doc}", *entries(value, indent + "    ", name)]
+            else:
+                lines += entry(indent, name, value, doc)
+        return lines
+
+    return entries(settings, "")
 
 
 def _errors(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 ``build_world`` registers the demo world's prompt sets (``prompts`` for
 training and sampling, ``eval-prompts`` held out), builds a tiny GPT-2 with
-a tokenizer trained on the world's texts (``workers.testing``), fine-tunes it
+a tokenizer trained on the world's texts (``workers.common.testing``), fine-tunes it
 on the mixed corpus with the ``sft`` worker step (through an
 ``InProcessRunner``, like any step), registers the result as a policy version
 (P0: no init, reference or PM) and deploys it. ``workers.demo_world`` holds
@@ -99,7 +99,7 @@ def build_world(
     num_threads: int | None = None,
 ) -> World:
     """Register the world's prompt sets, fine-tune P0, register it and deploy it on ``target``."""
-    from workers.testing import build_tiny_model, build_tokenizer  # torch: only when a world is built
+    from workers.common.testing import build_tiny_model, build_tokenizer  # torch: only when a world is built
 
     work = Path(work_dir) / tag
     prompts_id, eval_id = register_prompts(database, artifacts)
@@ -120,8 +120,6 @@ def build_world(
         step="sft",
         key=f"{tag}:sft",
         config={
-            "model_path": base.uri,
-            "dataset_path": corpus.uri,
             "max_steps": config.sft_steps,
             "learning_rate": config.sft_learning_rate,
             "batch_size": config.sft_batch_size,
@@ -130,7 +128,7 @@ def build_world(
             "seed": config.seed,
             "progress": False,
         },
-        inputs=[base, corpus],
+        inputs={"model_path": base, "dataset_path": corpus},
         outputs=["policy"],
         artifact_prefix=f"{tag}/sft",
     )
@@ -143,7 +141,7 @@ def build_world(
             name=policy_name,
             base_model=f"tiny-gpt2-{config.n_layer}x{config.hidden_size} (demo world)",
             artifact=outcome.outputs["policy"],
-            config={"world": vars(config), "sft": request.config},
+            config={"world": vars(config), "sft": request.recorded_config()},
             metrics=outcome.metrics,
         )
         deployment = deploy(

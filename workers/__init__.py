@@ -1,5 +1,10 @@
-"""Training steps (sample, train_pm, ppo, evaluate) as plain Python.
+"""Training steps as plain Python, one entry module each, run as ``python -m workers.<step>``.
 
-A worker step is ``run(cfg) -> result``: a typed config in, artifacts and
-metrics out. Workers import neither ``store``, ``api`` nor Prefect.
+The steps: ``sample``, ``train_pm``, ``ppo``, ``evaluate``, ``sft`` and
+``best_of_n``. A worker step is ``run(cfg) -> result``: a typed config in,
+artifacts and metrics out. What several steps share lives in
+``workers.common`` (config, data, models, generation, PM directories,
+checkpoints, metrics); the RL math in ``workers.rl``; ``demo_world`` is the
+demo's pure-Python world (prompts, corpus, gold score). Workers import
+neither ``store``, ``api`` nor Prefect.
 """

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from workers.config import ConfigError, cli, save_config
-from workers.data import load_prompts
-from workers.evaluate import load_gold
-from workers.metrics import StepResult, collect_result, write_json
-from workers.modeling import check_model_dir, load_causal_lm, load_tokenizer
-from workers.rollout import check_same_vocabulary, encode_prompts, pm_scores
-from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
-from workers.sample import generate, row_seed, row_uniforms
-from workers.score import load_pm
+from workers.common.config import ConfigError, cli, save_config
+from workers.common.data import load_prompts
+from workers.common.generation import generate, row_seed, row_uniforms
+from workers.common.metrics import StepResult, collect_result, write_json
+from workers.common.modeling import check_model_dir, load_causal_lm, load_tokenizer
+from workers.common.rollout import check_same_vocabulary, encode_prompts, load_gold, pm_scores
+from workers.common.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.common.score import load_pm
+from workers.rl.kl import sqrt_kl
 
 STEP = "best_of_n"
 
@@ -138,7 +138,7 @@ def run(cfg: BestOfNConfig) -> StepResult:
         "bon/score_mean": float(all_scores.mean()),
         "bon/kl": best_of_n_kl(cfg.n),
         "bon/kl_bound": math.log(cfg.n),
-        "bon/sqrt_kl": math.sqrt(best_of_n_kl(cfg.n)),
+        "bon/sqrt_kl": sqrt_kl(best_of_n_kl(cfg.n)),
     }
     if gold is not None:
         metrics["bon/gold_best"] = sum(best_gold) / len(best_gold)
@@ -148,7 +148,7 @@ def run(cfg: BestOfNConfig) -> StepResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli(BestOfNConfig, run, argv, prog="python -m workers.best_of_n", description=__doc__.splitlines()[0])
+    return cli(BestOfNConfig, run, argv, prog="workers.best_of_n", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

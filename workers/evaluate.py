@@ -19,33 +19,31 @@ numbers. Reported (what the deploy gate reads):
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.config import ConfigError, WorkerError, cli, save_config
-from workers.data import load_prompts
-from workers.metrics import StepResult, collect_result, write_json
-from workers.modeling import check_model_dir, load_causal_lm, load_tokenizer
-from workers.rollout import (
-    Rollout,
-    causal_mask_4d,
+from workers.common.config import ConfigError, cli, save_config
+from workers.common.data import load_prompts
+from workers.common.generation import row_seed, row_uniforms
+from workers.common.metrics import StepResult, collect_result, write_json
+from workers.common.modeling import check_model_dir, load_causal_lm, load_tokenizer
+from workers.common.rollout import (
     check_same_vocabulary,
     encode_prompts,
+    load_gold,
     pm_member_scores,
     pm_scores,
-    response_logprobs,
+    sample_with_kl,
 )
-from workers.runtime import progress, resolve_device, resolve_dtype, set_threads
-from workers.sample import generate, row_seed, row_uniforms
-from workers.score import load_pm
+from workers.common.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.common.score import load_pm
 
 STEP = "evaluate"
 
@@ -102,18 +100,6 @@ class EvaluateConfig:
             raise ConfigError(f"gold ({self.gold!r}) must be 'module:function'")
 
 
-def load_gold(spec: str) -> Callable[[str, str], float]:
-    """The gold scoring function named ``module:function``."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise WorkerError(f"gold function {spec!r} cannot be loaded: {exc}") from None
-    if not callable(fn):
-        raise WorkerError(f"gold {spec!r} is not callable")
-    return fn
-
-
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of pairs where ``a`` scores higher than ``b``; ties count half."""
     return float(((a > b).float() + 0.5 * (a == b).float()).mean())
@@ -124,26 +110,6 @@ def elo_difference(w: float, n: int) -> float:
     eps = 0.5 / max(n, 1)
     w = min(max(w, eps), 1 - eps)
     return 400 * math.log10(w / (1 - w))
-
-
-@torch.no_grad()
-def _answer(model, reference, prompts: Sequence[list[int]], uniforms: torch.Tensor, cfg: EvaluateConfig, eos_id: int, pad_id: int, device):
-    gens = generate(
-        model, prompts, uniforms=uniforms, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
-    )
-    responses = [g.tokens for g in gens]
-    rollout = Rollout(prompts, responses, response_length=cfg.max_new_tokens, pad_id=pad_id).to(device)
-    logits = {}
-    for name, net in (("policy", model), ("reference", reference)):
-        logits[name] = net(
-            input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, net),
-            position_ids=rollout.position_ids, use_cache=False,
-        ).logits
-    logp = response_logprobs(logits["policy"], rollout.query_responses, rollout.context_length, cfg.temperature)
-    ref = response_logprobs(logits["reference"], rollout.query_responses, rollout.context_length, cfg.temperature)
-    kl = ((logp - ref) * rollout.response_mask).sum(1).cpu()
-    return responses, kl
 
 
 def run(cfg: EvaluateConfig) -> StepResult:
@@ -186,10 +152,13 @@ def run(cfg: EvaluateConfig) -> StepResult:
             [row_uniforms(row_seed(cfg.seed, "evaluate", json.dumps(prompts[i].id), s), cfg.max_new_tokens) for i, s in chunk]
         )
         for name, model in (("candidate", candidate), ("baseline", baseline)):
-            responses, kl = _answer(model, reference, batch_prompts, uniforms, cfg, eos_id, pad_id, device)
+            responses, kl = sample_with_kl(
+                model, reference, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
+            )
             part = collected[name]
             part["responses"] += responses
-            part["kl"].append(kl)
+            part["kl"].append(kl.cpu())
             members = pm_member_scores(train_pm, batch_prompts, responses, cfg.batch_size)
             part["train"].append(members.mean(0))
             part["spread"].append(members.std(0, unbiased=False))
@@ -243,7 +212,7 @@ def run(cfg: EvaluateConfig) -> StepResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli(EvaluateConfig, run, argv, prog="python -m workers.evaluate", description=__doc__.splitlines()[0])
+    return cli(EvaluateConfig, run, argv, prog="workers.evaluate", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -40,27 +40,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.config import ConfigError, WorkerError, cli, save_config, to_dict
-from workers.data import load_prompts
-from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
-from workers.modeling import check_model_dir, disable_dropout, load_causal_lm, load_tokenizer, load_trunk, save_model_dir
-from workers.rl.advantages import gae, masked_mean, masked_var, whiten
-from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
-from workers.rl.losses import ppo_loss
-from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads
-from workers.rollout import (
-    Rollout,
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.common.data import load_prompts
+from workers.common.generation import generate, row_seed, row_uniforms
+from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
+from workers.common.modeling import (
     causal_mask_4d,
+    check_model_dir,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    load_trunk,
+    save_model_dir,
+)
+from workers.common.rollout import (
+    Rollout,
     check_same_vocabulary,
     encode_prompts,
     entropy_of,
     pm_member_scores,
     pm_scores,
+    reference_logprobs,
     response_logprobs,
+    sample_with_kl,
 )
-from workers.sample import generate, row_seed, row_uniforms
-from workers.score import load_pm
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads
+from workers.common.score import load_pm
+from workers.rl.advantages import gae, masked_mean, masked_var, whiten
+from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
+from workers.rl.losses import ppo_loss
 
 STEP = "ppo"
 RUN_ONLY_FIELDS = {"output_dir", "max_rollouts_this_run", "progress", "num_threads", "checkpoint_every", "device"}
@@ -167,6 +176,8 @@ class PPOConfig:
                      "ppo_epochs", "response_length", "pm_batch_size", "checkpoint_every", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
         if self.total_episodes % self.rollout_batch_size:
             raise ConfigError(
                 f"total_episodes ({self.total_episodes}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
@@ -274,31 +285,18 @@ def _build_model(cfg: PPOConfig, device: torch.device, compute_dtype: torch.dtyp
 
 @torch.no_grad()
 def evaluate_policy(model: PolicyWithValue, reference, pm, test_pm, prompts: Sequence[list[int]], cfg: PPOConfig,
-                    eos_id: int, pad_id: int, device: torch.device) -> dict[str, float]:
+                    eos_id: int, pad_id: int) -> dict[str, float]:
     """Mean PM score and KL(policy || reference) per response on fixed prompts and fixed random numbers."""
     was_training = model.training
     model.eval()
     uniforms = torch.stack([row_uniforms(row_seed(cfg.seed, "ppo-eval", i, 0), cfg.response_length) for i in range(len(prompts))])
-    responses = [g.tokens for g in generate(
-        model.lm, prompts, uniforms=uniforms, max_new_tokens=cfg.response_length, temperature=cfg.temperature,
-        top_p=1.0, eos_id=eos_id, pad_id=pad_id,
-    )]
-    rollout = Rollout(prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
-    logits, _ = model(rollout.query_responses, rollout.attention_mask, rollout.position_ids)
-    ref_model = model.lm if reference is None else reference
-    inputs = dict(input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, ref_model),
-                  position_ids=rollout.position_ids, use_cache=False)
-    if reference is None:
-        with model.lm.disable_adapter():
-            ref_logits = model.lm(**inputs).logits
-    else:
-        ref_logits = reference(**inputs).logits
-    ctx = rollout.context_length
-    logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
-    ref_logprobs = response_logprobs(ref_logits, rollout.query_responses, ctx, cfg.temperature)
-    kl = float(((logprobs - ref_logprobs) * rollout.response_mask).sum(1).mean())
+    responses, kls = sample_with_kl(
+        model.lm, reference, prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
+        temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
+    )
+    kl = float(kls.mean())
     out = {"eval/reward": float(pm_scores(pm, prompts, responses, cfg.pm_batch_size).mean()),
-           "eval/kl": kl, "eval/sqrt_kl": math.sqrt(max(kl, 0.0))}
+           "eval/kl": kl, "eval/sqrt_kl": sqrt_kl(kl)}
     if test_pm is not None:
         out["eval/reward_test_pm"] = float(pm_scores(test_pm, prompts, responses, cfg.pm_batch_size).mean())
     model.train(was_training)
@@ -382,7 +380,7 @@ def run(cfg: PPOConfig) -> StepResult:
         evaluation = {}
         if cfg.eval_every and k % cfg.eval_every == 0:
             with autocast(device, compute_dtype):
-                evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id, device)
+                evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id)
         started = time.perf_counter()
         model.eval()
         # 1. Sample responses; every token's random number comes from (seed, rollout, row).
@@ -408,18 +406,7 @@ def run(cfg: PPOConfig) -> StepResult:
             values = all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
             entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
             del logits
-            ref_model = model.lm if reference is None else reference
-            ref_inputs = dict(
-                input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, ref_model),
-                position_ids=rollout.position_ids, use_cache=False,
-            )
-            if reference is None:
-                with model.lm.disable_adapter():
-                    ref_logits = model.lm(**ref_inputs).logits
-            else:
-                ref_logits = reference(**ref_inputs).logits
-            ref_logprobs = response_logprobs(ref_logits, rollout.query_responses, ctx, cfg.temperature)
-            del ref_logits
+            ref_logprobs = reference_logprobs(model.lm, reference, rollout, cfg.temperature)
             members = pm_member_scores(pm, batch_prompts, responses, cfg.pm_batch_size)  # [K, b]
             scores = members.mean(0)
             spread = members.std(0, unbiased=False)  # 0 for a single PM
@@ -481,7 +468,7 @@ def run(cfg: PPOConfig) -> StepResult:
             "ppo/reward_spread": float(spread.mean()),
             "ppo/reward_conservative": float((scores - cfg.ensemble_penalty * spread).mean()),
             "ppo/kl": mean_kl,
-            "ppo/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
+            "ppo/sqrt_kl": sqrt_kl(mean_kl),
             "ppo/kl_coef": beta,
             "ppo/non_score_reward": float((-beta * kl).sum(1).mean()),
             "ppo/entropy": float(entropy),
@@ -543,7 +530,7 @@ def _check_resume(cfg: PPOConfig, state: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return cli(PPOConfig, run, argv, prog="python -m workers.ppo", description=__doc__.splitlines()[0])
+    return cli(PPOConfig, run, argv, prog="workers.ppo", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from workers.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from workers.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
-from workers.data import read_jsonl
-from workers.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, write_json
-from workers.modeling import (
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.data import read_jsonl
+from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, write_json
+from workers.common.modeling import (
     resolve_max_length,
     check_model_dir,
     disable_dropout,
@@ -45,9 +45,9 @@ from workers.modeling import (
     load_tokenizer,
     save_model_dir,
 )
-from workers.pm import special_prefix
-from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.train_pm import DataOrder, lr_at
+from workers.common.pm import special_prefix
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.common.schedule import DataOrder, lr_at
 
 STEP = "sft"
 POLICY_DIRNAME = "policy"

@@ -3,10 +3,10 @@
     python -m workers.train_pm --config train_pm.json [key=value ...]
 
 A PM is the base LM's trunk plus a scalar head read at the response's last
-token (``workers.pm``). Each comparison is one packed row, ``[prompt | A |
-B]``, so the shared prompt is encoded once per comparison (see
-``workers.pm``). The dataset splits into train / held-out by a hash of each
-comparison's prompt; with ``two_pms`` the dataset first splits into two
+token (``workers.common.pm``). Each comparison is one packed row,
+``[prompt | A | B]``, so the shared prompt is encoded once per comparison
+(see ``workers.common.pm``). The dataset splits into train / held-out by a
+hash of each comparison's prompt; with ``two_pms`` the dataset first splits into two
 halves and a PM is trained on each: the "train PM" (``pm``) that PPO
 optimises against and the "test PM" (``test_pm``) the gate checks it with.
 
@@ -27,7 +27,7 @@ Steady on small data (a few hundred comparisons a week):
 
 Outputs under ``output_dir``:
 
-    pm/ (and test_pm/)          PM directories (see workers.score), loadable with load_pm;
+    pm/ (and test_pm/)          PM directories (see workers.common.score), loadable with load_pm;
                                 an ensemble is member 0's directory with the others in members/<i>/
     metrics.jsonl               one line per logged step, tagged with the PM (or member) name
     summary.json                final metrics and the config
@@ -59,10 +59,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from workers.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from workers.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
-from workers.data import Comparison, half_of, is_heldout, load_comparisons, split_comparisons
-from workers.metrics import (
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.data import Comparison, half_of, is_heldout, load_comparisons, split_comparisons
+from workers.common.metrics import (
     SUMMARY_FILENAME,
     finished_metrics,
     MetricsWriter,
@@ -71,7 +71,7 @@ from workers.metrics import (
     pairwise_calibration,
     write_json,
 )
-from workers.modeling import (
+from workers.common.modeling import (
     resolve_max_length,
     ATTN_IMPLEMENTATIONS,
     check_model_dir,
@@ -81,7 +81,7 @@ from workers.modeling import (
     replace_dir,
     staging_dir,
 )
-from workers.pm import (
+from workers.common.pm import (
     PreferenceModel,
     TokenLayout,
     bradley_terry_loss,
@@ -89,8 +89,9 @@ from workers.pm import (
     pack_pairs,
     pad_sequences,
 )
-from workers.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.common.schedule import DataOrder, lr_at
+from workers.common.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
 
 STEP = "train_pm"
 EVALUATIONS = 5
@@ -332,51 +333,6 @@ def encode(comps: Sequence[Comparison], layout: TokenLayout, *, truncation: str)
         stats.truncated_responses += cut_response
         out.append(EncodedPair(p, a, b, comp.target, comp.source))
     return out, stats
-
-
-class DataOrder:
-    """A stream of training indices: epoch e is a permutation seeded by (seed, e).
-
-    Step s takes stream positions [s * batch_size, (s + 1) * batch_size), so
-    the data position of a run is its step count: nothing is dropped at epoch
-    ends, and a resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, n: int, *, seed: int):
-        self.n = n
-        self.seed = seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perms[epoch]
-
-    def batch(self, step: int, batch_size: int) -> list[int]:
-        """Indices of step ``step``'s batch."""
-        start = step * batch_size
-        return [int(self._perm(pos // self.n)[pos % self.n]) for pos in range(start, start + batch_size)]
-
-    def epoch_of(self, step: int, batch_size: int) -> float:
-        """Epochs completed at the start of ``step``."""
-        return step * batch_size / self.n
-
-
-def lr_at(step: int, *, base: float, warmup: int, total: int, schedule: str) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant/linear/cosine decay.
-
-    Linear decay without warmup gives base * (total - step) / total, the
-    schedule of transformers' ``get_linear_schedule_with_warmup``.
-    """
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return base * max(0.0, 1.0 - progress_)
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
-    return base
 
 
 # -- the step -------------------------------------------------------------------------

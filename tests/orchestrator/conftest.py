@@ -13,7 +13,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from orchestrator.stages import CycleEnv  # noqa: E402
+from orchestrator.cycle import CycleEnv  # noqa: E402
 from tests.orchestrator.fakes import FakeRunner, fake_world, fast_settings  # noqa: E402
 
 

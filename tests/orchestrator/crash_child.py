@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator.flow import use_env, weekly_cycle
 from orchestrator.hooks import DeployHook
-from orchestrator.stages import CycleEnv
+from orchestrator.cycle import CycleEnv
 from store.artifacts import ArtifactStore
 from store.db import Database
 from tests.orchestrator.fakes import FakeRunner, StoreLabeler, fast_settings

@@ -71,10 +71,10 @@ class FakeRunner:
         if self.fail.get(request.step, 0) > 0:
             self.fail[request.step] -= 1
             raise StepFailed(f"injected failure of {request.step}")
-        paths = {ref.uri: self.inner.localize(ref) for ref in request.inputs}
-        out = self.inner.work_dir / request.work_subdir
+        config = self.inner.step_config(request)
+        out = Path(config["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        outputs, metrics = getattr(self, f"_{request.step}")(request.config, paths, out)
+        outputs, metrics = getattr(self, f"_{request.step}")(config, out)
         uploaded = {name: self.inner.upload(request, name, Path(outputs[name]), None) for name in request.outputs}
         result = {"step": request.step, "output_dir": str(out), "outputs": {k: str(v) for k, v in outputs.items()},
                   "files": {}, "manifests": {}, "metrics": metrics, "complete": True}
@@ -87,8 +87,8 @@ class FakeRunner:
         (path / "model.safetensors").write_bytes(label.encode())
         return path
 
-    def _sample(self, config: dict, paths: dict, out: Path):
-        prompts = [json.loads(line) for line in Path(paths[config["prompts_path"]]).read_text().splitlines()]
+    def _sample(self, config: dict, out: Path):
+        prompts = [json.loads(line) for line in Path(config["prompts_path"]).read_text().splitlines()]
         lines = []
         for label in config["policies"]:
             for p in prompts:
@@ -101,8 +101,8 @@ class FakeRunner:
         path.write_text("\n".join(lines) + "\n")
         return {"samples": path}, {"samples/responses": len(lines)}
 
-    def _train_pm(self, config: dict, paths: dict, out: Path):
-        data = Path(paths[config["dataset_path"]]).read_bytes()
+    def _train_pm(self, config: dict, out: Path):
+        data = Path(config["dataset_path"]).read_bytes()
         label = sha256_bytes(data)[:12]
         metrics = {"heldout/accuracy": 0.8, "heldout/decisive": 40, "heldout/ece": 0.05,
                    "data/train_comparisons": data.count(b"\n"), "test_pm/heldout/accuracy": 0.75,
@@ -110,14 +110,14 @@ class FakeRunner:
         return {"pm": self._model_dir(out / "pm", f"pm-{label}"),
                 "test_pm": self._model_dir(out / "test_pm", f"test-pm-{label}")}, metrics
 
-    def _ppo(self, config: dict, paths: dict, out: Path):
-        label = f"policy-{config['seed']}-{Path(paths[config['pm_path']]).name}"
+    def _ppo(self, config: dict, out: Path):
+        label = f"policy-{config['seed']}-{Path(config['pm_path']).name}"
         return {"policy": self._model_dir(out / "policy", label)}, {"ppo/reward": 0.4, "ppo/kl": 0.5, "ppo/episodes": 64}
 
-    def _evaluate(self, config: dict, paths: dict, out: Path):
+    def _evaluate(self, config: dict, out: Path):
         path = out / "report.json"
         path.write_text(json.dumps({"metrics": self.eval_metrics}))
-        prompts = [json.loads(line) for line in Path(paths[config["prompts_path"]]).read_text().splitlines()]
+        prompts = [json.loads(line) for line in Path(config["prompts_path"]).read_text().splitlines()]
         rows = []
         for i, p in enumerate(prompts):
             for k in range(config.get("num_samples", 1)):
@@ -132,7 +132,7 @@ class FakeRunner:
 def fast_settings(**changes: Any) -> CycleSettings:
     """Cycle settings for orchestration tests: tiny, no waiting, no retry delay."""
     base = {
-        "sample": {"prompts_per_cycle": 6, "num_samples": 3},
+        "sample": {"prompts_per_cycle": 6, "config": {"num_samples": 3}},
         "gather": {"min_comparisons": 5, "all_tasks": True, "deadline_s": 60, "poll_interval_s": 0.05},
         "stage_retries": 1,
         "retry_delay_s": 0,

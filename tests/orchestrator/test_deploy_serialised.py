@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import text
 
 from orchestrator.flow import stage_task
-from orchestrator.stages import STAGES, open_stage
+from orchestrator.cycle import STAGES
+from orchestrator.stages import open_stage
 from store.cycles import get_stage
 from store.deployments import active_deployment, deploy, lock_target
 from tests.orchestrator.fakes import StoreLabeler

@@ -70,7 +70,7 @@ def test_a_second_trigger_for_the_same_week_does_not_start_a_second_cycle(prefec
     with use_env(fake_env), StoreLabeler(pg_db):
         first = weekly_cycle(week=WEEK)
         calls = list(fake_env.runner_for(fake_env.defaults).calls)
-        second = weekly_cycle(week=WEEK, params={"ppo": {"learning_rate": 0.5}})
+        second = weekly_cycle(week=WEEK, params={"ppo": {"config": {"learning_rate": 0.5}}})
     assert first["cycle_id"] == second["cycle_id"] and second["status"] == "succeeded"
     assert fake_env.runner_for(fake_env.defaults).calls == calls  # no step ran again
     assert _count(pg_db, Cycle) == 1 and _count(pg_db, Policy) == 2 and _count(pg_db, StageRun) == 10
@@ -168,7 +168,7 @@ def test_ratchet_cycle_run_and_show_on_a_finished_week(prefect_api, fake_env, pg
     monkeypatch.setenv("RATCHET_DATABASE_URL", pg_url)
     get_settings.cache_clear()
     try:
-        ran = CliRunner().invoke(cli_app, ["cycle", "run", "--week", WEEK, "--param", "ppo.learning_rate=0.1"])
+        ran = CliRunner().invoke(cli_app, ["cycle", "run", "--week", WEEK, "--param", "ppo.config.learning_rate=0.1"])
         shown = CliRunner().invoke(cli_app, ["cycle", "show", "--week", WEEK])
         missing = CliRunner().invoke(cli_app, ["cycle", "show", "--week", "2001-W01"])
     finally:
@@ -189,7 +189,7 @@ def test_cli_params_are_dotted_and_typed():
 
 
 def test_metrics_the_store_cannot_hold_become_null():
-    from orchestrator.stages import _jsonable
+    from orchestrator.cycle import jsonable
 
-    assert _jsonable({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == {
+    assert jsonable({"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}) == {
         "a": None, "b": [None, 1.5], "c": {"d": None}}

@@ -28,12 +28,12 @@ TINY_WORLD = WorldConfig(sft_steps=30, sft_batch_size=16)
 
 TINY_CYCLE = CycleSettings.model_validate(
     {
-        "sample": {"prompts_per_cycle": 64, "num_samples": 3, "max_new_tokens": 16, "batch_size": 32},
+        "sample": {"prompts_per_cycle": 64, "config": {"num_samples": 3, "max_new_tokens": 16, "batch_size": 32}},
         "gather": {"min_comparisons": 10, "all_tasks": True, "deadline_s": 120, "poll_interval_s": 0.1},
-        "pm": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "max_length": 64, "heldout_fraction": 0.3},
-        "ppo": {"total_episodes": 32, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2,
-                "response_length": 16, "learning_rate": 1e-4, "lam": 1.0},
-        "evaluate": {"prompt_set": "eval-prompts", "max_new_tokens": 16},
+        "pm": {"config": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 4, "max_length": 64, "heldout_fraction": 0.3}},
+        "ppo": {"config": {"total_episodes": 32, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2,
+                           "response_length": 16, "learning_rate": 1e-4, "lam": 1.0}},
+        "evaluate": {"prompt_set": "eval-prompts", "config": {"max_new_tokens": 16}},
         "gate": {"win_margin": 0.0, "kl_budget": 100.0, "max_pm_gap": 1.0},
         "gold": GOLD,
         "device": "cpu",

@@ -118,20 +118,20 @@ def test_post_cycles_opens_one_cycle_per_week_and_starts_it_once(pg_db, artifact
     launcher = ThreadLauncher(pg_db, CycleSettings(), run=lambda **kw: started.append(kw))
     app = create_app(Settings(home=tmp_path), database=pg_db, artifacts=artifacts, cycle_launcher=launcher)
     with TestClient(app) as client:
-        first = client.post("/v1/cycles", json={"week": "2026-W40", "params": {"ppo": {"learning_rate": 1e-4}}},
+        first = client.post("/v1/cycles", json={"week": "2026-W40", "params": {"ppo": {"config": {"learning_rate": 1e-4}}}},
                             headers=operator)
         second = client.post("/v1/cycles", json={"week": "2026-W40"}, headers=operator)
         locked = client.post("/v1/cycles", json={"week": "2026-W41", "params": {"gold": "os:system"}}, headers=operator)
-        invalid = client.post("/v1/cycles", json={"week": "2026-W41", "params": {"ppo": {"learning_rate": -1}}},
+        invalid = client.post("/v1/cycles", json={"week": "2026-W41", "params": {"ppo": {"config": {"learning_rate": -1}}}},
                               headers=operator)
     launcher.threads["2026-W40"].join(timeout=10)
     assert (first.status_code, first.json()["created"]) == (202, True)
     assert (second.status_code, second.json()["created"]) == (200, False)
     assert first.json()["cycle"]["id"] == second.json()["cycle"]["id"]
-    assert first.json()["cycle"]["params"] == {"ppo": {"learning_rate": 1e-4}} and first.json()["cycle"]["trigger"] == "api"
+    assert first.json()["cycle"]["params"] == {"ppo": {"config": {"learning_rate": 1e-4}}} and first.json()["cycle"]["trigger"] == "api"
     assert started == [{"week": "2026-W40", "trigger": "api"}]
     assert locked.status_code == 422 and locked.json()["errors"][0]["field"] == "params.gold"
-    assert invalid.status_code == 422 and invalid.json()["errors"][0]["field"] == "params.ppo.learning_rate"
+    assert invalid.status_code == 422 and invalid.json()["errors"][0]["field"] == "params.ppo.config.learning_rate"
 
 
 def test_the_production_launcher_creates_one_flow_run_per_week(pg_db, artifacts, tmp_path, operator, monkeypatch):

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 from orchestrator.flow import stage_task
 from datetime import timedelta
 
-from orchestrator.stages import STAGES, CycleEnv, finish, open_stage, skip_stage
+from orchestrator.cycle import STAGES, CycleEnv, skip_stage
+from orchestrator.stages import finish, open_stage
 from store.models import Comparison, ComparisonTask, Dataset
 from store.tasks import lease_tasks
 from tests.orchestrator.fakes import FakeRunner, StoreLabeler, fast_settings
@@ -37,7 +38,7 @@ def _env(fake_env: CycleEnv, **runner) -> CycleEnv:
 def please_pm(tmp_path_factory) -> Path:
     """A real PM trained on comparisons where the response saying " please" always won: a spurious feature."""
     from tests.workers.builders import synthetic_preferences, write_jsonl
-    from workers.testing import build_tiny_model, build_tokenizer
+    from workers.common.testing import build_tiny_model, build_tokenizer
     from workers.train_pm import TrainPMConfig, run
 
     root = tmp_path_factory.mktemp("please")
@@ -51,7 +52,7 @@ def please_pm(tmp_path_factory) -> Path:
 
 
 def test_a_candidate_both_pms_prefer_but_the_labelers_do_not_is_refused(fake_env, pg_db, please_pm):
-    from workers.score import load_pm, score
+    from workers.common.score import load_pm, score
 
     # The candidate says "please" and nothing useful; the deployed policy answers. The PM (both PMs: they learned
     # from the same labels) prefers the candidate on every held-out prompt; the labelers prefer the answer.

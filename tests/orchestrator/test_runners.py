@@ -17,18 +17,20 @@ from store.errors import ChecksumMismatch
 
 
 def _request(**kw) -> StepRequest:
-    base = dict(step="ppo", key="2026-W05:ppo", config={"policy_path": "x"}, inputs=[], outputs=["policy"],
+    base = dict(step="ppo", key="2026-W05:ppo", config={"total_episodes": 64}, inputs={}, outputs=["policy"],
                 artifact_prefix="cycles/2026-W05/ppo")
     return StepRequest(**{**base, **kw})
 
 
 def test_requests_and_outcomes_survive_a_trip_through_json():
     ref = ArtifactRef("file:///a/b", "0" * 64, 3, True)
-    request = _request(inputs=[ref])
+    request = _request(inputs={"policy_path": ref}, input_sets={"policies": {"p0": ref}})
     assert StepRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
     outcome = StepOutcome(result={"metrics": {"ppo/kl": 0.1}}, outputs={"policy": ref}, compute_s=1.5)
     assert StepOutcome.from_dict(json.loads(json.dumps(outcome.to_dict()))) == outcome
     assert request.work_subdir == "2026-W05/ppo"
+    assert request.step_config(lambda r: "/local") == {"total_episodes": 64, "policy_path": "/local",
+                                                       "policies": {"p0": "/local"}}
 
 
 def test_a_reupload_of_a_stage_output_replaces_files_left_by_an_earlier_attempt(tmp_path, artifacts):

@@ -12,16 +12,16 @@ from store.errors import InvalidInput
 
 
 def test_params_override_one_field_of_a_section_and_keep_the_rest():
-    defaults = CycleSettings.model_validate({"ppo": {"learning_rate": 1e-4, "total_episodes": 512}})
-    resolved = resolve(defaults, {"ppo": {"learning_rate": 3e-5}, "gate": {"kl_budget": 2.0}})
-    assert (resolved.ppo.learning_rate, resolved.ppo.total_episodes) == (3e-5, 512)
+    defaults = CycleSettings.model_validate({"ppo": {"config": {"learning_rate": 1e-4, "total_episodes": 512}}})
+    resolved = resolve(defaults, {"ppo": {"config": {"learning_rate": 3e-5}}, "gate": {"kl_budget": 2.0}})
+    assert (resolved.step_config("ppo")["learning_rate"], resolved.step_config("ppo")["total_episodes"]) == (3e-5, 512)
     assert resolved.gate.kl_budget == 2.0 and resolved.gate.win_margin == 0.02
-    assert defaults.ppo.learning_rate == 1e-4  # the defaults are not changed
+    assert defaults.ppo.config["learning_rate"] == 1e-4  # the defaults are not changed
 
 
 def test_a_trigger_may_not_choose_code_or_machines():
     with pytest.raises(InvalidInput) as err:
-        resolve(CycleSettings(), {"gold": "os:system", "runner": "deployment", "sample": {"num_samples": 8}})
+        resolve(CycleSettings(), {"gold": "os:system", "runner": "deployment", "sample": {"config": {"num_samples": 8}}})
     assert [e["field"] for e in err.value.errors] == ["params.gold", "params.runner"]
     trusted = resolve(CycleSettings(), {"gold": "workers.demo_world:gold_score"}, trusted=True)
     assert trusted.gold == "workers.demo_world:gold_score"
@@ -29,9 +29,9 @@ def test_a_trigger_may_not_choose_code_or_machines():
 
 def test_invalid_params_name_each_bad_field():
     with pytest.raises(InvalidInput) as err:
-        resolve(CycleSettings(), {"sample": {"num_samples": 1, "bogus": 3}, "gate": {"win_margin": 0.7}})
+        resolve(CycleSettings(), {"sample": {"config": {"num_samples": 1, "bogus": 3}}, "gate": {"win_margin": 0.7}})
     fields = {e["field"] for e in err.value.errors}
-    assert fields == {"params.sample.num_samples", "params.sample.bogus", "params.gate.win_margin"}
+    assert fields == {"params.sample.config.num_samples", "params.sample.config.bogus", "params.gate.win_margin"}
 
 
 def test_server_defaults_come_from_a_json_file(tmp_path):
@@ -59,3 +59,48 @@ def test_weeks_are_iso_weeks():
     assert week_monday("2026-W48").isoformat() == "2026-11-23"
     with pytest.raises(InvalidInput):
         week_monday("last week")
+
+
+def test_no_settings_section_repeats_a_field_of_a_worker_config():
+    """Each knob once: a worker step's fields are declared by its config dataclass alone; the cycle's sections
+    set them through ``config``, checked against it."""
+    import dataclasses
+
+    from pydantic import BaseModel
+
+    from orchestrator.runners import config_class
+
+    worker_fields = {f.name: step for step in ("sample", "train_pm", "ppo", "evaluate")
+                     for f in dataclasses.fields(config_class(step))}
+    repeated = [
+        f"{section}.{name} (a {worker_fields[name]} field)"
+        for section, field in CycleSettings.model_fields.items() if isinstance(field.default, BaseModel)
+        for name in type(field.default).model_fields if name != "config" and name in worker_fields
+    ]
+    assert repeated == []
+
+
+def test_step_overrides_are_checked_against_the_step_config():
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"ppo": {"config": {"total_episodes": 100, "policy_path": "/tmp/x"}},
+                                  "pm": {"config": {"learning_rate": "fast"}}, "evaluate": {"config": {"gold": "os:system"}}})
+    fields = {e["field"] for e in err.value.errors}
+    assert fields == {"params.ppo.config.policy_path", "params.pm.config.learning_rate", "params.evaluate.config.gold"}
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"ppo": {"config": {"total_episodes": 100}}})
+    assert err.value.errors == [{"field": "params.ppo.config.total_episodes", "message":
+                                 "total_episodes (100) must be a multiple of rollout_batch_size (16)"}]
+    resolved = resolve(CycleSettings(), {"ppo": {"config": {"lam": 1}}})
+    assert resolved.ppo.config == {"ensemble_penalty": 0.5, "lam": 1}  # over the cycle's own defaults
+    assert resolved.step_config("ppo")["lam"] == 1 and resolved.step_config("ppo")["kl_coef"] == 0.001
+
+
+def test_settings_recorded_before_step_overrides_existed_still_read():
+    from orchestrator.settings import recorded
+
+    old = CycleSettings().model_dump(mode="json")
+    old["ppo"] = {"init": "deployed", "kl_anchor": "reference", "learning_rate": 3e-5, "seed": 0,
+                  "ensemble_penalty": 0.5, "extra": {"gradient_accumulation_steps": 2}}
+    settings = recorded(old)
+    assert settings.ppo.config == {"ensemble_penalty": 0.5, "learning_rate": 3e-5, "seed": 0,
+                                   "gradient_accumulation_steps": 2}

@@ -9,7 +9,10 @@ from sqlalchemy import func, select
 
 from orchestrator.flow import stage_task
 from orchestrator.hooks import HookFailed
-from orchestrator.stages import STAGES, choose_prompts, gate_input, make_tasks, open_stage
+from orchestrator.cycle import STAGES
+from orchestrator.outputs import DeployOutputs, OpenOutputs
+from orchestrator.stages import gate_input, open_stage
+from orchestrator.tasks import choose_prompts, make_tasks
 from store.cycles import get_stage
 from store.deployments import active_deployment, rollback
 from store.errors import InvalidInput
@@ -81,7 +84,7 @@ def test_gather_stops_at_the_deadline_with_what_arrived(fake_env, pg_db):
     fake_env.clock, fake_env.sleep = clock, sleep
     out = stage_task.fn(ctx, "gather")
     assert out["outcome"] == "deadline" and out["comparisons"] == 0
-    assert out["tasks"] == {"open": ctx.outputs("sample")["tasks"], "done": 0, "closed": 0}
+    assert out["tasks"] == {"open": ctx.recorded("sample")["tasks"], "done": 0, "closed": 0}
     with pg_db.session() as s:  # the deadline counts from the end of sampling, as recorded in the store
         assert now[0] - get_stage(s, cycle_id=ctx.cycle_id, stage="sample").finished_at == timedelta(seconds=3600)
 
@@ -142,15 +145,15 @@ def test_a_rollback_after_a_cycle_restores_the_previous_policy(fake_env, pg_db):
     with pg_db.session() as s:
         assert active_deployment(s).cycle_id == ctx.cycle_id
         back = rollback(s, reason="regression", actor="ops")
-        assert back.policy_id == ctx.outputs("open")["baseline_policy_id"]
+        assert back.policy_id == ctx.outputs("open", OpenOutputs).baseline_policy_id
 
 
 def test_the_resolved_settings_are_fixed_when_the_cycle_opens(fake_env, pg_db):
-    ctx = open_stage(fake_env, week=WEEK, params={"sample": {"num_samples": 2}}, trigger="manual", flow_run_id=None)
-    fake_env.defaults = fast_settings(sample={"num_samples": 5})  # the server's defaults change mid-cycle
+    ctx = open_stage(fake_env, week=WEEK, params={"sample": {"config": {"num_samples": 2}}}, trigger="manual", flow_run_id=None)
+    fake_env.defaults = fast_settings(sample={"config": {"num_samples": 5}})  # the server's defaults change mid-cycle
     again = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id="later")
     assert again.cycle_id == ctx.cycle_id and again.settings == ctx.settings
-    assert again.settings.sample.num_samples == 2 and again.settings.sample.prompts_per_cycle == 6
+    assert again.settings.sample.config["num_samples"] == 2 and again.settings.sample.prompts_per_cycle == 6
 
 
 def test_the_kl_anchor_may_be_the_deployed_policy_while_the_lineage_keeps_the_reference(fake_env, pg_db):
@@ -159,16 +162,16 @@ def test_the_kl_anchor_may_be_the_deployed_policy_while_the_lineage_keeps_the_re
     first = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id=None)
     with StoreLabeler(pg_db):
         _run(first, *STAGES[1:])
-    p1 = first.outputs("deploy")["policy_id"]
+    p1 = first.outputs("deploy", DeployOutputs).policy_id
     ctx = open_stage(fake_env, week="2026-W31", params={"ppo": {"kl_anchor": "deployed"}}, trigger="manual",
                      flow_run_id=None)
     with StoreLabeler(pg_db):
         out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "ppo")["ppo"]
-    opened = ctx.outputs("open")
-    assert opened["baseline_policy_id"] == p1 and opened["reference_policy_id"] != p1
+    opened = ctx.outputs("open", OpenOutputs)
+    assert opened.baseline_policy_id == p1 and opened.reference_policy_id != p1
     assert out["kl_anchor_policy_id"] == p1
     with pg_db.session() as s:
         candidate = s.get(Policy, out["policy_id"])
         anchor_uri = s.get(Policy, p1).artifact.uri
-        assert candidate.reference_policy_id == opened["reference_policy_id"]  # P0: the root of the KL budget
+        assert candidate.reference_policy_id == opened.reference_policy_id  # P0: the root of the KL budget
         assert candidate.config["reference_path"] == anchor_uri == candidate.config["policy_path"]

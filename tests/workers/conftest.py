@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.workers.builders import hh_comparisons, prompt_set, synthetic_preferences, write_jsonl
-from workers.testing import build_tiny_model, build_tokenizer
+from workers.common.testing import build_tiny_model, build_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and on a shared machine a descheduled
 # OpenMP thread stalls every op; one thread keeps the suite fast and steady.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import ConfigError, cli, coerce, field_docs, load_config, parse_overrides, usage
+from workers.common.config import ConfigError, cli, coerce, field_docs, load_config, parse_overrides, usage
 from workers.sample import SampleConfig
 from workers.sample import main as sample_main
 from workers.train_pm import TrainPMConfig

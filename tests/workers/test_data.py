@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.workers.builders import comparison, hh_comparisons, split_hh_dialogue, write_jsonl
-from workers.config import WorkerError
-from workers.data import Comparison, half_of, is_heldout, load_comparisons, load_prompts, split_comparisons
+from workers.common.config import WorkerError
+from workers.common.data import Comparison, half_of, is_heldout, load_comparisons, load_prompts, split_comparisons
 
 
 def _comps(n: int, per_prompt: int = 1) -> list[Comparison]:

@@ -10,7 +10,7 @@ import pytest
 
 from workers.best_of_n import BestOfNConfig, best_of_n_kl
 from workers.best_of_n import run as best_of_n
-from workers.config import ConfigError, WorkerError
+from workers.common.config import ConfigError, WorkerError
 from workers.evaluate import EvaluateConfig, elo_difference, win_rate
 from workers.evaluate import run as evaluate
 

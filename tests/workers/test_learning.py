@@ -19,6 +19,7 @@ import pytest
 
 from tests.workers.builders import write_jsonl
 from workers import demo_world
+from workers.common.testing import build_tiny_model, build_tokenizer
 from workers.evaluate import EvaluateConfig
 from workers.evaluate import run as evaluate
 from workers.ppo import PPOConfig
@@ -27,7 +28,6 @@ from workers.sample import SampleConfig
 from workers.sample import run as sample
 from workers.sft import SFTConfig
 from workers.sft import run as sft
-from workers.testing import build_tiny_model, build_tokenizer
 from workers.train_pm import TrainPMConfig
 from workers.train_pm import run as train_pm
 

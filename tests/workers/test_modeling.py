@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from workers.config import ConfigError, WorkerError
-from workers.metrics import MetricsWriter, manifest_sha256, read_metrics, sha256_file
-from workers.modeling import check_model_dir, load_causal_lm, load_tokenizer, load_trunk, save_model_dir
-from workers.runtime import resolve_device, resolve_dtype
-from workers.testing import build_tiny_model, count_parameters
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from workers.common.config import ConfigError, WorkerError
+from workers.common.metrics import MetricsWriter, manifest_sha256, read_metrics, sha256_file
+from workers.common.modeling import check_model_dir, load_causal_lm, load_tokenizer, load_trunk, save_model_dir
+from workers.common.runtime import resolve_device, resolve_dtype
+from workers.common.testing import build_tiny_model, count_parameters
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from workers.metrics import calibration, pairwise_calibration
-from workers.modeling import load_trunk
-from workers.pm import (
+from workers.common.metrics import calibration, pairwise_calibration
+from workers.common.modeling import load_trunk
+from workers.common.pm import (
     PAD,
     PROMPT,
     RESPONSE_A,

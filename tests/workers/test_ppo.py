@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.config import ConfigError, WorkerError
+from workers.common.config import ConfigError, WorkerError
+from workers.common.testing import build_tiny_model
 from workers.ppo import PPOConfig, run
-from workers.testing import build_tiny_model
 
 
 def ppo_config(tmp_path: Path, policy: Path, pm_dir: str, prompts: Path, **changes) -> PPOConfig:
@@ -62,9 +62,9 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny_gpt2
 
 def test_an_ensemble_pm_gives_a_conservative_reward_mean_minus_lambda_spread(tmp_path, tiny_gpt2, ensemble_pm, trained_pm,
                                                                             prompts_path):
-    from workers.modeling import load_tokenizer
-    from workers.rollout import pm_member_scores, pm_scores
-    from workers.score import load_pm
+    from workers.common.modeling import load_tokenizer
+    from workers.common.rollout import pm_member_scores, pm_scores
+    from workers.common.score import load_pm
 
     pm = load_pm(ensemble_pm, device="cpu")
     ids = load_tokenizer(ensemble_pm)([" hello", " hi there"], add_special_tokens=False)["input_ids"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
-from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards
+from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
 from workers.rl.losses import ppo_loss
 
 
@@ -60,6 +60,12 @@ def test_penalised_rewards_put_the_score_on_the_last_response_token():
     scores, kl, mask = t(2.0, -1.0), t([0.1, 0.2, 0.3], [0.5, 0.5, 0.5]), t([1, 1, 1], [1, 1, 0])
     rewards = penalised_rewards(scores, kl, mask, kl_coef=0.1)
     assert torch.allclose(rewards, t([-0.01, -0.02, -0.03 + 2.0], [-0.05, -0.05 - 1.0, 0.0]))
+
+
+def test_sqrt_kl_is_zero_for_a_slightly_negative_estimate():
+    # the k1 estimate of a mean KL can dip below 0 by sampling noise; the chart's x-axis then reads 0
+    assert sqrt_kl(0.25) == 0.5
+    assert sqrt_kl(-1e-6) == 0.0
 
 
 def test_adaptive_controller_moves_toward_the_target():

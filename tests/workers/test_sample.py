@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from tests.workers.builders import write_jsonl
-from workers.config import WorkerError
-from workers.modeling import load_causal_lm, load_tokenizer
-from workers.sample import SampleConfig, generate, row_uniforms, run, sample_tokens
+from workers.common.config import WorkerError
+from workers.common.generation import generate, row_uniforms, sample_tokens
+from workers.common.modeling import load_causal_lm, load_tokenizer
+from workers.sample import SampleConfig, run
 
 CPU = torch.device("cpu")
 

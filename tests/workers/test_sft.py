@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.workers.builders import write_jsonl
-from workers.config import ConfigError, WorkerError
-from workers.metrics import read_metrics, sha256_file
+from workers.common.config import ConfigError, WorkerError
+from workers.common.metrics import read_metrics, sha256_file
 from workers.sft import Example, SFTConfig, collate, main, run, token_loss
 
 RECORDS = [

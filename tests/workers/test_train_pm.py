@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.workers.builders import comparison, synthetic_preferences, write_jsonl
-from workers.config import ConfigError, WorkerError
-from workers.metrics import read_metrics, sha256_file
-from workers.modeling import load_tokenizer
-from workers.data import is_heldout, load_comparisons, split_comparisons
-from workers.pm import TokenLayout, pack_pairs
-from workers.score import load_pm, score
+from workers.common.config import ConfigError, WorkerError
+from workers.common.data import is_heldout, load_comparisons, split_comparisons
+from workers.common.metrics import read_metrics, sha256_file
+from workers.common.modeling import load_tokenizer
+from workers.common.pm import TokenLayout, pack_pairs
+from workers.common.score import load_pm, score
 from workers.train_pm import TrainPMConfig, _build_pm, encode, evaluate, run
 
 

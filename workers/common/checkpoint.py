@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from workers.config import WorkerError
-from workers.metrics import atomic_write_text
-from workers.modeling import staging_dir
-from workers.runtime import rng_state, set_rng_state
+from workers.common.config import WorkerError
+from workers.common.metrics import atomic_write_text
+from workers.common.modeling import staging_dir
+from workers.common.runtime import rng_state, set_rng_state
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 

@@ -265,7 +265,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, directory: str | os.PathLike, *, step: str) -> Path:
     """Write ``ratchet_step_config.json`` (step name, config, versions) into ``directory``, atomically."""
-    from workers.metrics import atomic_write_text  # local: metrics imports nothing from here
+    from workers.common.metrics import atomic_write_text  # local: metrics imports nothing from here
 
     payload = {"step": step, "config": to_dict(cfg), "versions": _versions()}
     path = Path(directory) / CONFIG_FILENAME

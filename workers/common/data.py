@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.config import WorkerError
+from workers.common.config import WorkerError
 
 CHOICES = ("a", "b", "tie")
 TARGETS = {"a": 1.0, "b": 0.0, "tie": 0.5}

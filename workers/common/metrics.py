@@ -190,7 +190,7 @@ def finished_metrics(out: Path, cfg: Any, *, step: str, ignore: set[str]) -> dic
     A finished run whose config differs (fields in ``ignore`` aside) is an
     error: reusing its outputs would hand back the wrong results.
     """
-    from workers.config import WorkerError, diff_configs, to_dict
+    from workers.common.config import WorkerError, diff_configs, to_dict
 
     summary_path = Path(out) / SUMMARY_FILENAME
     if not summary_path.is_file():

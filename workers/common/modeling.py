@@ -20,7 +20,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from workers.config import WorkerError
+from workers.common.config import WorkerError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -149,7 +149,7 @@ def key_mask_4d(attention_mask: torch.Tensor, model: torch.nn.Module) -> torch.T
 def resolve_max_length(requested: int | None, model_path: str | os.PathLike) -> int:
     """The sequence length a step trains at: ``requested`` (refused past the model's
     position embeddings), or the model's limit capped at 1024 when None."""
-    from workers.config import ConfigError
+    from workers.common.config import ConfigError
 
     limit = max_positions(model_config(model_path))
     if requested is not None and limit is not None and requested > limit:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.modeling import causal_mask_4d
+from workers.common.modeling import causal_mask_4d
 
 # segment ids in a packed row
 PAD, PROMPT, RESPONSE_A, RESPONSE_B = -1, 0, 1, 2

@@ -1,19 +1,22 @@
 """Shared pieces of the steps that sample and score a policy (ppo, evaluate, best_of_n):
-prompt encoding, the padded rollout layout, per-token log-probs, PM scores of
-token ids, and the same-tokenizer check.
+prompt encoding, the padded rollout layout, per-token log-probs of the policy
+and of the reference, the KL of sampled responses, PM scores of token ids, a
+gold scoring function, and the same-tokenizer check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 
 import torch
 
-from workers.config import WorkerError
-from workers.data import Prompt
-from workers.modeling import causal_mask_4d, load_tokenizer
-from workers.pm import pad_sequences, special_prefix
-from workers.score import LoadedPM, member_scores
+from workers.common.config import WorkerError
+from workers.common.data import Prompt
+from workers.common.generation import generate
+from workers.common.modeling import causal_mask_4d, load_tokenizer
+from workers.common.pm import pad_sequences, special_prefix
+from workers.common.score import LoadedPM, member_scores
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, max_prompt_tokens: int | None) -> list[list[int]]:
@@ -65,6 +68,59 @@ def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, context_length
     return torch.log_softmax(step_logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def causal_lm_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """Log-probs [b, r] of the rollout's response tokens under the causal LM ``model``."""
+    logits = model(
+        input_ids=rollout.query_responses, attention_mask=causal_mask_4d(rollout.attention_mask, model),
+        position_ids=rollout.position_ids, use_cache=False,
+    ).logits
+    return response_logprobs(logits, rollout.query_responses, rollout.context_length, temperature)
+
+
+def reference_logprobs(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, rollout: Rollout, temperature: float
+) -> torch.Tensor:
+    """Log-probs [b, r] of the rollout's response tokens under the reference policy of the KL penalty.
+
+    ``reference`` None: the reference is ``policy`` (a peft LoRA model) with its adapters switched off,
+    so no second copy of the network is held.
+    """
+    if reference is None:
+        with policy.disable_adapter():
+            return causal_lm_logprobs(policy, rollout, temperature)
+    return causal_lm_logprobs(reference, rollout, temperature)
+
+
+@torch.no_grad()
+def sample_with_kl(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    prompts: Sequence[Sequence[int]],
+    *,
+    uniforms: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """One response per prompt from ``policy`` (row i drawn with ``uniforms[i]``) and each response's
+    KL(policy || reference): the k1 estimate summed over its tokens, shape [b] on the policy's device.
+
+    The KL is taken at ``temperature``, on the policy's own samples (see ``reference_logprobs`` for
+    ``reference`` None).
+    """
+    generations = generate(
+        policy, prompts, uniforms=uniforms, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+    )
+    responses = [g.tokens for g in generations]
+    device = next(policy.parameters()).device
+    rollout = Rollout(prompts, responses, response_length=max_new_tokens, pad_id=pad_id).to(device)
+    logprobs = causal_lm_logprobs(policy, rollout, temperature)
+    ref_logprobs = reference_logprobs(policy, reference, rollout, temperature)
+    return responses, ((logprobs - ref_logprobs) * rollout.response_mask).sum(1)
+
+
 def entropy_of(logits: torch.Tensor, context_length: int, r: int, temperature: float) -> torch.Tensor:
     """Per-token entropy [b, r] of the policy over the response positions."""
     step = logits[:, context_length - 1 : context_length - 1 + r].float() / temperature
@@ -111,3 +167,13 @@ def pm_member_scores(
     return torch.cat(out, dim=1).cpu()
 
 
+def load_gold(spec: str) -> Callable[[str, str], float]:
+    """The gold scoring function named ``module:function``, called as function(prompt, response) -> float."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise WorkerError(f"gold function {spec!r} cannot be loaded: {exc}") from None
+    if not callable(fn):
+        raise WorkerError(f"gold {spec!r} is not callable")
+    return fn

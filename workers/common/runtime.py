@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workers.config import ConfigError
+from workers.common.config import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from workers.config import WorkerError, save_config
-from workers.metrics import write_json
-from workers.modeling import check_model_dir, load_tokenizer, load_trunk, replace_dir, staging_dir
-from workers.pm import PreferenceModel, TokenLayout, pad_sequences
-from workers.runtime import resolve_device, resolve_dtype
+from workers.common.config import WorkerError, save_config
+from workers.common.metrics import write_json
+from workers.common.modeling import check_model_dir, load_tokenizer, load_trunk, replace_dir, staging_dir
+from workers.common.pm import PreferenceModel, TokenLayout, pad_sequences
+from workers.common.runtime import resolve_device, resolve_dtype
 
 PM_SPEC_FILENAME = "ratchet_pm.json"
 PM_HEAD_FILENAME = "pm_head.safetensors"

@@ -1,7 +1,7 @@
 """The RL math of PPO for language models, in small pure modules.
 
-- ``types``: NamedTuple carriers with their tensor shapes.
-- ``kl``: KL estimators, per-token KL-penalised rewards, KL controllers.
+- ``types``: ``PPOStats``, the detached diagnostics of one PPO loss evaluation.
+- ``kl``: KL estimators, per-token KL-penalised rewards, KL controllers, sqrt(KL) for charts.
 - ``advantages``: masked whitening and GAE over response tokens.
 - ``losses``: the clipped policy and value losses, with detached stats.
 
