@@ -79,11 +79,11 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     from api.app import create_app
-    from orchestrator.demo import ApiThread, demo_cycle_settings, start_prefect
+    from orchestrator.demo.command import ApiThread, demo_cycle_settings, start_prefect
     from orchestrator.flow import use_env, weekly_cycle
-    from orchestrator.labeler import SimulatedLabeler
+    from orchestrator.demo.labeler import SimulatedLabeler
     from orchestrator.cycle import STAGES, CycleEnv
-    from orchestrator.world import WorldConfig, build_world
+    from orchestrator.demo.world import WorldConfig, build_world
     from store.artifacts import ArtifactStore
     from store.db import open_database
     from store.keys import create_api_key

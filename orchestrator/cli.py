@@ -155,7 +155,7 @@ def demo(
     logging.getLogger().setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
-    from orchestrator.demo import json_line, run_demo, summary_table
+    from orchestrator.demo.command import json_line, run_demo, summary_table
 
     hf_logging.set_verbosity_error()
     try:

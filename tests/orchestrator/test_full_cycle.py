@@ -15,8 +15,8 @@ import sys
 from rich.console import Console
 from sqlalchemy import select
 
-from orchestrator.demo import json_line, run_demo
-from orchestrator.world import GOLD, WorldConfig
+from orchestrator.demo.command import json_line, run_demo
+from orchestrator.demo.world import GOLD, WorldConfig
 from orchestrator.settings import CycleSettings
 from store.artifacts import ArtifactStore
 from store.deployments import active_deployment, list_deployments

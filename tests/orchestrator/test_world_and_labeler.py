@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from orchestrator.demo import free_weeks
-from orchestrator.labeler import SimulatedLabeler
+from orchestrator.demo.command import free_weeks
+from orchestrator.demo.labeler import SimulatedLabeler
 from store.cycles import open_cycle
 from store.keys import create_api_key
 from store.models import Comparison, ComparisonTask, FeedbackBatch

@@ -37,11 +37,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.labeler import SimulatedLabeler
+from orchestrator.demo.labeler import SimulatedLabeler
 from orchestrator.report import cycle_summary
 from orchestrator.settings import CycleSettings, resolve, shift_week, week_monday, week_of
 from orchestrator.cycle import STAGES, CycleEnv
-from orchestrator.world import GOLD, WorldConfig, build_world
+from orchestrator.demo.world import GOLD, WorldConfig, build_world
 from store.artifacts import ArtifactStore
 from store.cycles import list_cycles
 from store.db import Database, open_database, upgrade
