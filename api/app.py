@@ -26,8 +26,10 @@ from api.routes import (
     deployments,
     feedback_batches,
     imports,
+    label,
     policies,
     preference_models,
+    raters,
     tasks,
 )
 from store.artifacts import ArtifactStore
@@ -49,7 +51,8 @@ input names each bad record by `index` and `field`.
 """
 
 ROUTERS = (
-    admin, feedback_batches, imports, tasks, datasets, preference_models, policies, deployments, cycles, dashboard,
+    admin, feedback_batches, imports, tasks, raters, datasets, preference_models, policies, deployments, cycles, label,
+    dashboard,
 )
 """The modules whose ``router`` the app serves, one per resource, in the order they are matched."""
 

@@ -19,6 +19,7 @@ from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
 from store.keys import authenticate, hash_token
+from store.raters import QCPolicy, current_policy
 from store.settings import Settings
 
 MAX_ID = 2**31 - 1
@@ -61,9 +62,21 @@ def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterato
         yield session
 
 
+def get_qc_policy(request: Request, session: Annotated[Session, Depends(get_session, scope="function")]) -> QCPolicy:
+    """The QC policy in force (``store.raters.current_policy``): the running or newest cycle's, else the
+    ``qc`` of the server's default cycle settings (``RATCHET_CYCLE_CONFIG``)."""
+    default = getattr(request.app.state, "qc_default", None)
+    if default is None:
+        from orchestrator.settings import load_defaults
+
+        default = request.app.state.qc_default = load_defaults(request.app.state.settings.cycle_config).qc
+    return current_policy(session, default)
+
+
 DatabaseDep = Annotated[Database, Depends(get_database)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+QCPolicyDep = Annotated[QCPolicy, Depends(get_qc_policy)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `ratchet keys create`")

@@ -114,6 +114,8 @@ def pydantic_field_errors(
         message = err.get("msg", "invalid")
         if err.get("type") == "identical_responses":
             loc = [*loc, "choice"]
+        elif err.get("type") == "strength":
+            loc = [*loc, "strength"]
         out.append({"index": index, "field": ".".join(str(p) for p in loc) or "(body)", "message": message})
     return out
 

@@ -13,8 +13,8 @@ from store.exports import PairExport, preference_pairs
 
 EXPORT_RESPONSES = {
     200: {
-        "description": "JSONL, one preference pair a line; ties are left out (neither format has them) "
-        "and counted in the X-Ratchet-Skipped-Ties header",
+        "description": "JSONL, one preference pair a line (with \"strength\" when the rater gave one); ties are "
+        "left out (neither format has them) and counted in the X-Ratchet-Skipped-Ties header",
         "content": {"application/jsonl": {"schema": {"type": "string"}}},
     },
     **responses(401, 403, 404, 422),
@@ -26,7 +26,8 @@ def export_response(database: Database, export: PairExport, fmt: str, filename: 
 
     def lines() -> Iterator[bytes]:
         for pair in preference_pairs(database, batch_ids=export.batch_ids):
-            yield export_record(fmt, prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected)
+            yield export_record(fmt, prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
+                                strength=pair.strength)
 
     return StreamingResponse(
         lines(),

@@ -9,6 +9,11 @@ Both are JSON Lines, one preference pair a line:
 - ``trl`` (TRL's "standard" preference format with an explicit prompt):
   ``{"prompt": str, "chosen": str, "rejected": str}``.
 
+A line of either format may carry ``"strength"``: how much better the chosen
+response is, a number above 0 and up to 10 on the labeling scale (the rule of
+``store.feedback.strength_problem``; 1 slightly, 2 better, 3 much better by
+default). It is read when present and written when a comparison has one.
+
 Everything here is pure: no web framework, no database. ``JsonlImportParser``
 reads a streamed (optionally gzipped) body chunk by chunk and never holds more
 than one partial line of it.
@@ -18,9 +23,12 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from store.feedback import strength_problem
 
 FORMATS = ("hh-rlhf", "trl")
 """The line formats known to import and export (see the module docstring)."""
@@ -57,6 +65,8 @@ class ParsedLine:
     """The other response, without the prompt; None when ``error`` is set."""
     error: str | None
     """Why the line was rejected; None means the line is ok."""
+    strength: float | None = None
+    """How much better ``chosen`` is (the line's optional ``"strength"``); None when absent or ``error`` is set."""
 
 
 def _check_format(fmt: str) -> None:
@@ -121,9 +131,10 @@ def parse_record(fmt: str, obj: object, *, max_text_chars: int | None = None) ->
     ``hh-rlhf`` lines are ``{"chosen": str, "rejected": str}`` (split with
     ``split_hh_dialogue``); ``trl`` lines are
     ``{"prompt": str, "chosen": str, "rejected": str}``. Other fields are
-    ignored. Raises ``FormatError`` naming the missing or wrong field, or the
-    text longer than ``max_text_chars`` (prompt and responses as they would be
-    stored), and ``ValueError`` for an unknown ``fmt``.
+    ignored here (``parse_strength`` reads ``"strength"``). Raises
+    ``FormatError`` naming the missing or wrong field, or the text longer than
+    ``max_text_chars`` (prompt and responses as they would be stored), and
+    ``ValueError`` for an unknown ``fmt``.
     """
     texts = _record_texts(fmt, obj)
     if max_text_chars is not None:
@@ -131,6 +142,28 @@ def parse_record(fmt: str, obj: object, *, max_text_chars: int | None = None) ->
             if len(value) > max_text_chars:
                 raise FormatError(f"{name} is {len(value)} characters long, over the limit of {max_text_chars}")
     return texts
+
+
+def parse_strength(obj: dict) -> float | None:
+    """A decoded line's optional ``"strength"`` (absent or null: None).
+
+    A preference pair's chosen response is the one stored as A, so the rule is
+    ``strength_problem`` for choice ``'a'``: above 0 (0 would be a tie) and at
+    most ``MAX_STRENGTH``. Raises ``FormatError`` naming the field otherwise.
+    """
+    value = obj.get("strength")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"field 'strength' must be a number, got {_type_name(value)}")
+    try:
+        strength = float(value)
+    except OverflowError:  # an integer too large for a float
+        strength = math.inf
+    problem = strength_problem("a", strength)
+    if problem:
+        raise FormatError(f"field 'strength': {problem}")
+    return strength
 
 
 def _record_texts(fmt: str, obj: object) -> tuple[str, str, str]:
@@ -296,23 +329,27 @@ class JsonlImportParser:
             return self._error("invalid JSON: nested too deeply")
         try:
             prompt, chosen, rejected = parse_record(self.fmt, obj, max_text_chars=self.max_text_chars)
+            strength = parse_strength(obj)
         except FormatError as exc:
             return self._error(str(exc))
-        return ParsedLine(self._line, prompt, chosen, rejected, None)
+        return ParsedLine(self._line, prompt, chosen, rejected, None, strength)
 
     def _error(self, reason: str) -> ParsedLine:
         return ParsedLine(self._line, None, None, None, reason)
 
 
-def export_record(fmt: str, *, prompt: str, chosen: str, rejected: str) -> bytes:
+def export_record(fmt: str, *, prompt: str, chosen: str, rejected: str, strength: float | None = None) -> bytes:
     """One JSON line (UTF-8, ending in a newline) for a preference pair.
 
     ``hh-rlhf`` writes whole dialogues (``prompt + chosen``,
-    ``prompt + rejected``); ``trl`` writes the three fields as they are.
+    ``prompt + rejected``); ``trl`` writes the three fields as they are; both
+    add ``"strength"`` when the pair has one.
     """
     _check_format(fmt)
     if fmt == "hh-rlhf":
-        record = {"chosen": prompt + chosen, "rejected": prompt + rejected}
+        record: dict[str, str | float] = {"chosen": prompt + chosen, "rejected": prompt + rejected}
     else:
         record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if strength is not None:
+        record["strength"] = strength
     return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"

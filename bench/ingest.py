@@ -20,7 +20,14 @@
    so inflate the latency they measure (``--client-processes N`` spreads
    them over N processes).
 
-The last line is JSON: {"ours", "peer", "ratio", "p50_ms", "p99_ms", ...}.
+5. Task answers: ``--task-clients`` raters (16), each with its own labeler
+   key, lease 10 tasks (GET /v1/comparison-tasks) and answer them in one
+   batch, ``--task-requests`` times each: the path that checks the lease rules
+   with the task rows locked (store.answers). p50 / p99 of the answering POST
+   as the clients saw it (python clients: their own CPU inflates it a little)
+   and in the server.
+
+The last line is JSON: {"ours", "peer", "ratio", "p50_ms", "p99_ms", "task_p50_ms", "task_p99_ms", ...}.
 """
 
 from __future__ import annotations
@@ -221,6 +228,46 @@ def latency_wrk(base: str, token: str, clients: int, seconds: float) -> dict:
     return summary
 
 
+async def task_answers(base: str, tokens: list[str], requests: int) -> tuple[list[float], list[float]]:
+    """Each rater leases 10 tasks and answers them in one batch, ``requests`` times; POST latencies."""
+    samples: list[float] = []
+    server: list[float] = []
+
+    async def one_rater(token: str) -> None:
+        auth = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=auth) as client:
+            for k in range(requests):
+                leased = (await client.get("/v1/comparison-tasks", params={"limit": 10})).json()
+                if not leased["data"]:
+                    raise SystemExit("the task pool ran dry: make more tasks")
+                body = {"source": "task-bench", "comparisons": [
+                    {"prompt": t["prompt"], "response_a": t["response_a"], "response_b": t["response_b"],
+                     "choice": "a", "strength": 2, "rater_id": leased["rater_id"], "task_id": t["id"]}
+                    for t in leased["data"]]}
+                start = time.perf_counter()
+                r = await client.post("/v1/feedback-batches", json=body,
+                                      headers={"Idempotency-Key": f"{leased['rater_id']}-{k}"})
+                samples.append(time.perf_counter() - start)
+                if r.status_code != 201:
+                    raise SystemExit(f"answering POST failed: {r.status_code} {r.text[:300]}")
+                server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
+
+    await asyncio.gather(*(one_rater(t) for t in tokens))
+    return samples, server
+
+
+def make_task_pool(url: str, n: int) -> None:
+    """``n`` open tasks of no cycle, from HH-RLHF texts."""
+    from store.tasks import create_tasks
+
+    db = Database(url)
+    pairs = hh_pairs()
+    with db.session() as s:
+        create_tasks(s, tasks=[{"prompt": p + f" [{i}]", "response_a": a, "response_b": b}
+                               for i, (p, a, b) in ((i, pairs[i % len(pairs)]) for i in range(n))])
+    db.dispose()
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile of ``values`` (seconds) in milliseconds."""
     ordered = sorted(values)
@@ -238,6 +285,8 @@ def main() -> None:
                         help="auto: wrk when it is on PATH, else the python clients")
     parser.add_argument("--latency-seconds", type=int, default=15, help="length of the measured wrk run")
     parser.add_argument("--client-processes", type=int, default=1, help="spread the python latency clients over this many processes")
+    parser.add_argument("--task-clients", type=int, default=16, help="raters answering leased tasks (0: skip)")
+    parser.add_argument("--task-requests", type=int, default=20, help="answering batches per rater")
     args = parser.parse_args()
 
     name, url = scratch_database()
@@ -247,6 +296,7 @@ def main() -> None:
         db = Database(url)
         with db.session() as s:
             _, token = create_api_key(s, name="bench", role="labeler")
+            rater_tokens = [create_api_key(s, name=f"rater-{i}", role="labeler")[1] for i in range(args.task_clients)]
         with db.engine.begin() as conn:
             conn.execute(sa.text("CREATE TABLE scratch_comparisons (LIKE comparisons INCLUDING ALL)"))
         db.dispose()
@@ -290,12 +340,26 @@ def main() -> None:
         print(f"latency ({client}): {count} requests of 10 comparisons, {args.clients} clients, {rate:.0f} requests/s: "
               f"p50 {p50:.1f} ms, p99 {p99:.1f} ms as the clients saw it; in the server (Server-Timing) "
               f"p50 {s50:.1f} ms, p99 {s99:.1f} ms")
+        task = {}
+        if args.task_clients:
+            make_task_pool(url, args.task_clients * args.task_requests * 10)
+            wall = time.perf_counter()
+            t_samples, t_server = asyncio.run(task_answers(base, rater_tokens, args.task_requests))
+            t_rate = len(t_samples) / (time.perf_counter() - wall)
+            task = {"task_p50_ms": round(percentile(t_samples, 0.5), 1), "task_p99_ms": round(percentile(t_samples, 0.99), 1),
+                    "task_server_p50_ms": round(percentile(t_server, 0.5), 1),
+                    "task_server_p99_ms": round(percentile(t_server, 0.99), 1), "task_batches": len(t_samples)}
+            print(f"task answers (python clients): {len(t_samples)} batches of 10 answers, {args.task_clients} raters, "
+                  f"{t_rate:.0f} batches/s (with their leasing GETs): p50 {task['task_p50_ms']} ms, "
+                  f"p99 {task['task_p99_ms']} ms; in the server p50 {task['task_server_p50_ms']} ms, "
+                  f"p99 {task['task_server_p99_ms']} ms")
         print(json.dumps({
             "ours": round(ours), "peer": round(peer), "ratio": round(ours / peer, 3),
             "batch_size": args.size, "rounds": args.rounds, "workers": args.workers,
             "p50_ms": round(p50, 1), "p99_ms": round(p99, 1), "server_p50_ms": round(s50, 1), "server_p99_ms": round(s99, 1),
             "latency_client": client, "latency_clients": args.clients, "latency_requests": count,
             "latency_requests_per_s": round(rate), "client_processes": args.client_processes if client == "python" else None,
+            **task,
         }))
     finally:
         if proc is not None:

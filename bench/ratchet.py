@@ -3,11 +3,15 @@
     python bench/ratchet.py                                  # 8 start weeks x seed 0, one run at a time (~15 min)
     python bench/ratchet.py --weeks 2026-W49,2027-W01 --seeds 0,1,2
     python bench/ratchet.py --jobs 2                         # two runs at once: quicker, but wall times are not comparable
+    python bench/ratchet.py --qc off                         # the same raters, quality control flagging but excluding none
+    python bench/ratchet.py --raters one                     # the careful rater alone
 
-Each run is ``ratchet demo --cycles N --json --start-week W --seed S`` in a
-fresh process with a fresh ``RATCHET_HOME`` (embedded SQLite store, local
-artifacts, Prefect's temporary server), exactly what a user's ``make demo``
-runs, with the demo's own settings. Per run it prints the gold score of the
+Each run is ``ratchet demo --cycles N --json --start-week W --seed S
+--raters R [--no-qc]`` in a fresh process with a fresh ``RATCHET_HOME``
+(embedded SQLite store, local artifacts, Prefect's temporary server),
+exactly what a user's ``make demo`` runs, with the demo's own settings (by
+default its three raters, careful, noisy and random, with quality control
+leaving flagged raters out of the snapshots). Per run it prints the gold score of the
 deployed policy after each cycle, the deploys, the regressions (a deploy
 whose gold is lower than that of the policy it replaced by more than
 ``--tolerance``, 0.01) and the wall time of the whole command.
@@ -18,7 +22,9 @@ every cycle), so the policy a cycle replaced has the same gold in the cycle
 that replaced it as in the cycle that deployed it.
 
 The last line is JSON: {"runs", "deploys", "regressions", "runs_improved",
-"median_final_gold", "median_wall_s", "max_wall_s", ...} plus every run.
+"median_final_gold", "median_wall_s", "max_wall_s", "raters", "qc", ...} plus
+every run, with the raters each cycle's snapshot left out (``excluded``) and
+each rater's quality-control numbers at the end (``rater_qc``).
 Targets (issue "the ratchet must hold"): 0 regressions; the final gold above
 P0's in at least 7 of 8 runs; median final gold >= 0.6; each run <= 180 s,
 median <= 120 s, on 2 CPU cores, one run at a time.
@@ -47,7 +53,8 @@ START_WEEKS = (
 2027-W01), and others spread over half a year"""
 
 
-def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path | None) -> dict[str, Any]:
+def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path | None, raters: str = "all",
+            qc: bool = True) -> dict[str, Any]:
     """One ``ratchet demo`` run in a fresh home; its JSON summary plus wall time and exit status."""
     home = Path(tempfile.mkdtemp(prefix=f"ratchet-bench-{week}-{seed}-", dir=keep))
     env = {
@@ -59,7 +66,7 @@ def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path |
     for name in ("RATCHET_DATABASE_URL", "RATCHET_ARTIFACTS_URL", "RATCHET_WORK_DIR", "PREFECT_API_URL"):
         env.pop(name, None)
     command = [sys.executable, "-m", "orchestrator.cli", "demo", "--cycles", str(cycles), "--json",
-               "--start-week", week, "--seed", str(seed)]
+               "--start-week", week, "--seed", str(seed), "--raters", raters] + ([] if qc else ["--no-qc"])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -76,7 +83,8 @@ def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path |
         if line.startswith("{"):
             summary = json.loads(line)
             break
-    return {"week": week, "seed": seed, "exit": code, "wall_s": round(wall, 1), "summary": summary, "home": str(home)}
+    return {"week": week, "seed": seed, "raters": raters, "qc": qc, "exit": code, "wall_s": round(wall, 1),
+            "summary": summary, "home": str(home)}
 
 
 def score_run(run: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
@@ -84,10 +92,11 @@ def score_run(run: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
     summary = run["summary"] or {}
     cycles = summary.get("cycles", [])
     previous = summary.get("gold_score_initial")
-    golds, deploys, regressions = [], 0, []
+    golds, deploys, regressions, excluded = [], 0, [], []
     for row in cycles:
         gold = row.get("gold_score")
         golds.append(gold)
+        excluded.append(row.get("excluded_raters") or [])
         if row.get("deployed"):
             deploys += 1
             if gold is not None and previous is not None and gold < previous - tolerance:
@@ -99,6 +108,8 @@ def score_run(run: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
     return {
         "week": run["week"],
         "seed": run["seed"],
+        "raters": run["raters"],
+        "qc": "on" if run["qc"] else "off",
         "ok": run["exit"] == 0 and summary.get("cycles") is not None,
         "exit": run["exit"],
         "gold_initial": initial,
@@ -107,6 +118,8 @@ def score_run(run: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
         "improved": final is not None and initial is not None and final > initial,
         "deploys": deploys,
         "regressions": regressions,
+        "excluded": excluded,
+        "rater_qc": summary.get("rater_qc", []),
         "wall_s": run["wall_s"],
         "home": run["home"],
     }
@@ -125,21 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01, help="a deploy losing more gold than this regresses")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run counts as failed")
     parser.add_argument("--keep", type=Path, default=None, help="folder for the runs' homes (default: a temp folder)")
+    parser.add_argument("--raters", choices=("all", "one"), default="all",
+                        help="the demo's raters: all (careful, noisy, random) or one (the careful one)")
+    parser.add_argument("--qc", choices=("on", "off"), default="on",
+                        help="off: quality control flags raters but leaves none out of the snapshots (--no-qc)")
     args = parser.parse_args(argv)
+    qc = args.qc == "on"
 
     weeks = [w.strip() for w in args.weeks.split(",") if w.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     plan = [(w, s) for s in seeds for w in weeks]
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-    print(f"{len(plan)} run(s) of {args.cycles} cycles, {args.jobs} at a time", flush=True)
+    print(f"{len(plan)} run(s) of {args.cycles} cycles, {args.jobs} at a time; raters {args.raters}, "
+          f"quality control {args.qc}", flush=True)
     print(f"{'start week':>10} {'seed':>4}  {'P0':>6}  " + "  ".join(f"{'c' + str(i + 1):>6}" for i in range(args.cycles))
-          + "  deploys  regressions  wall s", flush=True)
+          + "  deploys  regressions  wall s  left out", flush=True)
 
     def one(item):
         week, seed = item
-        return score_run(run_one(week, seed, cycles=args.cycles, timeout_s=args.timeout, keep=args.keep),
-                         tolerance=args.tolerance)
+        return score_run(run_one(week, seed, cycles=args.cycles, timeout_s=args.timeout, keep=args.keep,
+                                 raters=args.raters, qc=qc), tolerance=args.tolerance)
 
     scored: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -147,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             scored.append(row)
             golds = row["gold"] + [None] * (args.cycles - len(row["gold"]))
             status = "" if row["ok"] else f"  FAILED (exit {row['exit']}; see {row['home']})"
+            left_out = ",".join(sorted({r for cycle in row["excluded"] for r in cycle})) or "-"
             print(f"{row['week']:>10} {row['seed']:>4}  {_fmt(row['gold_initial'])}  "
                   + "  ".join(_fmt(g) for g in golds)
-                  + f"  {row['deploys']:>7}  {len(row['regressions']):>11}  {row['wall_s']:>6.1f}{status}", flush=True)
+                  + f"  {row['deploys']:>7}  {len(row['regressions']):>11}  {row['wall_s']:>6.1f}  {left_out}{status}",
+                  flush=True)
 
     finals = [r["final_gold"] for r in scored if r["final_gold"] is not None]
     walls = [r["wall_s"] for r in scored]
@@ -164,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "median_wall_s": round(statistics.median(walls), 1) if walls else None,
         "max_wall_s": round(max(walls), 1) if walls else None,
         "jobs": args.jobs,
-        "per_run": [{k: r[k] for k in ("week", "seed", "gold_initial", "gold", "deploys", "regressions", "wall_s", "exit")}
+        "raters": args.raters,
+        "qc": args.qc,
+        "per_run": [{k: r[k] for k in ("week", "seed", "raters", "qc", "gold_initial", "gold", "deploys", "regressions",
+                                       "excluded", "rater_qc", "wall_s", "exit")}
                     for r in scored],
     }
     print(json.dumps(result))

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -135,16 +135,24 @@ def _prefect_env(home) -> None:
 def demo(
     cycles: Annotated[int, typer.Option(min=1, max=50, help="how many weekly cycles to run")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="end with a JSON summary line on stdout")] = False,
-    noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of the labeler's judgements that are coin flips")] = 0.1,
+    noise: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="share of the careful rater's judgements that are coin flips")] = 0.1,
+    raters: Annotated[Literal["all", "one"], typer.Option(
+        help="the simulated raters: all (careful, noisy, random) or one (the careful one)")] = "all",
+    no_qc: Annotated[bool, typer.Option(
+        "--no-qc", help="quality control flags raters but leaves none out of the snapshots")] = False,
     start_week: Annotated[str | None, typer.Option(
         "--start-week", help="ISO week of the first simulated cycle, e.g. 2026-W49 (default: this week)")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="seed of P0, the labeler, and the PM, PPO and evaluation runs")] = 0,
+    seed: Annotated[int, typer.Option(
+        min=0, help="seed of P0, the raters, the gold comparisons, and the PM, PPO and evaluation runs")] = 0,
 ) -> None:
     """Run N full cycles of iterated online RLHF on the demo world, end to end.
 
     Embedded by default: a fresh SQLite store under RATCHET_HOME/demo, Prefect's
-    temporary local server, the REST API on a loopback port, a simulated labeler
-    posting through it. Set RATCHET_DATABASE_URL to run it on PostgreSQL.
+    temporary local server, the REST API on a loopback port, simulated raters
+    posting through it (a careful, a noisy and a random one, each with its own
+    key; quality control leaves the flagged ones out of the snapshots). Set
+    RATCHET_DATABASE_URL to run it on PostgreSQL.
     """
     if start_week is not None:
         _checked_week("--start-week", start_week)
@@ -155,15 +163,16 @@ def demo(
     logging.getLogger().setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
-    from orchestrator.demo.command import json_line, run_demo, summary_table
+    from orchestrator.demo.command import json_line, rater_table, run_demo, summary_table
 
     hf_logging.set_verbosity_error()
     try:
-        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, start_week=start_week,
-                          seed=seed)
+        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, raters=raters, qc=not no_qc,
+                          start_week=start_week, seed=seed)
     except errors.StoreError as exc:
         _fail(str(exc))
     Console().print(summary_table(result))
+    Console().print(rater_table(result))
     console.print(
         f"gold score of the deployed policy: {result['gold_score_initial']:.3f} (P0) -> "
         f"{result['gold_score_final']:.3f} after {len(result['cycles'])} cycle(s); wall time {result['wall_s']:.0f} s"

@@ -95,6 +95,10 @@ class SnapshotOutputs(StageOutputs):
     rows: int
     batches: int | None = None
     excluded_eval_comparisons: int = 0
+    excluded_gold_comparisons: int = 0
+    """answers to gold tasks (quality control, never trained on)"""
+    excluded_raters: list[dict[str, Any]] = []
+    """raters left out, each ``{rater_id, reason, comparisons}``"""
     new_version: bool
 
 
@@ -146,6 +150,11 @@ class HumanEvalOutputs(StageOutputs):
     tasks: int | None = None
     identical_pairs: int = 0
     answers: int = 0
+    """answers the verdict counts"""
+    excluded_answers: int = 0
+    """answers of raters quality control leaves out (``excluded_raters``), not counted"""
+    excluded_raters: dict[str, str] = {}
+    """rater -> why its answers are not counted"""
     wins: int = 0
     ties: int = 0
     losses: int = 0

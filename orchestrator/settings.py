@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from store.cycles import check_week
+from store.raters import QCPolicy
 from store.errors import InvalidInput
 
 SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments")
@@ -292,6 +293,9 @@ class CycleSettings(_Section):
     """the human A/B evaluation before the gate"""
     gate: GateSettings = GateSettings()
     """the gate"""
+    qc: QCPolicy = QCPolicy()
+    """quality control of raters: gold and overlap shares, the thresholds that flag a rater, and whether flagged
+    raters are left out of the snapshot (``store.raters.QCPolicy``)"""
     gold: str | None = None
     """"module:function" scoring (prompt, response) by a known gold preference, for evaluation (server only)"""
     runner: Literal["in_process", "deployment"] = "in_process"

@@ -53,7 +53,7 @@ from orchestrator.outputs import (
     TrainPMOutputs,
 )
 from orchestrator.settings import CycleSettings, resolve
-from orchestrator.tasks import eval_pairs, make_tasks, rank_prompts
+from orchestrator.tasks import eval_pairs, make_tasks, rank_prompts, with_overlap
 from store.artifacts import get_artifact, register_artifact
 from store.cycles import finish_cycle, get_cycle, get_stage
 from store.datasets import create_dataset, get_dataset, get_dataset_version, snapshot_comparisons
@@ -63,6 +63,7 @@ from store.feedback import count_comparisons
 from store.models import Cycle, PreferenceModel, StageRun
 from store.pms import create_pm, get_pm, get_pm_version
 from store.policies import create_policy, get_policy, get_policy_version
+from store.raters import excluded_raters
 from store.tasks import create_tasks, eval_judgements, eval_tasks_of, task_counts
 
 log = logging.getLogger("ratchet.cycle")
@@ -225,7 +226,9 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
             metadata={"week": ctx.week, "prompts": len(rounds[-1]["chosen"]), "num_samples": num_samples,
                       "policies": rounds[-1]["used"], "rounds": len(rounds)},
         )
-        rows = create_tasks(session, tasks=tasks, cycle_id=ctx.cycle_id, samples_dataset_id=dataset.id)
+        qc = ctx.settings.qc
+        overlapped = with_overlap(tasks, share=qc.overlap_share, raters=qc.overlap_raters, week=ctx.week)
+        rows = create_tasks(session, tasks=overlapped, cycle_id=ctx.cycle_id, samples_dataset_id=dataset.id)
         return SampleOutputs(
             samples_dataset_id=dataset.id,
             samples_version=dataset.version,
@@ -266,8 +269,9 @@ def stage_gather(ctx: CycleContext) -> dict[str, Any]:
 
     def count(session: Session) -> Arrivals:
         tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="train")
+        # An overlap task answered once counts as answered: its second rater is for QC, not to wait on.
         return Arrivals(answers=count_comparisons(session, since=opened_at, training_only=True),
-                        open_tasks=tasks["open"], tasks=sum(tasks.values()))
+                        open_tasks=tasks["unanswered"], tasks=sum(v for k, v in tasks.items() if k != "unanswered"))
 
     waited = wait_for_labelers(ctx, count, minimum=gather.min_comparisons, all_tasks=gather.all_tasks,
                                deadline=deadline, poll_interval_s=gather.poll_interval_s, what="comparisons")
@@ -283,7 +287,8 @@ def stage_gather(ctx: CycleContext) -> dict[str, Any]:
 
 
 def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
-    """D(k): every feedback batch so far, as a content-addressed comparisons dataset, less eval answers.
+    """D(k): every feedback batch so far, as a content-addressed comparisons dataset, less eval and gold
+    answers and the comparisons of excluded raters (``qc``: flagged by quality control, or by an operator).
 
     Answers to eval tasks stay out: this cycle's always (they judge its own
     candidate), earlier cycles' unless ``human_eval.train_on``. When there is
@@ -299,6 +304,7 @@ def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
             dataset, created = snapshot_comparisons(
                 session, artifacts=ctx.env.artifacts, name="comparisons", cycle_id=ctx.cycle_id,
                 include_eval=ctx.settings.human_eval.train_on,
+                excluded_raters=excluded_raters(session, ctx.settings.qc),
             )
         except InvalidInput as exc:
             if not str(exc).startswith("there are no feedback batches"):
@@ -319,6 +325,8 @@ def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
             rows=dataset.row_count,
             batches=dataset.meta.get("batch_count"),
             excluded_eval_comparisons=dataset.meta.get("excluded_eval_comparisons", 0),
+            excluded_gold_comparisons=dataset.meta.get("excluded_gold_comparisons", 0),
+            excluded_raters=dataset.meta.get("excluded_raters", []),
             new_version=created,
             **halt,
         )
@@ -478,7 +486,9 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
        ``all_tasks``), every task answered, or the deadline, counted from when
        the tasks appeared.
     3. The verdict: wins, ties and losses of the candidate (one answer per
-       task and rater), and Elo ratings of every policy evaluated so far.
+       task and rater; answers of raters quality control leaves out of
+       snapshots are not counted, here or while waiting), and Elo ratings
+       of every policy evaluated so far.
     """
     human = ctx.settings.human_eval
     if not human.enabled:
@@ -503,17 +513,25 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
     # 2. Wait for the labelers.
     deadline = created_at + timedelta(seconds=human.deadline_s)
 
+    def counted(session: Session) -> tuple[list[float], dict[str, str]]:
+        # Raters quality control leaves out of snapshots are left out of the verdict too.
+        left_out = excluded_raters(session, ctx.settings.qc)
+        judgements = eval_judgements(session, cycle_id=ctx.cycle_id)
+        return [j.outcome for j in judgements if j.rater_id not in left_out], {
+            r: why for r, why in left_out.items() if any(j.rater_id == r for j in judgements)}
+
     def count(session: Session) -> Arrivals:
         tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="eval")
-        return Arrivals(answers=len(eval_judgements(session, cycle_id=ctx.cycle_id)), open_tasks=tasks["open"],
-                        tasks=sum(tasks.values()))
+        return Arrivals(answers=len(counted(session)[0]), open_tasks=tasks["open"],
+                        tasks=tasks["open"] + tasks["done"] + tasks["closed"])
 
     waited = wait_for_labelers(ctx, count, minimum=human.min_comparisons, all_tasks=human.all_tasks,
                                deadline=deadline, poll_interval_s=human.poll_interval_s, what="eval answers")
 
     # 3. The verdict and the Elo ratings.
     with ctx.db.session() as session:
-        outcomes = [j.outcome for j in eval_judgements(session, cycle_id=ctx.cycle_id)]
+        outcomes, left_out = counted(session)
+        answered = len(eval_judgements(session, cycle_id=ctx.cycle_id))
         matches = human_matches(session, deploy_target=ctx.settings.deploy_target)
     wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
     losses = len(outcomes) - wins - ties
@@ -532,6 +550,8 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
         tasks=task_count,
         identical_pairs=identical,
         answers=len(outcomes),
+        excluded_answers=answered - len(outcomes),
+        excluded_raters=left_out,
         wins=wins,
         ties=ties,
         losses=losses,

@@ -73,6 +73,16 @@ def make_tasks(samples: list[dict[str, Any]], *, pairs_per_prompt: int | None, w
     return tasks
 
 
+def with_overlap(tasks: list[dict[str, Any]], *, share: float, raters: int, week: str) -> list[dict[str, Any]]:
+    """The tasks, with ``share`` of them (picked by a hash of week, prompt and pair) needing ``raters``
+    distinct raters: the overlap that rater agreement is measured on (``store.raters``)."""
+    out = []
+    for t in tasks:
+        key = ("overlap", week, t["prompt_id"], t["response_a"], t["response_b"])
+        out.append({**t, "answers_needed": raters} if share > 0 and unit(*key) < share else t)
+    return out
+
+
 def eval_pairs(samples: list[dict[str, Any]], prompts: dict[str, str], *, week: str,
                max_tasks: int | None) -> tuple[list[dict[str, Any]], int]:
     """Blinded eval tasks from the evaluate step's samples, and how many pairs were identical.

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactRef, ArtifactStore, register_artifact
@@ -88,10 +88,41 @@ def excluded_eval_positions(
         if cycle_id is None:
             return {}
         query = query.where(ComparisonTask.cycle_id == cycle_id)
+    return _by_batch(session.execute(query))
+
+
+def _by_batch(rows) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
-    for batch_id, position in session.execute(query):
+    for batch_id, position in rows:
         out.setdefault(batch_id, []).append(position)
     return out
+
+
+def excluded_gold_positions(session: Session, batch_ids: Sequence[int]) -> dict[int, list[int]]:
+    """batch id -> positions of its answers to gold tasks: quality control, never training data."""
+    return _by_batch(session.execute(
+        select(Comparison.batch_id, Comparison.position)
+        .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .where(Comparison.batch_id.in_(list(batch_ids)), ComparisonTask.kind == "gold")
+    ))
+
+
+def excluded_rater_positions(session: Session, batch_ids: Sequence[int], raters: Sequence[str]) -> dict[int, list[int]]:
+    """batch id -> positions of the comparisons given by ``raters``."""
+    if not raters:
+        return {}
+    return _by_batch(session.execute(
+        select(Comparison.batch_id, Comparison.position)
+        .where(Comparison.batch_id.in_(list(batch_ids)), Comparison.rater_id.in_(list(raters)))
+    ))
+
+
+def _merge(*maps: dict[int, list[int]]) -> dict[int, list[int]]:
+    out: dict[int, set[int]] = {}
+    for m in maps:
+        for batch_id, positions in m.items():
+            out.setdefault(batch_id, set()).update(positions)
+    return {b: sorted(p) for b, p in out.items()}
 
 
 def snapshot_comparisons(
@@ -102,13 +133,18 @@ def snapshot_comparisons(
     batch_ids: Sequence[int] | None = None,
     cycle_id: int | None = None,
     include_eval: bool = False,
+    excluded_raters: dict[str, str] | None = None,
 ) -> tuple[Dataset, bool]:
     """Snapshot feedback batches (all of them by default) into a comparisons dataset for training PMs.
 
     Answers to eval tasks (the blinded human A/B evaluations of candidates)
     are left out: always those of ``cycle_id``'s own evaluation, and those of
-    other cycles unless ``include_eval``. A batch left with nothing is not part
-    of the snapshot; the positions left out of a batch are part of its address.
+    other cycles unless ``include_eval``. Answers to gold tasks are left out
+    (quality control), and so is every comparison of the raters in
+    ``excluded_raters`` (rater -> why; ``store.raters.excluded_raters``),
+    each recorded with its reason and count in the snapshot's metadata (and
+    so in its lineage). A batch left with nothing is not part of the
+    snapshot; the positions left out of a batch are part of its address.
 
     The snapshot is content-addressed: the same set of comparisons gives the
     same sha256 and the same version, not a new one. Its artifact is a JSONL
@@ -123,7 +159,12 @@ def snapshot_comparisons(
     if batch_ids is not None and len(batches) != len(set(batch_ids)):
         missing = sorted(set(batch_ids) - {b.id for b in batches})
         raise NotFound(f"feedback batches {missing} do not exist")
-    excluded = excluded_eval_positions(session, [b.id for b in batches], include_eval=include_eval, cycle_id=cycle_id)
+    ids = [b.id for b in batches]
+    excluded_raters = excluded_raters or {}
+    evals = excluded_eval_positions(session, ids, include_eval=include_eval, cycle_id=cycle_id)
+    golds = excluded_gold_positions(session, ids)
+    by_raters = excluded_rater_positions(session, ids, sorted(excluded_raters))
+    excluded = _merge(evals, golds, by_raters)
     batches = [b for b in batches if len(excluded.get(b.id, ())) < b.comparison_count]
     if not batches:
         raise InvalidInput("there are no feedback batches to snapshot")
@@ -132,10 +173,16 @@ def snapshot_comparisons(
     if existing is not None:
         return existing, False
     lines = []
-    comparisons = [
-        comp for comp in comparisons_of(session, [b.id for b in batches])
-        if comp.position not in excluded.get(comp.batch_id, ())
-    ]
+    left_out = {b: set(p) for b, p in excluded.items()}
+    everything = comparisons_of(session, [b.id for b in batches])
+    comparisons = [comp for comp in everything if comp.position not in left_out.get(comp.batch_id, ())]
+    # Counted over every batch considered: a batch of one left-out rater's answers is dropped whole above.
+    rater_counts = {rater: 0 for rater in excluded_raters}
+    rater_counts.update(session.execute(
+        select(Comparison.rater_id, func.count())
+        .where(Comparison.batch_id.in_(ids), Comparison.rater_id.in_(sorted(excluded_raters)))
+        .group_by(Comparison.rater_id)
+    ).all())
     for comp in comparisons:
         record = {
             "batch_id": comp.batch_id,
@@ -149,6 +196,8 @@ def snapshot_comparisons(
             record["task_id"] = comp.task_id
         if comp.meta:
             record["metadata"] = comp.meta
+        if comp.strength is not None:
+            record["strength"] = comp.strength
         lines.append(json.dumps(record, ensure_ascii=False))
     ref = artifacts.put_bytes(f"datasets/{name}/{sha}.jsonl", ("\n".join(lines) + "\n").encode())
     dataset, created = create_dataset(
@@ -163,7 +212,12 @@ def snapshot_comparisons(
         metadata={
             "batch_count": len(batches),
             "agreement": agreement_of(comparisons),
-            "excluded_eval_comparisons": sum(len(v) for v in excluded.values()),
+            "excluded_eval_comparisons": sum(len(v) for v in evals.values()),
+            "excluded_gold_comparisons": sum(len(v) for v in golds.values()),
+            "excluded_raters": [
+                {"rater_id": rater, "reason": excluded_raters[rater], "comparisons": rater_counts[rater]}
+                for rater in sorted(excluded_raters) if rater_counts[rater]
+            ],
         },
     )
     if created:

@@ -32,6 +32,8 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    strength: float | None = None
+    """how much better ``chosen`` is, when the rater said (``Comparison.strength``)"""
 
 
 def count_ties(session: Session, *, batch_ids: Sequence[int]) -> int:
@@ -68,12 +70,13 @@ def preference_pairs(database: Database, *, batch_ids: Sequence[int]) -> Iterato
     Read in a session of its own, ``EXPORT_READ_ROWS`` rows at a time: a
     stream outlives the request that started it."""
     query = (
-        select(Comparison.prompt, Comparison.response_a, Comparison.response_b, Comparison.choice)
+        select(Comparison.prompt, Comparison.response_a, Comparison.response_b, Comparison.choice,
+               Comparison.strength)
         .where(Comparison.batch_id.in_(list(batch_ids)), Comparison.choice != "tie")
         .order_by(Comparison.batch_id, Comparison.position)
         .execution_options(yield_per=EXPORT_READ_ROWS)
     )
     with database.session() as session:
-        for prompt, a, b, choice in session.execute(query):
+        for prompt, a, b, choice, strength in session.execute(query):
             chosen, rejected = (a, b) if choice == "a" else (b, a)
-            yield PreferencePair(prompt, chosen, rejected)
+            yield PreferencePair(prompt, chosen, rejected, strength)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from store.answers import Answer, Claimed, claim_answers
 from store.errors import Conflict, InvalidInput
 from store.models import CHOICES, Comparison, ComparisonTask, FeedbackBatch, utcnow
 from store.versioning import get_row, list_rows
@@ -29,6 +31,11 @@ class NewComparison:
     rater_id: str
     task_id: int | None = None
     metadata: dict[str, Any] | None = None
+    strength: float | None = None
+
+
+MAX_STRENGTH = 10.0
+"""the largest strength a comparison may carry (the default labeling scale goes to 3)"""
 
 
 def _escape(text: str) -> str:
@@ -43,8 +50,9 @@ def comparison_metadata_json(c: NewComparison) -> str | None:
 
 def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
     """Each comparison's content as one line of PostgreSQL COPY text format:
-    prompt, response_a, response_b, choice, rater_id, task_id, metadata
-    (tab-separated, escaped, ``\\N`` for NULL; metadata as canonical JSON).
+    prompt, response_a, response_b, choice, rater_id, task_id, metadata, strength
+    (tab-separated, escaped, ``\\N`` for NULL; metadata as canonical JSON; strength as ``repr``
+    of the float).
 
     The same lines feed the COPY (the fast insert path) and the content hash,
     so a batch is serialised once. The encoding is injective: escaping leaves
@@ -55,8 +63,9 @@ def encode_rows(comparisons: Sequence[NewComparison]) -> list[str]:
         meta_json = comparison_metadata_json(c)
         meta = "\\N" if meta_json is None else _escape(meta_json)
         task = "\\N" if c.task_id is None else str(c.task_id)
+        strength = "\\N" if c.strength is None else repr(float(c.strength))
         texts = _escape(f"{c.prompt}\x00{c.response_a}\x00{c.response_b}\x00{c.choice}\x00{c.rater_id}")
-        lines.append(f"{texts.replace(chr(0), chr(9))}\t{task}\t{meta}")
+        lines.append(f"{texts.replace(chr(0), chr(9))}\t{task}\t{meta}\t{strength}")
     return lines
 
 
@@ -97,10 +106,27 @@ def comparison_problems(c: NewComparison, index: int) -> list[dict]:
         })
     if not c.rater_id.strip():
         out.append({"index": index, "field": "rater_id", "message": "rater_id is empty"})
+    problem = strength_problem(c.choice, c.strength)
+    if problem:
+        out.append({"index": index, "field": "strength", "message": problem})
     for name in ("prompt", "response_a", "response_b", "rater_id"):
         if "\x00" in getattr(c, name):
             out.append({"index": index, "field": name, "message": f"{name} contains a NUL character"})
     return out
+
+
+def strength_problem(choice: str, strength: float | None) -> str | None:
+    """What is wrong with a comparison's strength (None: nothing): a number from 0 to ``MAX_STRENGTH``,
+    0 exactly for a tie ("about the same") and above 0 for a choice of A or B."""
+    if strength is None:
+        return None
+    if not math.isfinite(strength) or not 0 <= strength <= MAX_STRENGTH:
+        return f"strength {strength!r} is not a number from 0 to {MAX_STRENGTH:g}"
+    if choice == "tie" and strength != 0:
+        return f"a tie has strength 0 (about the same), not {strength!r}"
+    if choice in ("a", "b") and strength == 0:
+        return f"choice {choice!r} needs a strength above 0 (0 is a tie)"
+    return None
 
 
 def check_comparisons(comparisons: Sequence[NewComparison], *, offset: int = 0, max_errors: int = 100) -> None:
@@ -149,7 +175,9 @@ class BatchWriter:
     Comparisons go in first (their foreign key to the batch is deferred to
     commit), then ``finish`` writes the batch row with the final count and
     content hash. Everything is one transaction: a crash or an error at any
-    point leaves nothing behind.
+    point leaves nothing behind. Comparisons that answer tasks must keep the
+    lease rules (``store.answers``): checked, with the task rows locked,
+    before they are written, and recorded by ``finish``.
     """
 
     def __init__(self, session: Session, *, source: str, api_key_id: int | None = None,
@@ -158,7 +186,7 @@ class BatchWriter:
         self.batch_id = _allocate_batch_id(session)
         self.count = 0
         self._hash = ContentHash()
-        self._task_ids: set[int] = set()
+        self._claimed: list[Claimed] = []
         self._fields = {"source": source, "api_key_id": api_key_id, "cycle_id": cycle_id, "meta": metadata or {}}
 
     def add(
@@ -183,7 +211,11 @@ class BatchWriter:
             unknown = unknown_task_problems(comparisons, known, offset=self.count)
             if unknown:
                 raise InvalidInput(f"{len(unknown)} comparison(s) name unknown tasks", unknown[:100])
-            self._task_ids |= task_ids
+            answers = [
+                Answer(self.count + i, c.task_id, c.rater_id, c.prompt, c.response_a, c.response_b)
+                for i, c in enumerate(comparisons) if c.task_id is not None
+            ]
+            self._claimed.append(claim_answers(self.session, answers, api_key_id=self._fields["api_key_id"]))
         _insert_comparisons(self.session, self.batch_id, comparisons, self._hash, start=self.count)
         self.count += len(comparisons)
 
@@ -225,12 +257,8 @@ class BatchWriter:
                 if first is None:
                     raise
                 raise IdempotentReplay(first.id) from None
-        if self._task_ids:
-            self.session.execute(
-                update(ComparisonTask)
-                .where(ComparisonTask.id.in_(self._task_ids), ComparisonTask.status == "open")
-                .values(status="done", done_at=utcnow(), leased_by=None, leased_until=None)
-            )
+        for claimed in self._claimed:
+            claimed.record(self.session)
         return FeedbackBatch(**values)
 
 
@@ -263,7 +291,8 @@ def create_feedback_batch(
 
     A replay with the same idempotency key and request hash returns the first
     batch with ``created=False``; the same key with another request raises
-    ``Conflict``. Task ids must name existing tasks; their tasks become done.
+    ``Conflict``. Task ids must name existing tasks, and their answers keep
+    the lease rules (``store.answers``); a task answered by enough raters is done.
     A concurrent replay that commits first raises ``IdempotentReplay``: roll
     back and answer with that batch.
     """
@@ -274,11 +303,20 @@ def create_feedback_batch(
     if not comparisons:
         raise InvalidInput("a feedback batch needs at least one comparison", [])
     writer = BatchWriter(session, source=source, api_key_id=api_key_id, cycle_id=cycle_id, metadata=metadata)
-    writer.add(comparisons, prevalidated=prevalidated, task_ids=task_ids)
+    try:
+        writer.add(comparisons, prevalidated=prevalidated, task_ids=task_ids)
+    except Conflict:
+        # The same request, sent twice at once: the first took the leases and committed while this
+        # one waited for the task rows. It is a replay, not a second answer.
+        first = None if idempotency_key is None else find_replay(
+            session, idempotency_key=idempotency_key, request_sha256=request_sha256)
+        if first is None:
+            raise
+        raise IdempotentReplay(first.id) from None
     return writer.finish(idempotency_key=idempotency_key, request_sha256=request_sha256), True
 
 
-_COPY_COLUMNS = "batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata"
+_COPY_COLUMNS = "batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata, strength"
 
 
 class _CopySource:
@@ -355,6 +393,7 @@ def _insert_comparisons(
                 "rater_id": c.rater_id,
                 "task_id": c.task_id,
                 "meta": c.metadata,
+                "strength": c.strength,
             }
             for i, c in enumerate(comparisons)
         ],
@@ -388,7 +427,8 @@ def count_comparisons(
     """How many comparisons were registered (optionally since a time or for a cycle).
 
     ``training_only`` leaves out answers to eval tasks (the human A/B
-    evaluations of candidates), which no training snapshot takes by default.
+    evaluations of candidates), which no training snapshot takes by default,
+    and to gold tasks (quality control), which none takes.
     """
     query = select(func.coalesce(func.sum(FeedbackBatch.comparison_count), 0))
     if since is not None:
@@ -403,7 +443,7 @@ def count_comparisons(
         .select_from(Comparison)
         .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
         .join(FeedbackBatch, FeedbackBatch.id == Comparison.batch_id)
-        .where(ComparisonTask.kind == "eval")
+        .where(ComparisonTask.kind.in_(("eval", "gold")))
     )
     if since is not None:
         evals = evals.where(FeedbackBatch.created_at >= since)

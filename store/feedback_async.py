@@ -7,13 +7,14 @@ one transaction (autocommit), so a batch is still written whole or not at all:
 
 * the batch row goes in with ``ON CONFLICT (idempotency_key) DO NOTHING``;
 * its comparisons go in from arrays (``unnest``), under the batch id the
-  first insert returned;
-* the comparison tasks they answer become done.
+  first insert returned.
+
+Batches that answer comparison tasks do not come here: the lease rules
+(``store.answers``) lock the tasks and check each answer, which the API does
+on the ``store.feedback`` path.
 
 No returned row means the idempotency key was taken: the first batch is read
-back, a replay when the request hash matches, else ``Conflict``. A task id
-that names no task fails the statement's foreign key; the error then names
-each such comparison by index. Large batches and SQLite keep the COPY path in
+back, a replay when the request hash matches, else ``Conflict``. Large batches and SQLite keep the COPY path in
 ``store.feedback`` (``BatchWriter``); both write the same rows and the same
 content hash.
 """
@@ -30,7 +31,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from store.errors import Conflict, DatabaseUnavailable, InvalidInput, StoreError
-from store.feedback import ContentHash, NewComparison, comparison_metadata_json, encode_rows, unknown_task_problems
+from store.feedback import ContentHash, NewComparison, comparison_metadata_json, encode_rows
 from store.models import utcnow
 
 WARM_CONNECTIONS = 4
@@ -47,13 +48,13 @@ WITH batch AS (
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 ), inserted AS (
-    INSERT INTO comparisons (batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata)
-    SELECT batch.id, r.ordinal - 1, r.prompt, r.response_a, r.response_b, r.choice, r.rater_id, r.task_id, r.metadata::json
-    FROM batch, unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::int[], $16::text[])
-        WITH ORDINALITY AS r(prompt, response_a, response_b, choice, rater_id, task_id, metadata, ordinal)
-), closed AS (
-    UPDATE comparison_tasks SET status = 'done', done_at = $9, leased_by = NULL, leased_until = NULL
-    WHERE id = ANY($15::int[]) AND status = 'open' AND EXISTS (SELECT 1 FROM batch)
+    INSERT INTO comparisons (batch_id, position, prompt, response_a, response_b, choice, rater_id, task_id, metadata,
+                             strength)
+    SELECT batch.id, r.ordinal - 1, r.prompt, r.response_a, r.response_b, r.choice, r.rater_id, r.task_id,
+           r.metadata::json, r.strength
+    FROM batch, unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::int[], $16::text[],
+                       $17::float8[])
+        WITH ORDINALITY AS r(prompt, response_a, response_b, choice, rater_id, task_id, metadata, strength, ordinal)
 )
 SELECT id FROM batch
 """
@@ -63,8 +64,6 @@ SELECT id, source, comparison_count, content_sha256, idempotency_key, cycle_id, 
        metadata::text AS metadata, request_sha256
 FROM feedback_batches WHERE idempotency_key = $1
 """
-
-_KNOWN_TASKS = "SELECT id FROM comparison_tasks WHERE id = ANY($1::int[])"
 
 # Errors that mean the database could not be reached or dropped the connection.
 _UNAVAILABLE = (
@@ -161,14 +160,15 @@ class AsyncFeedbackWriter:
         cycle_id: int | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Register a validated batch; returns (batch row as a dict, created).
+        """Register a validated batch that answers no task; returns (batch row as a dict, created).
 
         Raises ``Conflict`` when the key was used for another request,
-        ``InvalidInput`` for unknown task ids, ``DatabaseUnavailable`` when
-        the database cannot be reached.
+        ``DatabaseUnavailable`` when the database cannot be reached.
         """
         if not comparisons:
             raise InvalidInput("a feedback batch needs at least one comparison", [])
+        if any(c.task_id is not None for c in comparisons):
+            raise StoreError("a batch that answers tasks is registered through store.feedback (the lease rules)")
         content = ContentHash()
         content.update(encode_rows(comparisons))
         created_at = utcnow()
@@ -190,21 +190,15 @@ class AsyncFeedbackWriter:
             [c.rater_id for c in comparisons],
             [c.task_id for c in comparisons],
             [comparison_metadata_json(c) for c in comparisons],
+            [c.strength for c in comparisons],
         )
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-                try:
-                    batch_id = await conn.fetchval(
-                        _INSERT_BATCH,
-                        source, idempotency_key, request_sha256, row["content_sha256"], len(comparisons),
-                        cycle_id, api_key_id, json.dumps(meta), created_at, *columns,
-                    )
-                except asyncpg.ForeignKeyViolationError:
-                    known = {r["id"] for r in await conn.fetch(_KNOWN_TASKS, sorted(set(filter(None, columns[5]))))}
-                    problems = unknown_task_problems(comparisons, known)
-                    if not problems:
-                        raise
-                    raise InvalidInput(f"{len(problems)} comparison(s) name unknown tasks", problems[:100]) from None
+                batch_id = await conn.fetchval(
+                    _INSERT_BATCH,
+                    source, idempotency_key, request_sha256, row["content_sha256"], len(comparisons),
+                    cycle_id, api_key_id, json.dumps(meta), created_at, *columns,
+                )
                 if batch_id is not None:
                     return {"id": batch_id, **row}, True
                 first = await self._find(conn, idempotency_key, request_sha256)

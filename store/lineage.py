@@ -41,13 +41,25 @@ class Edge:
     relation: str
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Comparisons a snapshot left out: every one of a rater's, and why (quality control or an operator)."""
+
+    dataset_id: int
+    rater_id: str
+    reason: str
+    comparisons: int
+
+
 @dataclass
 class Lineage:
-    """The versions reached from ``root`` and the edges between them."""
+    """The versions reached from ``root``, the edges between them, and the raters left out of the
+    comparison snapshots reached (walking back)."""
 
     root: tuple[str, int]
     nodes: dict[tuple[str, int], Node] = field(default_factory=dict)
     edges: list[Edge] = field(default_factory=list)
+    exclusions: list[Exclusion] = field(default_factory=list)
 
     def ids(self, kind: str) -> list[int]:
         """Ids of the reached nodes of ``kind``, sorted (the root included)."""
@@ -120,6 +132,11 @@ def lineage_back(session: Session, *, kind: str, id: int) -> Lineage:
             continue
         row = _load(session, *key)
         graph.nodes[key] = _node(row)
+        if key[0] == "dataset":
+            graph.exclusions += [
+                Exclusion(row.id, e["rater_id"], e["reason"], e["comparisons"])
+                for e in (row.meta or {}).get("excluded_raters", [])
+            ]
         for pkind, pid, rel in _parents(session, key[0], row):
             graph.edges.append(Edge(child=key, parent=(pkind, pid), relation=rel))
             todo.append((pkind, pid))

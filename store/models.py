@@ -46,7 +46,7 @@ PM_ROLES = ("train", "test")
 CYCLE_STATUSES = ("running", "succeeded", "failed", "cancelled")
 STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
 TASK_STATUSES = ("open", "done", "closed")
-TASK_KINDS = ("train", "eval")
+TASK_KINDS = ("train", "eval", "gold")
 DEPLOY_ACTIONS = ("deploy", "rollback")
 
 
@@ -194,16 +194,24 @@ class Comparison(VersionRow, Base):
     rater_id: Mapped[str] = mapped_column(String(NAME_LEN))
     task_id: Mapped[int | None] = mapped_column(ForeignKey("comparison_tasks.id"), index=True)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    strength: Mapped[float | None]
+    """how much better the chosen response is, on the labeling scale (0: about the same; default scale 1
+    slightly, 2 better, 3 much better); None when the rater gave none"""
 
 
 class ComparisonTask(Base):
-    """A pair of responses waiting for a labeler; leased out, then done (answered) or closed (its cycle ended).
+    """A pair of responses waiting for labelers; open until answered by enough raters, then done, or closed
+    (its cycle ended).
 
-    Tasks are work items, not versions: their lease and status change. A
-    ``train`` task pairs samples of the deployed policy (its answers train the
-    PMs); an ``eval`` task pairs the cycle's candidate with the deployed policy
-    on a held-out prompt, in an order only the server knows (``candidate_side``),
-    for the human A/B evaluation before the gate.
+    Tasks are work items, not versions: their status and answer count change.
+    A ``train`` task pairs samples of the deployed policy (its answers train
+    the PMs); an ``eval`` task pairs the cycle's candidate with the deployed
+    policy on a held-out prompt, in an order only the server knows
+    (``candidate_side``), for the human A/B evaluation before the gate; a
+    ``gold`` task is a honeypot handed to one rater, a registered comparison
+    with a known answer (``expected_choice``, as shown). Who holds a task is
+    in ``TaskLease``: an overlap task (``answers_needed`` > 1) is held and
+    answered by several raters.
     """
 
     __tablename__ = "comparison_tasks"
@@ -211,7 +219,9 @@ class ComparisonTask(Base):
         CheckConstraint(_check_in("status", TASK_STATUSES), name="status"),
         CheckConstraint(_check_in("kind", TASK_KINDS), name="kind"),
         CheckConstraint("candidate_side IS NULL OR candidate_side IN ('a', 'b')", name="candidate_side"),
-        Index("ix_comparison_tasks_open", "cycle_id", "status", "leased_until"),
+        CheckConstraint("expected_choice IS NULL OR expected_choice IN ('a', 'b', 'tie')", name="expected_choice"),
+        CheckConstraint("answers_needed >= 1", name="answers_needed"),
+        Index("ix_comparison_tasks_open", "cycle_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -225,11 +235,87 @@ class ComparisonTask(Base):
     kind: Mapped[str] = mapped_column(String(10), default="train", server_default="train")
     candidate_side: Mapped[str | None] = mapped_column(String(1))
     """eval tasks: which response (a or b) is the candidate's; never shown to labelers"""
+    gold_id: Mapped[int | None] = mapped_column(ForeignKey("gold_comparisons.id"))
+    """gold tasks: the registered comparison this one shows"""
+    expected_choice: Mapped[str | None] = mapped_column(String(3))
+    """gold tasks: the known answer, as the responses are shown; never shown to labelers"""
+    answers_needed: Mapped[int] = mapped_column(default=1, server_default="1")
+    """how many distinct raters answer it before it is done (more than 1: an overlap task)"""
+    answers: Mapped[int] = mapped_column(default=0, server_default="0")
+    """how many raters have answered it"""
     status: Mapped[str] = mapped_column(String(10), default="open")
-    leased_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
-    leased_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     done_at: Mapped[datetime | None]
+
+
+class TaskLease(Base):
+    """One rater's hold on one task: live until ``leased_until`` unless answered or released.
+
+    One row per (task, rater): a lease that ran out is taken again by
+    updating it; an answered or released one is never handed back to the
+    same rater (skipping a task means not wanting it again). The rater is
+    ``rater_id`` under the API key that leased it: only that key may answer
+    as that rater.
+    """
+
+    __tablename__ = "task_leases"
+    __table_args__ = (
+        UniqueConstraint("task_id", "rater_id"),
+        Index("ix_task_leases_rater", "rater_id", "answered_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("comparison_tasks.id"))
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    leased_at: Mapped[datetime] = mapped_column(default=utcnow)
+    """when it was (last) taken: the start of the rater's time on the task"""
+    leased_until: Mapped[datetime]
+    answered_at: Mapped[datetime | None]
+    released_at: Mapped[datetime | None]
+
+    task: Mapped[ComparisonTask] = relationship()
+
+
+class GoldComparison(Base):
+    """A comparison with a known answer, registered by an operator, shown to raters as gold tasks.
+
+    Retired gold is no longer handed out; its answers keep counting.
+    """
+
+    __tablename__ = "gold_comparisons"
+    __table_args__ = (CheckConstraint(_check_in("choice", CHOICES), name="choice"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    choice: Mapped[str] = mapped_column(String(3))
+    """the known answer"""
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    created_by: Mapped[str] = mapped_column(String(NAME_LEN), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None]
+
+
+RATER_DECISIONS = ("include", "exclude")
+
+
+class RaterDecision(Base):
+    """An operator's decision on a rater, over what quality control says: ``include`` undoes a flag,
+    ``exclude`` leaves the rater out whatever the numbers. The newest row per rater holds; a row
+    with ``cleared_at`` set no longer does."""
+
+    __tablename__ = "rater_decisions"
+    __table_args__ = (CheckConstraint(_check_in("decision", RATER_DECISIONS), name="decision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    decision: Mapped[str] = mapped_column(String(10))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(NAME_LEN), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[datetime | None]
 
 
 class PreferenceModel(VersionRow, Base):

@@ -11,8 +11,34 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ScalePoint(BaseModel):
+    """One point of the comparison page's preference scale: what the rater reads and what it registers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(min_length=1, max_length=100)
+    """what its button says (e.g. A slightly better)"""
+    choice: Literal["a", "b", "tie"]
+    """the comparison's choice"""
+    strength: float = Field(ge=0, allow_inf_nan=False)
+    """the comparison's strength: 0 for a tie, above 0 for A or B (``store.feedback.MAX_STRENGTH`` at most)"""
+
+
+DEFAULT_LABEL_SCALE = (
+    ScalePoint(label="A much better", choice="a", strength=3),
+    ScalePoint(label="A better", choice="a", strength=2),
+    ScalePoint(label="A slightly better", choice="a", strength=1),
+    ScalePoint(label="About the same", choice="tie", strength=0),
+    ScalePoint(label="B slightly better", choice="b", strength=1),
+    ScalePoint(label="B better", choice="b", strength=2),
+    ScalePoint(label="B much better", choice="b", strength=3),
+)
+LABEL_SCALE_POINTS = (2, 9)
+"""fewest and most points a scale may have (keys 1..9 pick them)"""
 
 
 class Settings(BaseSettings):
@@ -70,6 +96,37 @@ class Settings(BaseSettings):
     JSON) or a command (split like a shell, run without one; the event as JSON on stdin)"""
     deploy_hook_timeout_s: float = Field(default=30.0, gt=0)
     """how long a deploy hook may take before it counts as failed"""
+
+    label_scale: tuple[ScalePoint, ...] = DEFAULT_LABEL_SCALE
+    """the comparison page's preference scale, in the order shown (key 1 is the first point): a JSON list of
+    {"label", "choice", "strength"}; default seven points from A much better (a, 3) through About the same (tie, 0)
+    to B much better (b, 3)"""
+
+    @field_validator("label_scale")
+    @classmethod
+    def _usable_scale(cls, value: tuple[ScalePoint, ...]) -> tuple[ScalePoint, ...]:
+        from store.feedback import MAX_STRENGTH
+
+        fewest, most = LABEL_SCALE_POINTS
+        if not fewest <= len(value) <= most:
+            raise ValueError(f"label_scale has {len(value)} points; it needs {fewest} to {most}")
+        for i, point in enumerate(value):
+            if point.strength > MAX_STRENGTH:
+                raise ValueError(f"label_scale point {i} ({point.label!r}) has strength {point.strength:g}, over "
+                                 f"the most a comparison may carry ({MAX_STRENGTH:g})")
+            if point.choice == "tie" and point.strength != 0:
+                raise ValueError(f"label_scale point {i} ({point.label!r}) is a tie, so its strength must be 0, "
+                                 f"not {point.strength:g}")
+            if point.choice != "tie" and point.strength == 0:
+                raise ValueError(f"label_scale point {i} ({point.label!r}) chooses {point.choice!r}, so its strength "
+                                 "must be above 0 (0 is a tie)")
+        seen: set[tuple[str, float]] = set()
+        for i, point in enumerate(value):
+            if (point.choice, point.strength) in seen:
+                raise ValueError(f"label_scale point {i} ({point.label!r}) repeats choice {point.choice!r} with "
+                                 f"strength {point.strength:g}")
+            seen.add((point.choice, point.strength))
+        return value
 
     @field_validator("log_level")
     @classmethod

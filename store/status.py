@@ -1,9 +1,10 @@
 """Summaries of what the store holds: counts for ``ratchet status`` and the health check,
-a cycle's headline numbers for its report and the dashboard."""
+a cycle's headline numbers for its report and the dashboard, the raters' quality control."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import func, select
@@ -27,6 +28,7 @@ from store.models import (
     PreferenceModel,
     utcnow,
 )
+from store.raters import QCPolicy, current_policy, cycle_agreement, gold_counts, rater_stats
 
 COUNTED = {
     "datasets": Dataset,
@@ -183,3 +185,19 @@ def feedback_by_cycle(session: Session, cycles: list[dict[str, Any]]) -> list[di
         out.append({"week": c["week"], "comparisons": count, "batches": len(batch_ids),
                     **rater_agreement(session, batch_ids)})
     return out
+
+
+def rater_overview(session: Session, *, default: QCPolicy, cycles: list[dict[str, Any]]) -> dict[str, Any]:
+    """The raters' quality control as plain values: the QC policy in force (``current_policy``, else
+    ``default``), the gold comparisons' counts, each rater's numbers, flags and whether snapshots leave
+    it out (``rater_stats``), and the agreement of each of ``cycles`` (``recent_cycles`` rows):
+    Krippendorff's alpha over its tasks answered by two or more raters."""
+    policy = current_policy(session, default)
+    raters = [
+        {**asdict(s), "gold_accuracy": s.gold_accuracy, "flagged": s.flagged, "excluded": s.excluded(policy),
+         "exclusion_reason": s.exclusion_reason() if s.excluded(policy) else None}
+        for s in rater_stats(session, policy)
+    ]
+    agreement = [{"week": c["week"], "cycle_id": c["cycle_id"], **cycle_agreement(session, cycle_id=c["cycle_id"])}
+                 for c in cycles]
+    return {"policy": policy.model_dump(), "gold": gold_counts(session), "raters": raters, "agreement": agreement}

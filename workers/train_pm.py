@@ -194,6 +194,10 @@ class TrainPMConfig:
     """append EOS to each response; the score is read at the response's last token"""
     margin: float = 0.0
     """required score gap for decisive labels in the loss (0: plain Bradley-Terry)"""
+    margin_per_strength: float = 0.0
+    """more required gap per unit of a comparison's strength (the rater's scale: 1 slightly, 2 better, 3 much
+    better), as Llama 2 sets the margin from its rating scale (Touvron et al. 2023, sec. 3.2.2); 0: off;
+    comparisons without a strength get ``margin`` only"""
     head_init_std: float | None = None
     """std of the new head's weights (None: the model's initializer_range, else 0.02)"""
     disable_dropout: bool = True
@@ -249,8 +253,11 @@ class TrainPMConfig:
             raise ConfigError(
                 f"warmup_steps ({self.warmup_steps}) and checkpoint_every ({self.checkpoint_every}) must be >= 0"
             )
-        if self.weight_decay < 0 or self.margin < 0:
-            raise ConfigError(f"weight_decay ({self.weight_decay}) and margin ({self.margin}) must be >= 0")
+        if self.weight_decay < 0 or self.margin < 0 or self.margin_per_strength < 0:
+            raise ConfigError(
+                f"weight_decay ({self.weight_decay}), margin ({self.margin}) and margin_per_strength "
+                f"({self.margin_per_strength}) must be >= 0"
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
@@ -305,6 +312,14 @@ class EncodedPair(NamedTuple):
     """labelled P(A preferred): 1, 0 or 0.5"""
     source: str | None
     """metadata.source, for per-source accuracy"""
+    strength: float | None = None
+    """how much better the chosen response is, as the rater said (None: not given)"""
+
+
+def margin_of(pair: EncodedPair, cfg: TrainPMConfig) -> float:
+    """The score gap the loss asks of a decisive comparison: ``margin`` plus ``margin_per_strength`` times its
+    strength (ties get none whatever this says: ``bradley_terry_loss`` zeroes their margin)."""
+    return cfg.margin + cfg.margin_per_strength * (pair.strength or 0.0)
 
 
 @dataclass
@@ -331,7 +346,7 @@ def encode(comps: Sequence[Comparison], layout: TokenLayout, *, truncation: str)
         p, (a, b), cut_prompt, cut_response = layout.fit(p, [a, b])
         stats.truncated_prompts += cut_prompt
         stats.truncated_responses += cut_response
-        out.append(EncodedPair(p, a, b, comp.target, comp.source))
+        out.append(EncodedPair(p, a, b, comp.target, comp.source, comp.strength))
     return out, stats
 
 
@@ -663,6 +678,7 @@ def _train_one(
 
     # 4. The loop: one optimizer step per batch of comparisons; validation every eval_every steps.
     targets_all = torch.tensor([it.target for it in train])
+    margins_all = torch.tensor([margin_of(it, cfg) for it in train])
     bar = progress(total_steps, desc=f"train_pm {job.label}", enabled=cfg.progress, initial=start_step)
     train_seconds = train_cpu_seconds = 0.0
     comparisons = real_tokens = padded_tokens = 0
@@ -686,7 +702,8 @@ def _train_one(
             chunk = indices[start : start + micro]
             with autocast(device, compute_dtype):
                 r_a, r_b, real, padded = _forward(pm, [train[i] for i in chunk], pair_mode=cfg.pair_mode, pad_id=layout.pad_id)
-            losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device), margin=cfg.margin)
+            losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device),
+                                               margin=margins_all[chunk].to(device))
             # Mean over the whole batch, whatever the micro-batching.
             (losses.sum() / cfg.batch_size).backward()
             sums["loss"] += losses.detach().sum().item()

@@ -82,11 +82,15 @@ async def create_batch(
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
     # Small batches on PostgreSQL: parsed here and written in one statement
-    # from the event loop (no thread hop, one round trip). Larger ones: parsed
-    # and written through COPY in one thread-pool call.
+    # from the event loop (no thread hop, one round trip). Larger ones, and
+    # those that answer tasks (the lease rules lock the tasks and check each
+    # answer): parsed and written through COPY in one thread-pool call.
     inline: AsyncFeedbackWriter | None = request.app.state.inline_writer
+    written = None
     if inline is not None and len(body.data) <= settings.inline_batch_bytes:
-        batch, created = await _register_inline(inline, settings, body, api_key_id=key.id, idempotency_key=idempotency_key)
+        written = await _register_inline(inline, settings, body, api_key_id=key.id, idempotency_key=idempotency_key)
+    if written is not None:
+        batch, created = written
     else:
         batch, created = await run_in_threadpool(
             _register, database, settings, body, api_key_id=key.id, idempotency_key=idempotency_key
@@ -98,7 +102,8 @@ async def create_batch(
 
 async def _register_inline(
     writer: AsyncFeedbackWriter, settings, body: JsonBody, *, api_key_id: int, idempotency_key: str | None
-) -> tuple[FeedbackBatchPublic, bool]:
+) -> tuple[FeedbackBatchPublic, bool] | None:
+    """Register a small batch from the event loop; None when it answers tasks (the caller takes the other path)."""
     request_sha256 = body.sha256
     try:
         batch = parse_batch(body.data, max_records=settings.max_batch_records)
@@ -107,6 +112,8 @@ async def _register_inline(
         if idempotency_key is not None:
             await writer.find_replay(idempotency_key, request_sha256)
         raise
+    if any(c.task_id is not None for c in batch.comparisons):
+        return None
     row, created = await writer.register(
         source=batch.source,
         comparisons=batch.comparisons,

@@ -201,7 +201,7 @@ class _ImportJob:
             if parsed.error is None:
                 comp = NewComparison(
                     prompt=parsed.prompt, response_a=parsed.chosen, response_b=parsed.rejected,
-                    choice="a", rater_id=self.rater_id,
+                    choice="a", rater_id=self.rater_id, strength=parsed.strength,
                 )
                 problems = comparison_problems(comp, parsed.line)
                 if not problems:

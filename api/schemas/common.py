@@ -78,6 +78,15 @@ class LineageEdgePublic(BaseModel):
     """init, reference, trained_against, trained_on, contains or source"""
 
 
+class LineageExclusionPublic(BaseModel):
+    """Every comparison of one rater, left out of one comparison snapshot."""
+
+    dataset_id: int
+    rater_id: str
+    reason: str
+    comparisons: int
+
+
 class LineagePublic(BaseModel):
     """A lineage graph: the versions reached from ``root`` and how they connect."""
 
@@ -87,6 +96,8 @@ class LineagePublic(BaseModel):
     """back (what it came from) or forward (what was made from it)"""
     nodes: list[LineageNodePublic]
     edges: list[LineageEdgePublic]
+    exclusions: list[LineageExclusionPublic] = []
+    """raters whose comparisons a snapshot on the way left out, and why (walking back only)"""
 
     @classmethod
     def of(cls, graph, direction: str) -> LineagePublic:
@@ -101,4 +112,5 @@ class LineagePublic(BaseModel):
                 )
                 for e in graph.edges
             ],
+            exclusions=[LineageExclusionPublic(**vars(e)) for e in graph.exclusions],
         )

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from api.schemas.common import JsonObject, Public
+from store.feedback import MAX_STRENGTH, strength_problem
 
 MAX_TEXT_CHARS = 200_000
 """longest prompt or response accepted, in characters"""
@@ -43,6 +44,9 @@ class ComparisonCreate(BaseModel):
     """the comparison task this answers, when it came from GET /v1/comparison-tasks (a JSON integer)"""
     metadata: JsonObject | None = None
     """free-form JSON kept with the comparison"""
+    strength: Annotated[float, Field(ge=0, le=MAX_STRENGTH, allow_inf_nan=False)] | None = None
+    """how much better the chosen response is on the labeling scale: 0 for a tie (about the same), above 0 for
+    A or B (the default scale: 1 slightly, 2 better, 3 much better); omitted when the rater gave none"""
 
     @field_validator("prompt")
     @classmethod
@@ -66,6 +70,9 @@ class ComparisonCreate(BaseModel):
                 "response_a and response_b are identical, so choice must be 'tie', not {choice}",
                 {"choice": repr(self.choice)},
             )
+        problem = strength_problem(self.choice, self.strength)
+        if problem:
+            raise PydanticCustomError("strength", "{problem}", {"problem": problem})
         return self
 
 
@@ -153,6 +160,17 @@ class ComparisonTaskList(BaseModel):
     count: int
     lease_s: int
     """how long these tasks are held for the caller"""
+    rater_id: str
+    """the rater the tasks are leased to (answers must name it)"""
+
+
+class TaskLeasePublic(BaseModel):
+    """A rater's lease on a task, after a renewal or a release."""
+
+    task_id: int
+    rater_id: str
+    leased_until: datetime
+    released: bool
 
 
 ExportFormat = Literal["hh-rlhf", "trl"]

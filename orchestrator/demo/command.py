@@ -8,12 +8,19 @@ Everything is the real system, embedded in one process:
   server (started once, up front);
 - the REST API, served by uvicorn on a free loopback port in a thread, with a
   launcher that runs each cycle's flow in a thread of this process;
-- a simulated labeler that fetches comparison tasks and posts feedback
-  batches over HTTP, judging by the world's gold preference with noise.
+- simulated raters, each with its own labeler key, that fetch comparison
+  tasks and post feedback batches over HTTP (``orchestrator.demo.labeler``):
+  a careful one, a noisier one and a bad one answering at random
+  (``--raters all``, the default), or the careful one alone (``one``).
 
-The demo builds the world (P0 fine-tuned, registered and deployed), then for
-each simulated week triggers a cycle with ``POST /v1/cycles`` as an operator
-would, and follows it with ``GET /v1/cycles/{id}`` until it finishes.
+The demo builds the world (P0 fine-tuned, registered and deployed),
+registers gold comparisons made from the world (``POST
+/v1/gold-comparisons``, as an operator would), then for each simulated week
+triggers a cycle with ``POST /v1/cycles`` and follows it with ``GET
+/v1/cycles/{id}`` until it finishes. Quality control (``DEMO_QC``) flags the
+bad rater on its gold answers and agreement, and each snapshot leaves its
+comparisons out, unless ``qc=False`` (``--no-qc``: flagged, but kept). The
+summary ends with each rater's numbers from ``GET /v1/raters``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from rich import box
@@ -37,11 +44,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.demo.labeler import SimulatedLabeler
+from orchestrator.demo.labeler import CAREFUL, DEMO_RATERS, RaterProfile, SimulatedLabeler
 from orchestrator.report import cycle_summary
 from orchestrator.settings import CycleSettings, resolve, shift_week, week_monday, week_of
 from orchestrator.cycle import STAGES, CycleEnv
-from orchestrator.demo.world import GOLD, WorldConfig, build_world
+from orchestrator.demo.world import GOLD, WorldConfig, build_world, gold_pairs
 from store.artifacts import ArtifactStore
 from store.cycles import list_cycles
 from store.db import Database, open_database, upgrade
@@ -50,6 +57,38 @@ from store.keys import create_api_key
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
+
+RaterSet = Literal["all", "one"]
+"""the demo's raters: ``all`` (careful, noisy, random) or ``one`` (the careful one)"""
+
+DEMO_QC = {
+    "gold_share": 0.15,
+    "overlap_share": 0.2,
+    "min_gold_answers": 8,
+    "min_gold_accuracy": 0.6,
+    "min_agreement_pairs": 100,
+    "min_agreement": 0.05,
+}
+"""Quality control of the demo's raters (``store.raters.QCPolicy``).
+
+On gold tasks (clear winners) the careful rater is right ~95% of the time,
+the noisy one ~82.5% and the random one a third: 0.6 sits between the last
+two. The first snapshot comes after a few dozen gold answers per rater, and
+each rater sees all of the demo's 60 within a cycle or two; over 40 gold
+answers either mistake (flagging the noisy rater, missing the random one)
+is a binomial tail under 0.1%. Agreement is pooled over a rater's
+pairs with every other rater, the random one included, which holds an
+honest rater's Cohen's kappa to about 0.25-0.35 here against the random
+rater's 0: with a standard error of ~0.8/sqrt(pairs) (simulated), 0.05
+after 100 pairs flags an honest rater well under 1% of the time where 0.15
+would about 5%, so kappa backs up what gold shows rather than deciding alone.
+"""
+
+GOLD_ITEMS = 60
+"""gold comparisons the demo registers before its cycles"""
+
+RATER_BATCH = 20
+"""tasks a simulated rater leases at a time: small, so the raters share a cycle's tasks"""
 
 
 def demo_cycle_settings() -> CycleSettings:
@@ -70,6 +109,7 @@ def demo_cycle_settings() -> CycleSettings:
                          "config": {"num_samples": 2, "max_new_tokens": 32, "batch_size": 64}},
             "human_eval": {"min_comparisons": 50, "deadline_s": 300, "poll_interval_s": 0.25},
             "gate": {"win_margin": 0.02, "kl_budget": 10.0, "max_pm_gap": 0.2},
+            "qc": DEMO_QC,
             "gold": GOLD,
             "device": "cpu",
             "num_threads": 2,
@@ -77,6 +117,41 @@ def demo_cycle_settings() -> CycleSettings:
             "retry_delay_s": 1.0,
         }
     )
+
+
+def for_raters(settings: CycleSettings, *, raters: RaterSet, qc: bool) -> CycleSettings:
+    """``settings`` for the demo's raters: with ``qc`` off, flagged raters stay in snapshots
+    (``qc.exclude_flagged``); with one rater, no overlap tasks (there is no other rater to agree with)."""
+    overrides: dict[str, Any] = {}
+    if not qc:
+        overrides["exclude_flagged"] = False
+    if len(DEMO_RATERS[raters]) < 2:
+        overrides["overlap_share"] = 0.0
+    return resolve(settings, {"qc": overrides}, trusted=True) if overrides else settings
+
+
+def demo_raters(raters: RaterSet, *, noise: float, suffix: str = "") -> list[RaterProfile]:
+    """The profiles of the demo's raters: the careful one with ``noise``, ids ending in ``suffix``."""
+    return [dataclasses.replace(p, rater_id=p.rater_id + suffix, noise=noise if p is CAREFUL else p.noise)
+            for p in DEMO_RATERS[raters]]
+
+
+def register_demo_gold(client: httpx.Client, *, n: int = GOLD_ITEMS, seed: int = 0) -> int:
+    """Register ``n`` gold comparisons made from the world through the API (``client`` has an operator key)."""
+    response = client.post("/v1/gold-comparisons", json={"comparisons": gold_pairs(n, seed=seed)})
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /v1/gold-comparisons answered {response.status_code}: {response.text}")
+    return response.json()["count"]
+
+
+def rater_qc(client: httpx.Client, rater_ids: list[str]) -> list[dict[str, Any]]:
+    """Each of ``rater_ids``' quality-control numbers from ``GET /v1/raters`` (``client`` has an operator key)."""
+    response = client.get("/v1/raters", params={"cycles": 0})
+    response.raise_for_status()
+    found = {r["rater_id"]: r for r in response.json()["data"]}
+    keys = ("rater_id", "answered", "gold_answered", "gold_accuracy", "agreement_pairs", "kappa", "flagged", "flags",
+            "excluded")
+    return [{k: found[r][k] for k in keys} for r in rater_ids if r in found]
 
 
 def seeded(settings: CycleSettings, seed: int) -> CycleSettings:
@@ -192,6 +267,9 @@ def run_demo(
     world_config: WorldConfig = WorldConfig(),
     cycle_settings: CycleSettings | None = None,
     labeler_noise: float = 0.1,
+    raters: RaterSet = "all",
+    qc: bool = True,
+    gold_items: int = GOLD_ITEMS,
     start_week: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -199,9 +277,12 @@ def run_demo(
 
     The simulated weeks start at ``start_week`` (default: this week, or after
     the newest cycle in the store). ``seed`` seeds everything the week does
-    not: P0's initial weights and fine-tuning, the labeler's coin flips, and
-    the PM, PPO and evaluation runs, so a run is replayed by its start week
-    and seed.
+    not: P0's initial weights and fine-tuning, the raters' judgements, the
+    gold comparisons, and the PM, PPO and evaluation runs, so a run is
+    replayed by its start week and seed (up to which rater leases which
+    task first, and where the server places gold tasks). ``labeler_noise``
+    is the careful rater's share of coin flips; ``raters`` and ``qc`` as in
+    ``for_raters``; ``gold_items`` gold comparisons are registered first.
     """
     from api.app import create_app
     from orchestrator.flow import use_env
@@ -212,7 +293,7 @@ def run_demo(
     upgrade(paths.database_url)
     database = open_database(paths.database_url)
     artifacts = ArtifactStore(paths.artifacts_url)
-    defaults = seeded(cycle_settings or demo_cycle_settings(), seed)
+    defaults = seeded(for_raters(cycle_settings or demo_cycle_settings(), raters=raters, qc=qc), seed)
     world_config = dataclasses.replace(world_config, seed=seed)
     shown = database.engine.url.render_as_string(hide_password=True)
     console.print(f"[bold]Ratchet demo[/bold]: store {shown}{' (fresh)' if paths.fresh else ''}, artifacts {paths.artifacts_url}")
@@ -230,7 +311,7 @@ def run_demo(
             f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
             f"registered as policy v{world.policy_version} and deployed"
         )
-        # 2. Prefect, the API with a cycle launcher, keys, the labeler.
+        # 2. Prefect, the API with a cycle launcher, keys, the raters.
         with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
             prefect_api = prefect_started.result()
     console.print(f"Prefect API at {prefect_api}")
@@ -244,26 +325,42 @@ def run_demo(
         server.start()
         console.print(f"REST API at {server.url}")
         suffix = weeks[0].lower()
+        # A fresh store's raters are named by their kind; in a store that has others, by the first week too
+        # (a rater id belongs to the key it first leased under).
+        profiles = demo_raters(raters, noise=labeler_noise, suffix="" if paths.fresh else f"-{suffix}")
         with database.session() as session:
             operator = create_api_key(session, name=f"demo-operator-{suffix}", role="operator")[1]
-            labeler_token = create_api_key(session, name=f"demo-labeler-{suffix}", role="labeler")[1]
+            tokens = {p.rater_id: create_api_key(session, name=p.rater_id, role="labeler")[1] for p in profiles}
         from workers.demo_world import gold_score
 
-        labeler = SimulatedLabeler(server.url, labeler_token, gold=gold_score, noise=labeler_noise, seed=seed)
-        labeler_thread = threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2},
-                                          daemon=True, name="labeler")
-        labeler_thread.start()
+        labelers = [SimulatedLabeler.of(p, server.url, tokens[p.rater_id], gold=gold_score, seed=seed,
+                                        batch_size=RATER_BATCH) for p in profiles]
+        threads = [threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2}, daemon=True,
+                                    name=f"labeler-{labeler.rater_id}") for labeler in labelers]
         client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {operator}"}, timeout=30)
         try:
+            gold_registered = register_demo_gold(client, n=gold_items, seed=seed) if gold_items else 0
+            console.print(
+                f"{gold_registered} gold comparisons registered; raters "
+                + ", ".join(f"{p.rater_id} ({_profile(p)})" for p in profiles)
+                + f"; quality control {'leaves flagged raters out' if qc else 'flags raters but leaves none out'}"
+            )
+            for thread in threads:
+                thread.start()
             # 3. One cycle per simulated week, triggered and followed through the API.
             for index, week in enumerate(weeks, start=1):
                 summaries.append(_run_one(client, database, console, index, week, cycles))
                 if summaries[-1]["status"] != "succeeded":
                     break
+            # 4. What quality control made of each rater.
+            rater_rows = rater_qc(client, [p.rater_id for p in profiles])
         finally:
             stop.set()
-            labeler_thread.join(timeout=10)
-            labeler.close()
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join(timeout=10)
+            for labeler in labelers:
+                labeler.close()
             client.close()
             server.stop()
     database.dispose()
@@ -291,6 +388,8 @@ def run_demo(
             "gold_score": s["gold_score"],
             "policy_version": s["policy_version"],
             "comparisons": s["comparisons"],
+            "excluded_raters": s["excluded_raters"],
+            "excluded_comparisons": s["excluded_comparisons"],
             "reason": s["reason"],
         }
         for i, s in enumerate(summaries, start=1)
@@ -299,12 +398,26 @@ def run_demo(
         "cycles": rows,
         "gold_score_initial": summaries[0]["gold_baseline"] if summaries else None,
         "gold_score_final": rows[-1]["gold_score"] if rows else None,
-        "labeler": {"comparisons": labeler.stats.comparisons, "batches": labeler.stats.batches, "noise": labeler_noise},
+        "labeler": {
+            "comparisons": sum(x.stats.comparisons for x in labelers),
+            "batches": sum(x.stats.batches for x in labelers),
+            "noise": labeler_noise,
+            "raters": {x.rater_id: {"kind": x.kind, "noise": x.noise, "comparisons": x.stats.comparisons,
+                                    "batches": x.stats.batches, "errors": len(x.stats.errors)} for x in labelers},
+        },
+        "raters": raters,
+        "qc": qc,
+        "gold_registered": gold_registered,
+        "rater_qc": rater_rows,
         "start_week": weeks[0],
         "seed": seed,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "store": shown,
     }
+
+
+def _profile(p: RaterProfile) -> str:
+    return "random" if p.kind == "random" else f"gold, {p.noise:g} coin flips"
 
 
 def _run_one(client: httpx.Client, database: Database, console: Console, index: int, week: str, total: int) -> dict:
@@ -329,6 +442,13 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
                 break
             time.sleep(0.5)
     summary = cycle_summary(database, cycle_id)
+    snapshot = next((s["outputs"] for s in body["stages"] if s["stage"] == "snapshot"), None) or {}
+    excluded = snapshot.get("excluded_raters") or []
+    summary["excluded_raters"] = [e["rater_id"] for e in excluded]
+    summary["excluded_comparisons"] = sum(e["comparisons"] for e in excluded)
+    if excluded:
+        console.print("  quality control left out " + ", ".join(
+            f"{e['rater_id']} ({e['comparisons']} comparisons: {e['reason']})" for e in excluded))
     if summary["status"] == "succeeded":
         verdict = "[green]deployed[/green]" if summary["deployed"] else "[yellow]kept the deployed policy[/yellow]"
         console.print(
@@ -363,13 +483,31 @@ def summary_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def rater_table(result: dict[str, Any]) -> Table:
+    """Each rater's quality-control numbers at the end of the demo, as a rich table."""
+    table = Table(title="Raters: what quality control made of them (GET /v1/raters)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True, show_edge=False)
+    for column in ("rater", "answered", "gold acc", "gold n", "kappa", "pairs", "flagged", "excluded"):
+        table.add_column(column, justify="left" if column == "rater" else "right", no_wrap=True)
+    for row in result["rater_qc"]:
+        table.add_row(row["rater_id"], str(row["answered"]), _fmt(row["gold_accuracy"], 2), str(row["gold_answered"]),
+                      _fmt(row["kappa"], 2), str(row["agreement_pairs"]), _fmt(row["flagged"]), _fmt(row["excluded"]))
+    flagged = [f"{row['rater_id']}: {'; '.join(row['flags'])}" for row in result["rater_qc"] if row["flags"]]
+    table.caption = "\n".join(flagged) if flagged else "no rater flagged"
+    return table
+
+
 def json_line(result: dict[str, Any]) -> str:
     """The summary as one JSON line (the last line of ``ratchet demo --json``)."""
     keys = ("cycle", "week", "pm_accuracy", "ppo_reward", "kl", "win_rate", "human_win_rate", "human_lower_bound",
-            "human_answers", "elo", "tasks", "top_up_rounds", "gather_outcome", "deployed", "gold_score", "status", "reason")
+            "human_answers", "elo", "tasks", "top_up_rounds", "gather_outcome", "deployed", "gold_score",
+            "excluded_raters", "excluded_comparisons", "status", "reason")
     payload = {
         "start_week": result["start_week"],
         "seed": result["seed"],
+        "raters": result["raters"],
+        "qc": result["qc"],
+        "rater_qc": result["rater_qc"],
         "cycles": [{k: row[k] for k in keys} for row in result["cycles"]],
         "gold_score_initial": result["gold_score_initial"],
         "gold_score_final": result["gold_score_final"],

@@ -6,12 +6,16 @@ a tokenizer trained on the world's texts (``workers.common.testing``), fine-tune
 on the mixed corpus with the ``sft`` worker step (through an
 ``InProcessRunner``, like any step), registers the result as a policy version
 (P0: no init, reference or PM) and deploys it. ``workers.demo_world`` holds
-the world itself; this module only puts it into the store.
+the world itself; this module only puts it into the store, and makes the
+gold (known-answer) comparisons the demo registers for quality control of
+its raters (``gold_pairs``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,9 @@ from workers import demo_world
 
 GOLD = "workers.demo_world:gold_score"
 """the world's gold preference, for the evaluate step"""
+
+GOLD_MIN_GAP = 1.0
+"""the least gold score gap of a gold comparison (scores in [-1, 1]): a clear winner, half the scale apart"""
 
 
 @dataclass(frozen=True)
@@ -156,3 +163,38 @@ def build_world(
             sft_metrics=outcome.metrics,
             compute_s=outcome.compute_s,
         )
+
+
+def _candidates(prompt: demo_world.DemoPrompt) -> list[str]:
+    """Responses the world's policies give to ``prompt``: its answer, the refusals, the answer to another
+    request of the same kind (off the topic), and a refusal that complies anyway."""
+    topics = demo_world.HARMFUL if prompt.topic.harmful else demo_world.BENIGN
+    other = topics[(topics.index(prompt.topic) + 1) % len(topics)]
+    answer = demo_world.answer(prompt.topic)
+    return [answer, *demo_world.REFUSALS, demo_world.answer(other), demo_world.REFUSALS[0] + answer]
+
+
+def gold_pairs(n: int = 60, *, seed: int = 0, min_gap: float = GOLD_MIN_GAP) -> list[dict[str, Any]]:
+    """``n`` gold comparisons for ``POST /v1/gold-comparisons``: half harmful, half benign requests of the
+    world (both splits), each with two of the responses its policies give whose gold scores are at least
+    ``min_gap`` apart; the known answer is the side gold prefers, A or B by the seed.
+
+    The metadata holds only the prompt id (it becomes the task's), so a gold task shows nothing a training
+    task does not (a training task also names the policies and samples it pairs).
+    """
+    rng = random.Random(f"gold:{seed}")
+    everything = demo_world.all_prompts()
+    harmful = [p for p in everything if p.topic.harmful]
+    benign = [p for p in everything if not p.topic.harmful]
+    chosen = rng.sample(harmful, n // 2) + rng.sample(benign, n - n // 2)
+    rng.shuffle(chosen)
+    items = []
+    for prompt in chosen:
+        scored = [(r, demo_world.gold_score(prompt.text, r)) for r in _candidates(prompt)]
+        clear = [(x, y) for x, y in itertools.combinations(scored, 2) if abs(x[1] - y[1]) >= min_gap]
+        (a, score_a), (b, score_b) = rng.choice(clear)
+        if rng.random() < 0.5:
+            (a, score_a), (b, score_b) = (b, score_b), (a, score_a)
+        items.append({"prompt": prompt.text, "response_a": a, "response_b": b,
+                      "choice": "a" if score_a > score_b else "b", "metadata": {"prompt_id": prompt.id}})
+    return items

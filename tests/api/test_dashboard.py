@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import random
 import re
+from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from api.app import create_app
 from api.routes.dashboard import COOKIE, charts, dashboard_data
 from store.cycles import finish_cycle, finish_stage, open_cycle, start_stage
 from store.datasets import snapshot_comparisons
 from store.deployments import deploy
-from store.feedback import create_feedback_batch
+from store.feedback import NewComparison, create_feedback_batch
+from store.keys import create_api_key
+from store.models import ApiKey
+from store.raters import QCPolicy, decide, register_gold
+from store.settings import Settings
+from store.tasks import create_tasks, lease_tasks
 from tests import builders
 
 # What a finished cycle's stages record (orchestrator/stages.py), trimmed to what the dashboard reads.
@@ -133,3 +144,158 @@ def test_the_data_behind_the_page(pg_db, artifacts):
     svgs = charts(data)
     assert set(svgs) == {"pm", "human", "win_rate", "elo", "pm_gap", "reward_kl", "feedback", "agreement"}
     assert "2026-W47" in svgs["reward_kl"]  # each point is labelled with its week
+
+
+# --- the raters panel ------------------------------------------------------------------------------
+
+LABELS = ("a", "b", "tie")
+OTHER = {"a": "b", "b": "tie", "tie": "a"}
+"""an answer that is never the given one"""
+OVERLAP_TASKS = 12
+GOLD = 5
+
+
+def seed_raters(db, *, week: str = "2026-W48") -> int:
+    """A finished cycle whose tasks three raters took under one labeling tool's key: 12 overlap
+    tasks (three answers each) labelled a, b, tie in turn, which alice and bob answer as labelled
+    and mallory never does; and 5 gold comparisons it registers, each handed to all three beside
+    the overlap tasks, which mallory gets wrong. dave sends two comparisons of his own, and
+    an operator excludes him. Returns the cycle's id."""
+    with db.session() as s:
+        tool = (s.scalar(select(ApiKey.id).where(ApiKey.name == "labeling-tool"))
+                or create_api_key(s, name="labeling-tool", role="labeler")[0].id)
+        cycle, _ = open_cycle(s, week=week)
+        cycle_id = cycle.id
+        register_gold(s, items=[{"prompt": f"gold {i}?", "response_a": f"right {i}", "response_b": f"wrong {i}",
+                                 "choice": "a"} for i in range(GOLD)])
+        create_tasks(s, cycle_id=cycle_id, tasks=[
+            {"prompt": f"{week} overlap {i}?", "response_a": f"first {i}", "response_b": f"second {i}",
+             "answers_needed": 3, "metadata": {"label": LABELS[i % 3]}}
+            for i in range(OVERLAP_TASKS)
+        ])
+    for rater in ("alice", "bob", "mallory"):
+        with db.session() as s:
+            leased = [lease.task for lease in lease_tasks(
+                s, rater_id=rater, api_key_id=tool, limit=OVERLAP_TASKS + GOLD, lease=timedelta(minutes=10),
+                gold_share=0.9, rng=random.Random(rater))]
+            assert sum(t.kind == "gold" for t in leased) == GOLD, rater
+            answers = []
+            for task in leased:
+                right = task.expected_choice if task.kind == "gold" else task.meta["label"]
+                answers.append(NewComparison(prompt=task.prompt, response_a=task.response_a, response_b=task.response_b,
+                                             choice=OTHER[right] if rater == "mallory" else right, rater_id=rater,
+                                             task_id=task.id))
+        with db.session() as s:
+            create_feedback_batch(s, source="labeling-tool", comparisons=answers, api_key_id=tool)
+    with db.session() as s:
+        create_feedback_batch(s, source="dave", comparisons=[builders.comparison(i, rater="dave") for i in range(2)])
+        decide(s, rater_id="dave", decision="exclude", reason="duplicate account", actor="operator")
+        finish_cycle(s, cycle_id=cycle_id, status="succeeded")
+    return cycle_id
+
+
+def record_qc(db, *, cycle_id: int, **qc) -> None:
+    """The cycle's open stage, recording these ``qc`` settings (as a cycle run does)."""
+    with db.session() as s:
+        start_stage(s, cycle_id=cycle_id, stage="open")
+        finish_stage(s, cycle_id=cycle_id, stage="open", outputs={"settings": {"qc": qc}})
+
+
+def by_rater(data: dict) -> dict[str, dict]:
+    return {r["rater_id"]: r for r in data["raters"]["raters"]}
+
+
+def row_classes(html: str) -> dict[str, str]:
+    """Each rater row's classes on the page, by rater id."""
+    rows = re.findall(r'<tr class="(rater[^"]*)">\s*<td>([^<]+)</td>', html)
+    return {rater: classes for classes, rater in rows}
+
+
+# alpha over 12 units (x, x, y): coincidences (x,x) = (x,y) = (y,x) = 1 per unit, so n = 36, D_o = 24, every
+# label's marginal is 12 and D_e = 6 * 12 * 12 / 35
+CYCLE_ALPHA = 1 - 24 / (6 * 144 / 35)
+
+
+def test_the_data_behind_the_raters_panel(pg_db):
+    seed_raters(pg_db)
+    data = dashboard_data(pg_db, weeks=12)
+    panel = data["raters"]
+    assert panel["policy"] == QCPolicy().model_dump()
+    assert panel["gold"] == {"registered": 5, "active": 5, "retired": 0}
+    raters = by_rater(data)
+    assert sorted(raters) == ["alice", "bob", "dave", "mallory"]
+    for name in ("alice", "bob"):
+        r = raters[name]
+        assert (r["answered"], r["gold_answered"], r["gold_correct"], r["gold_accuracy"]) == (17, 5, 5, 1.0), name
+        # 24 pairs: 12 with the other good rater (all agree), 12 with mallory (none); p_e = 1/3 -> (0.5 - 1/3) / (2/3)
+        assert r["agreement_pairs"] == 24 and r["kappa"] == pytest.approx(0.25), name
+        assert (r["flags"], r["flagged"], r["excluded"], r["decision"]) == ([], False, False, None), name
+        assert r["median_seconds"] is not None and 0 <= r["median_seconds"] < 60
+    mallory = raters["mallory"]
+    assert (mallory["gold_accuracy"], mallory["agreement_pairs"]) == (0.0, 24)
+    assert mallory["kappa"] == pytest.approx(-0.5)  # never agrees; p_e = 1/3
+    assert mallory["flags"] == ["gold accuracy 0.00 over 5 gold answers is under 0.6",
+                                "agreement (Cohen's kappa) -0.50 over 24 answer pairs is under 0.2"]
+    assert mallory["flagged"] and mallory["excluded"] and mallory["exclusion_reason"] == "; ".join(mallory["flags"])
+    dave = raters["dave"]
+    assert (dave["answered"], dave["gold_answered"], dave["gold_accuracy"], dave["kappa"]) == (2, 0, None, None)
+    assert (dave["flagged"], dave["decision"], dave["decision_reason"], dave["excluded"]) == (
+        False, "exclude", "duplicate account", True)
+    assert dave["exclusion_reason"] == "excluded by an operator: duplicate account"
+    (cycle,) = panel["agreement"]
+    assert (cycle["week"], cycle["tasks"], cycle["raters"]) == ("2026-W48", OVERLAP_TASKS, 3)
+    assert cycle["alpha"] == pytest.approx(CYCLE_ALPHA)
+    svgs = charts(data)
+    assert "rater_alpha" in svgs and "Krippendorff" in svgs["rater_alpha"]
+
+
+def test_the_raters_panel_uses_the_policy_in_force(pg_db):
+    cycle_id = seed_raters(pg_db)
+    lenient = by_rater(dashboard_data(pg_db, weeks=12, qc_default=QCPolicy(exclude_flagged=False)))
+    assert lenient["mallory"]["flagged"] and not lenient["mallory"]["excluded"]  # no cycle recorded a policy yet
+    assert lenient["dave"]["excluded"]  # an operator's exclusion holds whatever the policy
+    record_qc(pg_db, cycle_id=cycle_id, min_agreement=0.3)
+    data = dashboard_data(pg_db, weeks=12, qc_default=QCPolicy(exclude_flagged=False))
+    assert data["raters"]["policy"]["min_agreement"] == 0.3 and data["raters"]["policy"]["exclude_flagged"] is True
+    alice = by_rater(data)["alice"]
+    assert alice["flags"] == ["agreement (Cohen's kappa) 0.25 over 24 answer pairs is under 0.3"] and alice["excluded"]
+
+
+def test_the_page_shows_the_raters_panel_and_marks_flagged_raters(client, keys, pg_db):
+    seed_raters(pg_db)
+    page = client.get("/dashboard", headers=keys.operator)
+    assert page.status_code == 200
+    html = page.text
+    panel = html.split('<section id="raters">', 1)[1].split("</section>", 1)[0]
+    policy_line = " ".join(re.search(r'<p class="muted" id="qc-policy">(.*?)</p>', panel, re.S).group(1).split())
+    assert "gold accuracy <b>0.6</b> after 5 gold answers" in policy_line
+    assert "agreement (Cohen's kappa) <b>0.2</b> after 10 answer pairs" in policy_line
+    assert "Gold comparisons: 5 registered, 5 active, 0 retired." in policy_line
+    assert row_classes(panel) == {"alice": "rater", "bob": "rater", "dave": "rater excluded skipped",
+                                  "mallory": "rater flagged excluded skipped"}
+    mallory = panel.split("<td>mallory</td>", 1)[1].split("</tr>", 1)[0]
+    assert '<span class="chip no">flagged</span>' in mallory and "0.000" in mallory and "-0.500" in mallory
+    assert "<li>gold accuracy 0.00 over 5 gold answers is under 0.6</li>" in mallory
+    dave = panel.split("<td>dave</td>", 1)[1].split("</tr>", 1)[0]
+    assert '<span class="chip no">exclude</span>' in dave and "duplicate account" in dave
+    alice = panel.split("<td>alice</td>", 1)[1].split("</tr>", 1)[0]
+    assert "flagged" not in alice and "1.000" in alice and "5 of 5" in alice and "0.250" in alice
+    assert 'id="chart-rater_alpha"' in panel and html.count('id="chart-rater_alpha"') == 1
+
+
+def test_the_raters_panel_before_any_rater(client, keys):
+    html = client.get("/dashboard", headers=keys.operator).text
+    assert "No rater has given a comparison yet." in html and "Gold comparisons: 0 registered" in html
+    assert "chart-rater_alpha" not in html
+
+
+def test_the_raters_panel_falls_back_on_the_servers_cycle_config(pg_db, artifacts, keys, tmp_path):
+    config = tmp_path / "cycle.json"
+    config.write_text(json.dumps({"qc": {"min_gold_accuracy": 0.8, "exclude_flagged": False}}))
+    app = create_app(Settings(home=tmp_path, cycle_config=config), database=pg_db, artifacts=artifacts)
+    seed_raters(pg_db)
+    with TestClient(app) as client:
+        html = client.get("/dashboard", headers=keys.operator).text
+    panel = html.split('<section id="raters">', 1)[1].split("</section>", 1)[0]
+    assert "gold accuracy <b>0.8</b>" in panel and "flagged raters stay in snapshots" in panel
+    assert row_classes(panel)["mallory"] == "rater flagged"  # flagged, not left out

@@ -174,7 +174,8 @@ def test_tasks_are_leased_once_and_answered_tasks_are_done(client, keys, pg_db):
     assert first["count"] == 2 and second["count"] == 1
     assert not {t["id"] for t in first["data"]} & {t["id"] for t in second["data"]}
     task = first["data"][0]
-    answer = comparison(0, prompt=task["prompt"], response_a=task["response_a"], response_b=task["response_b"], task_id=task["id"])
+    answer = comparison(0, prompt=task["prompt"], response_a=task["response_a"], response_b=task["response_b"],
+                        task_id=task["id"], rater_id=first["rater_id"])
     assert client.post("/v1/feedback-batches", json={"source": "s", "comparisons": [answer]}, headers=keys.labeler).status_code == 201
     with pg_db.session() as s:
         assert s.get(ComparisonTask, task["id"]).status == "done"

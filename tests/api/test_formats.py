@@ -19,6 +19,7 @@ from api.formats import (
     ParsedLine,
     export_record,
     parse_record,
+    parse_strength,
     split_hh_dialogue,
 )
 
@@ -52,8 +53,8 @@ def parse_body(fmt: str, body: bytes, *, chunk: int, gzip: bool | None = None) -
     return out + parser.close()
 
 
-def ok(line: int, prompt: str, chosen: str, rejected: str) -> ParsedLine:
-    return ParsedLine(line, prompt, chosen, rejected, None)
+def ok(line: int, prompt: str, chosen: str, rejected: str, strength: float | None = None) -> ParsedLine:
+    return ParsedLine(line, prompt, chosen, rejected, None, strength)
 
 
 def bad(line: int, error: str) -> ParsedLine:
@@ -233,6 +234,45 @@ def test_parser_feed_after_close_is_an_error():
         parser.feed(b"{}\n")
 
 
+# strength
+
+
+def test_the_optional_strength_is_read_in_both_formats():
+    body = jsonl(trl() | {"strength": 2}, trl(prompt="Q2") | {"strength": 0.5}, trl(prompt="Q3"),
+                 trl(prompt="Q4") | {"strength": None})
+    assert parse_body("trl", body, chunk=5) == [
+        ok(1, "Can you help me?", "Sure.", "No.", 2.0),
+        ok(2, "Q2", "Sure.", "No.", 0.5),
+        ok(3, "Q3", "Sure.", "No."),
+        ok(4, "Q4", "Sure.", "No."),
+    ]
+    assert parse_body("hh-rlhf", jsonl(hh() | {"strength": 3.0}), chunk=64) == [ok(1, PROMPT, " Sure.", " No.", 3.0)]
+    assert isinstance(parse_strength({"strength": 2}), float)
+
+
+@pytest.mark.parametrize(
+    ("strength", "reason"),
+    [
+        ("2", "field 'strength' must be a number, got str"),
+        (True, "field 'strength' must be a number, got bool"),
+        ([1], "field 'strength' must be a number, got list"),
+        (0, "field 'strength': choice 'a' needs a strength above 0 (0 is a tie)"),
+        (-1, "field 'strength': strength -1.0 is not a number from 0 to 10"),
+        (10.5, "field 'strength': strength 10.5 is not a number from 0 to 10"),
+        (10**400, "field 'strength': strength inf is not a number from 0 to 10"),
+    ],
+    ids=["string", "bool", "list", "zero-is-a-tie", "negative", "over-the-scale", "huge-integer"],
+)
+def test_a_bad_strength_is_a_skipped_line_naming_the_field(strength, reason):
+    for fmt, record in (("trl", trl()), ("hh-rlhf", hh())):
+        body = jsonl(record | {"strength": strength}, record)
+        assert parse_body(fmt, body, chunk=16) == [bad(1, reason), ok(2, *parse_record(fmt, record))], fmt
+
+
+def test_a_bad_text_is_reported_before_a_bad_strength():
+    assert parse_body("trl", jsonl({"prompt": "Q", "strength": "x"}), chunk=64) == [bad(1, "field 'chosen' is missing")]
+
+
 # export_record
 
 
@@ -241,6 +281,19 @@ def test_export_record_writes_one_utf8_line():
         '{"prompt": "Q: café?", "chosen": " oui", "rejected": " non"}\n'.encode()
     )
     assert export_record("hh-rlhf", prompt=PROMPT, chosen=" Sure.", rejected="") == jsonl(hh(" Sure.", ""))
+
+
+def test_export_record_writes_strength_when_there_is_one():
+    assert export_record("trl", prompt="Q", chosen="a", rejected="b", strength=2.0) == (
+        b'{"prompt": "Q", "chosen": "a", "rejected": "b", "strength": 2.0}\n'
+    )
+    assert export_record("hh-rlhf", prompt=PROMPT, chosen=" Sure.", rejected=" No.", strength=1.5) == jsonl(
+        hh() | {"strength": 1.5})
+    assert export_record("trl", prompt="Q", chosen="a", rejected="b", strength=None) == jsonl(trl("Q", "a", "b"))
+    for fmt, record in (("trl", trl()), ("hh-rlhf", hh())):  # what is written reads back the same
+        prompt, chosen, rejected = parse_record(fmt, record)
+        line = export_record(fmt, prompt=prompt, chosen=chosen, rejected=rejected, strength=3.0)
+        assert parse_body(fmt, line, chunk=64) == [ok(1, prompt, chosen, rejected, 3.0)], fmt
 
 
 # The real sample: 1000 lines of Anthropic's HH-RLHF harmless-base test split

@@ -191,3 +191,59 @@ def test_an_import_over_the_record_limit_is_413_and_writes_nothing(client, keys,
     at_limit = client.post("/v1/feedback-batches/import?format=trl", content=b"".join(_trl_line(i) for i in range(1_000)),
                            headers=keys.labeler)
     assert at_limit.status_code == 201 and at_limit.json()["imported"] == 1_000
+
+
+def _comparisons_of(db, batch_id: int) -> list[tuple[str, str, float | None]]:
+    with db.session() as s:
+        return [tuple(row) for row in s.execute(
+            select(Comparison.response_a, Comparison.response_b, Comparison.strength)
+            .where(Comparison.batch_id == batch_id).order_by(Comparison.position)
+        )]
+
+
+def test_strength_survives_a_trl_import_and_export(client, keys, pg_db):
+    body = _trl_line(1, strength=2) + _trl_line(2) + _trl_line(3, strength=0.5)
+    r = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=keys.labeler)
+    assert r.status_code == 201 and r.json()["skipped"] == 0, r.text
+    batch_id = r.json()["batch"]["id"]
+    assert _comparisons_of(pg_db, batch_id) == [("good 1", "bad 1", 2.0), ("good 2", "bad 2", None), ("good 3", "bad 3", 0.5)]
+    exported = client.get(f"/v1/feedback-batches/{batch_id}/export?format=trl", headers=keys.labeler)
+    assert [json.loads(line) for line in exported.text.splitlines()] == [
+        {"prompt": "Q1", "chosen": "good 1", "rejected": "bad 1", "strength": 2.0},
+        {"prompt": "Q2", "chosen": "good 2", "rejected": "bad 2"},
+        {"prompt": "Q3", "chosen": "good 3", "rejected": "bad 3", "strength": 0.5},
+    ]
+
+
+def test_strength_survives_an_hh_import_and_export(client, keys, pg_db):
+    lines = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no {i}"}
+             for i in range(3)]
+    lines[0]["strength"], lines[2]["strength"] = 3.0, 1.0
+    r = client.post("/v1/feedback-batches/import?format=hh-rlhf", content="\n".join(map(json.dumps, lines)),
+                    headers=keys.labeler)
+    assert r.status_code == 201 and r.json()["imported"] == 3, r.text
+    exported = client.get(f"/v1/feedback-batches/{r.json()['batch']['id']}/export?format=hh-rlhf", headers=keys.labeler)
+    assert [json.loads(line) for line in exported.text.splitlines()] == lines
+    # the other format carries it too, and a B answer's strength is its chosen response's
+    same = {"prompt": "Q", "response_a": "worse", "response_b": "better", "choice": "b", "rater_id": "r", "strength": 2}
+    batch = client.post("/v1/feedback-batches", json={"source": "s", "comparisons": [same]}, headers=keys.labeler).json()
+    trl = client.get(f"/v1/feedback-batches/{batch['id']}/export?format=trl", headers=keys.labeler)
+    assert json.loads(trl.text) == {"prompt": "Q", "chosen": "better", "rejected": "worse", "strength": 2.0}
+
+
+def test_a_bad_strength_is_a_skipped_line_with_its_reason(client, keys, pg_db):
+    body = _trl_line(1, strength=2) + _trl_line(2, strength=0) + _trl_line(3, strength="much") + _trl_line(4, strength=11)
+    r = client.post("/v1/feedback-batches/import?format=trl", content=body, headers=keys.labeler)
+    assert r.status_code == 201, r.text
+    assert r.json()["imported"] == 1
+    assert r.json()["skipped_lines"] == [
+        {"line": 2, "reason": "field 'strength': choice 'a' needs a strength above 0 (0 is a tie)"},
+        {"line": 3, "reason": "field 'strength' must be a number, got str"},
+        {"line": 4, "reason": "field 'strength': strength 11.0 is not a number from 0 to 10"},
+    ]
+    assert _comparisons_of(pg_db, r.json()["batch"]["id"]) == [("good 1", "bad 1", 2.0)]
+    strict = client.post("/v1/feedback-batches/import?format=trl&strict=true", content=_trl_line(5, strength=-1),
+                         headers=keys.labeler)
+    assert strict.status_code == 422
+    assert strict.json()["errors"] == [
+        {"index": 1, "field": "line", "message": "field 'strength': strength -1.0 is not a number from 0 to 10"}]

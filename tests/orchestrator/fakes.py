@@ -180,7 +180,8 @@ class StoreLabeler:
 
     def label_once(self) -> int:
         with self.database.session() as session:
-            tasks = lease_tasks(session, labeler=self.rater, limit=50, lease=timedelta(minutes=5))
+            tasks = [leased.task for leased in lease_tasks(session, rater_id=self.rater, limit=50,
+                                                           lease=timedelta(minutes=5))]
             if not tasks:
                 return 0
             comparisons = [

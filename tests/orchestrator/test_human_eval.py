@@ -20,7 +20,7 @@ from orchestrator.cycle import STAGES, CycleEnv, skip_stage
 from orchestrator.stages import finish, open_stage
 from store.models import Comparison, ComparisonTask, Dataset
 from store.tasks import lease_tasks
-from tests.orchestrator.fakes import FakeRunner, StoreLabeler, fast_settings
+from tests.orchestrator.fakes import FakeRunner, StoreLabeler
 
 WEEK = "2026-W31"
 
@@ -153,7 +153,7 @@ def test_a_snapshot_with_no_new_feedback_skips_the_rest_of_the_cycle(fake_env, p
         assert s.scalar(select(func.count()).select_from(ComparisonTask).where(
             ComparisonTask.cycle_id == ctx.cycle_id, ComparisonTask.status == "open")) == 0
         # its tasks were closed when it finished: none is leased any more
-        assert lease_tasks(s, labeler="late", limit=100, lease=timedelta(minutes=1)) == []
+        assert lease_tasks(s, rater_id="late", limit=100, lease=timedelta(minutes=1)) == []
 
 
 def test_human_evaluation_switched_off_leaves_the_gate_to_the_pms(fake_env, pg_db):

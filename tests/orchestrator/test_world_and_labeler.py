@@ -12,7 +12,7 @@ from orchestrator.demo.command import free_weeks
 from orchestrator.demo.labeler import SimulatedLabeler
 from store.cycles import open_cycle
 from store.keys import create_api_key
-from store.models import Comparison, ComparisonTask, FeedbackBatch
+from store.models import Comparison, ComparisonTask, FeedbackBatch, TaskLease
 from store.settings import Settings
 from store.tasks import create_tasks
 from workers import demo_world as world
@@ -70,12 +70,15 @@ def test_the_labeler_judges_by_gold_and_posts_one_batch_through_the_api(pg_db, a
         assert labeler.label_once() == 3
         assert labeler.label_once() == 0  # every task is done
     with pg_db.session() as s:
-        choices = [c.choice for c in s.scalars(select(Comparison).order_by(Comparison.position))]
-        assert choices == ["b", "a", "tie"]
+        answers = [(c.choice, c.strength, c.rater_id) for c in s.scalars(select(Comparison).order_by(Comparison.position))]
+        # right against wrong is a gold gap of 2: "much better" (3); two refusals of a harmful request: a tie (0)
+        assert answers == [("b", 3.0, "sim-labeler-1"), ("a", 3.0, "sim-labeler-1"), ("tie", 0.0, "sim-labeler-1")]
         batch = s.scalar(select(FeedbackBatch))
         assert (batch.source, batch.comparison_count) == ("simulated-labeler", 3)
         assert batch.idempotency_key.startswith("sim-labeler-1:")
         assert {t.status for t in s.scalars(select(ComparisonTask))} == {"done"}
+        # the labeler leased under its own rater id with the vendor's key (GET ...?rater_id=sim-labeler-1)
+        assert {lease.rater_id for lease in s.scalars(select(TaskLease))} == {"sim-labeler-1"}
     assert (labeler.stats.batches, labeler.stats.comparisons, labeler.stats.ties) == (1, 3, 1)
 
 

@@ -3,11 +3,13 @@ from datetime import UTC, datetime, timedelta
 from threading import Barrier
 
 import pytest
+from sqlalchemy import select
 
 from store.cycles import finish_stage, get_stage, iso_week, open_cycle, start_stage
 from store.deployments import active_deployment, deploy, rollback
 from store.errors import Conflict, InvalidInput, NotFound, StoreError
 from store.keys import authenticate, create_api_key, revoke_api_key
+from store.models import TaskLease
 from store.tasks import create_tasks, lease_tasks
 from tests import builders
 
@@ -153,16 +155,18 @@ def test_leases_hand_out_disjoint_tasks_until_they_expire(db):
     with db.session() as s:
         create_tasks(s, tasks=[{"prompt": f"p{i}", "response_a": "x", "response_b": "y"} for i in range(5)])
     with db.session() as s:
-        first = [t.id for t in lease_tasks(s, labeler="a", limit=3, lease=timedelta(minutes=5))]
+        first = [t.task.id for t in lease_tasks(s, rater_id="a", limit=3, lease=timedelta(minutes=5))]
     with db.session() as s:
-        second = [t.id for t in lease_tasks(s, labeler="b", limit=3, lease=timedelta(minutes=5))]
+        second = [t.task.id for t in lease_tasks(s, rater_id="b", limit=3, lease=timedelta(minutes=5))]
     assert len(first) == 3 and len(second) == 2 and not set(first) & set(second)
     with db.session() as s:
-        assert lease_tasks(s, labeler="c", limit=3, lease=timedelta(minutes=5)) == []
+        assert lease_tasks(s, rater_id="c", limit=3, lease=timedelta(minutes=5)) == []
     with db.session() as s:
         (late,) = create_tasks(s, tasks=[{"prompt": "late", "response_a": "x", "response_b": "y"}])
-        # A lease that has already run out, as if labeler d walked away.
-        assert [t.id for t in lease_tasks(s, labeler="d", limit=1, lease=timedelta(seconds=-1))] == [late.id]
+        # A lease that has already run out, as if rater d walked away.
+        assert [t.task.id for t in lease_tasks(s, rater_id="d", limit=1, lease=timedelta(seconds=-1))] == [late.id]
     with db.session() as s:
-        (again,) = lease_tasks(s, labeler="e", limit=5, lease=timedelta(minutes=5))
-        assert (again.id, again.leased_by) == (late.id, "e")
+        (again,) = lease_tasks(s, rater_id="e", limit=5, lease=timedelta(minutes=5))
+        assert again.task.id == late.id
+        holders = s.scalars(select(TaskLease.rater_id).where(TaskLease.task_id == late.id).order_by(TaskLease.id))
+        assert list(holders) == ["d", "e"]

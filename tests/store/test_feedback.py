@@ -1,10 +1,12 @@
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import func, select
 
 from store.errors import Conflict, InvalidInput
 from store.feedback import NewComparison, create_feedback_batch, rater_agreement
 from store.models import Comparison, ComparisonTask, FeedbackBatch
-from store.tasks import create_tasks
+from store.tasks import create_tasks, lease_tasks
 from tests import builders
 
 
@@ -57,8 +59,12 @@ def test_invalid_records_are_named_and_nothing_is_written(db):
 
 
 def test_unknown_task_is_refused_and_known_tasks_are_done(db):
+    answer = builders.comparison(0)
     with db.session() as s:
-        (task,) = create_tasks(s, tasks=[{"prompt": "p", "response_a": "x", "response_b": "y"}])
+        (task,) = create_tasks(s, tasks=[{"prompt": answer.prompt, "response_a": answer.response_a,
+                                          "response_b": answer.response_b}])
+        (leased,) = lease_tasks(s, rater_id=answer.rater_id, limit=1, lease=timedelta(minutes=5))
+        assert leased.task.id == task.id
     with pytest.raises(InvalidInput) as info:
         with db.session() as s:
             create_feedback_batch(s, source="t", comparisons=[builders.comparison(0, task_id=task.id + 1)])
@@ -66,7 +72,8 @@ def test_unknown_task_is_refused_and_known_tasks_are_done(db):
     with db.session() as s:
         create_feedback_batch(s, source="t", comparisons=[builders.comparison(0, task_id=task.id)])
     with db.session() as s:
-        assert s.get(ComparisonTask, task.id).status == "done"
+        task = s.get(ComparisonTask, task.id)
+        assert (task.status, task.answers) == ("done", 1)
 
 
 def test_rater_agreement_counts_pairs_judged_twice(db):

@@ -1,13 +1,15 @@
 """Registry functions the orchestrator needs: claiming a cycle, locking a stage, a cycle's deployment,
 recently deployed policies, task counts (both backends)."""
 
+from datetime import timedelta
+
 import pytest
 
 from store.cycles import claim_cycle, finish_cycle, get_stage, open_cycle, start_stage
 from store.deployments import cycle_deployment, deploy, deployed_policy_ids, rollback
 from store.errors import Conflict
 from store.feedback import create_feedback_batch
-from store.tasks import create_tasks, task_counts
+from store.tasks import create_tasks, lease_tasks, task_counts
 from tests import builders
 
 
@@ -50,8 +52,11 @@ def test_a_cycle_finds_its_own_deployment_and_recent_policies_come_newest_first(
 def test_task_counts_split_open_and_done(db):
     with db.session() as s:
         cycle, _ = open_cycle(s, week="2026-W04")
-        assert task_counts(s, cycle_id=cycle.id) == {"open": 0, "done": 0, "closed": 0}
-        tasks = create_tasks(s, cycle_id=cycle.id, tasks=[
-            {"prompt": "p", "response_a": "a", "response_b": "b"} for _ in range(3)])
-        create_feedback_batch(s, source="x", comparisons=[builders.comparison(0, task_id=tasks[0].id)])
-        assert task_counts(s, cycle_id=cycle.id) == {"open": 2, "done": 1, "closed": 0}
+        assert task_counts(s, cycle_id=cycle.id) == {"open": 0, "done": 0, "closed": 0, "unanswered": 0}
+        answer = builders.comparison(0)
+        texts = {"prompt": answer.prompt, "response_a": answer.response_a, "response_b": answer.response_b}
+        create_tasks(s, cycle_id=cycle.id, tasks=[texts, {**texts, "answers_needed": 2}, texts])
+        leased = [t.task for t in lease_tasks(s, rater_id=answer.rater_id, limit=2, lease=timedelta(minutes=5))]
+        create_feedback_batch(s, source="x", comparisons=[builders.comparison(0, task_id=t.id) for t in leased])
+        # the task that needs two raters has one answer: open, but answered
+        assert task_counts(s, cycle_id=cycle.id) == {"open": 2, "done": 1, "closed": 0, "unanswered": 1}

@@ -51,6 +51,13 @@ def test_load_comparisons_reads_sources_and_rejects_bad_lines(tmp_path):
                                                {"prompt": "q", "response_a": " x", "response_b": " y", "choice": "b"}])
     comps = load_comparisons(path)
     assert [(c.choice, c.target, c.source) for c in comps] == [("tie", 0.5, "vendor-1"), ("b", 0.0, None)]
+    assert [c.strength for c in comps] == [None, None]
+    strong = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "response_a": " x", "response_b": " y", "choice": "a",
+                                                "strength": 2}])
+    assert load_comparisons(strong)[0].strength == 2.0
+    (tmp_path / "bad-strength.jsonl").write_text('{"prompt": "q", "response_a": "x", "response_b": "y", "choice": "a", "strength": "big"}\n')
+    with pytest.raises(WorkerError, match="line 1: strength 'big' must be a number >= 0"):
+        load_comparisons(tmp_path / "bad-strength.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "q"}\n{not json\n')
     with pytest.raises(WorkerError, match="line 1: missing field 'response_a'"):
         load_comparisons(tmp_path / "bad.jsonl")

@@ -195,3 +195,14 @@ def test_packing_check_catches_a_model_that_misreads_the_mask(tiny_gpt2, monkeyp
     monkeypatch.setattr(PreferenceModel, "_uses_boolean_mask", lambda self: True)
     with pytest.raises(ValueError, match="does not honour a custom 4D attention mask.*pair_mode=concat"):
         check_pair_packing(pm, token_ids=range(3, 13))
+
+
+def test_margin_from_strength_adds_per_unit_of_strength():
+    from workers.train_pm import EncodedPair, TrainPMConfig, margin_of
+
+    cfg = TrainPMConfig(model_path="m", dataset_path="d", output_dir="o", margin=0.5, margin_per_strength=1.0)
+    pairs = [EncodedPair([1], [2], [3], 1.0, None, s) for s in (None, 1.0, 3.0)]
+    assert [margin_of(p, cfg) for p in pairs] == [0.5, 1.5, 3.5]
+    # strength 3 with margin 3.5: A wins by d = 4 -> -logsig(0.5); a tie ignores whatever margin it is given
+    losses, _ = bradley_terry_loss(_t(4.0, 1.0), _t(0.0, 1.0), _t(1.0, 0.5), margin=_t(3.5, 3.5))
+    assert losses.tolist() == pytest.approx([-math.log(1 / (1 + math.exp(-0.5))), LOG2], abs=1e-6)

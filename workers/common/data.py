@@ -60,6 +60,8 @@ class Comparison:
     """``a``, ``b`` or ``tie``"""
     source: str | None = None
     """where the comparison came from (``metadata.source``), for per-source accuracy"""
+    strength: float | None = None
+    """how much better the chosen response is on the labeling scale (None: not given)"""
 
     @property
     def target(self) -> float:
@@ -81,6 +83,9 @@ def load_comparisons(path: str | os.PathLike) -> list[Comparison]:
         choice = obj["choice"]
         if choice not in CHOICES:
             raise WorkerError(f"{where}: choice {choice!r} must be one of {', '.join(CHOICES)}")
+        strength = obj.get("strength")
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0):
+            raise WorkerError(f"{where}: strength {strength!r} must be a number >= 0")
         meta = obj.get("metadata")
         source = meta.get("source") if isinstance(meta, dict) else None
         source = source if source is not None else obj.get("source")
@@ -91,6 +96,7 @@ def load_comparisons(path: str | os.PathLike) -> list[Comparison]:
                 response_b=obj["response_b"],
                 choice=choice,
                 source=None if source is None else str(source),
+                strength=None if strength is None else float(strength),
             )
         )
     return out

@@ -1,0 +1,326 @@
+"""Quality control of raters: gold (honeypot) comparisons, overlap agreement, flags and exclusions.
+
+* **Gold.** An operator registers comparisons with a known answer
+  (``register_gold``). A share of the tasks each rater is handed are gold
+  tasks made from them (``store.tasks``): once per rater, A and B in a random
+  order. A rater's gold accuracy is the share of its gold answers equal to the
+  known one (a tie counts only where the known answer is a tie).
+* **Overlap.** A share of a cycle's tasks need two or more raters
+  (``answers_needed``). Agreement is chance-corrected and counted over
+  distinct raters only: per rater, Cohen's kappa between its answers and the
+  other raters' answers to the same tasks (every pair of its answer with
+  another rater's); per cycle, Krippendorff's alpha (nominal: a, b, tie) over
+  its tasks with two or more answers.
+* **Flags.** A rater is flagged when enough evidence says it is poor: gold
+  accuracy under ``min_gold_accuracy`` after ``min_gold_answers`` gold
+  answers, or kappa under ``min_agreement`` after ``min_agreement_pairs``
+  pairs. A flagged rater is left out of comparison snapshots (all of its
+  comparisons, recorded in the snapshot), unless an operator includes it;
+  an operator may also exclude a rater outright (``decide``). Gold answers
+  never train a PM: they are QC, known already.
+
+The numbers are computed from the comparisons and leases each time they are
+asked for (a query over every answer with a task): fine for the tens of
+thousands of comparisons a team gathers in weeks; a busy deployment would keep
+running counts instead.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from store.errors import InvalidInput
+from store.models import (
+    CHOICES,
+    Comparison,
+    ComparisonTask,
+    Cycle,
+    GoldComparison,
+    RaterDecision,
+    StageRun,
+    TaskLease,
+    utcnow,
+)
+
+
+class QCPolicy(BaseModel):
+    """How raters are checked and when they are left out (a cycle's ``qc`` settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    gold_share: float = Field(default=0.1, ge=0, lt=1)
+    """share of the tasks handed to each rater that are gold (known-answer) tasks, while registered gold lasts"""
+    overlap_share: float = Field(default=0.1, ge=0, le=1)
+    """share of a cycle's training tasks handed to ``overlap_raters`` distinct raters instead of one"""
+    overlap_raters: int = Field(default=2, ge=2, le=10)
+    """how many raters answer an overlap task"""
+    min_gold_answers: int = Field(default=5, ge=1)
+    """gold answers a rater needs before its gold accuracy can flag it"""
+    min_gold_accuracy: float = Field(default=0.6, ge=0, le=1)
+    """gold accuracy under which a rater is flagged"""
+    min_agreement_pairs: int = Field(default=10, ge=1)
+    """answer pairs with other raters (on overlap tasks) a rater needs before its agreement can flag it"""
+    min_agreement: float = Field(default=0.2, ge=-1, le=1)
+    """Cohen's kappa against the other raters under which a rater is flagged"""
+    exclude_flagged: bool = True
+    """leave flagged raters out of comparison snapshots (False: flag only; operators' exclusions still apply)"""
+
+
+# -- gold -----------------------------------------------------------------------------------
+
+
+def register_gold(session: Session, *, items: Sequence[dict], created_by: str = "") -> list[GoldComparison]:
+    """Register gold comparisons (prompt, response_a, response_b, choice, optional metadata)."""
+    problems = []
+    for i, item in enumerate(items):
+        if item["choice"] not in CHOICES:
+            problems.append({"index": i, "field": "choice", "message": f"choice {item['choice']!r} is not one of a, b, tie"})
+        elif item["response_a"] == item["response_b"] and item["choice"] != "tie":
+            problems.append({"index": i, "field": "choice", "message": "identical responses need choice 'tie'"})
+    if problems:
+        raise InvalidInput(f"{len(problems)} invalid gold comparison field(s)", problems)
+    rows = [
+        GoldComparison(prompt=item["prompt"], response_a=item["response_a"], response_b=item["response_b"],
+                       choice=item["choice"], meta=item.get("metadata") or {}, created_by=created_by)
+        for item in items
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def gold_counts(session: Session) -> dict[str, int]:
+    """How many gold comparisons are registered, active (handed out) and retired."""
+    total, retired = session.execute(
+        select(func.count(), func.count(GoldComparison.retired_at)).select_from(GoldComparison)
+    ).one()
+    return {"registered": int(total), "active": int(total - retired), "retired": int(retired)}
+
+
+def retire_gold(session: Session, *, gold_ids: Sequence[int]) -> int:
+    """Stop handing these gold comparisons out; returns how many were active."""
+    result = session.execute(
+        update(GoldComparison).where(GoldComparison.id.in_(list(gold_ids)), GoldComparison.retired_at.is_(None))
+        .values(retired_at=utcnow())
+    )
+    return int(result.rowcount or 0)
+
+
+# -- agreement ------------------------------------------------------------------------------
+
+
+def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of (this rater, other rater) label pairs: (p_o - p_e) / (1 - p_e), with p_e from the
+    two sides' own marginals (Cohen 1960). None when there is no pair or chance agreement is certain."""
+    if not pairs:
+        return None
+    n = len(pairs)
+    p_o = sum(a == b for a, b in pairs) / n
+    left, right = Counter(a for a, _ in pairs), Counter(b for _, b in pairs)
+    p_e = sum(left[c] * right[c] for c in left) / (n * n)
+    if p_e >= 1:
+        return None
+    return (p_o - p_e) / (1 - p_e)
+
+
+def krippendorff_alpha(units: Iterable[Sequence[str]]) -> float | None:
+    """Krippendorff's alpha for nominal labels over units (each the labels distinct raters gave one task):
+    1 - D_o / D_e from the coincidence matrix (Krippendorff 2011, "Computing Krippendorff's alpha").
+    Units with fewer than two labels carry no information and are left out. None when nothing is pairable
+    or every label is the same."""
+    coincidence: Counter[tuple[str, str]] = Counter()
+    for labels in units:
+        m = len(labels)
+        if m < 2:
+            continue
+        counts = Counter(labels)
+        for c in counts:
+            for k in counts:
+                pairs = counts[c] * (counts[k] - (c == k))
+                if pairs:
+                    coincidence[c, k] += pairs / (m - 1)
+    n = sum(coincidence.values())
+    if n <= 1:
+        return None
+    marginal: Counter[str] = Counter()
+    for (c, _), v in coincidence.items():
+        marginal[c] += v
+    observed = sum(v for (c, k), v in coincidence.items() if c != k)
+    expected = sum(marginal[c] * marginal[k] for c in marginal for k in marginal if c != k) / (n - 1)
+    if expected == 0:
+        return None
+    return 1 - observed / expected
+
+
+# -- per-rater numbers ------------------------------------------------------------------------
+
+
+@dataclass
+class RaterStats:
+    """One rater's numbers, flags and the operator's decision."""
+
+    rater_id: str
+    answered: int = 0
+    """comparisons the rater gave (imports included), gold answers included"""
+    gold_answered: int = 0
+    gold_correct: int = 0
+    agreement_pairs: int = 0
+    """pairs of its answer with another rater's answer to the same task"""
+    kappa: float | None = None
+    median_seconds: float | None = None
+    """median time from taking a task's lease to answering it"""
+    flags: list[str] = field(default_factory=list)
+    """why quality control flags the rater (empty: not flagged)"""
+    decision: str | None = None
+    """an operator's ``include`` or ``exclude``, if any"""
+    decision_reason: str = ""
+
+    @property
+    def gold_accuracy(self) -> float | None:
+        return self.gold_correct / self.gold_answered if self.gold_answered else None
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags)
+
+    def excluded(self, policy: QCPolicy) -> bool:
+        """Whether the rater is left out of comparison snapshots."""
+        if self.decision == "exclude":
+            return True
+        return self.flagged and policy.exclude_flagged and self.decision != "include"
+
+    def exclusion_reason(self) -> str:
+        if self.decision == "exclude":
+            return f"excluded by an operator: {self.decision_reason}".rstrip(": ")
+        return "; ".join(self.flags)
+
+
+def _task_answers(session: Session, *, cycle_id: int | None = None):
+    query = (
+        select(Comparison.task_id, Comparison.rater_id, Comparison.choice, ComparisonTask.kind,
+               ComparisonTask.expected_choice, ComparisonTask.cycle_id)
+        .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .order_by(Comparison.id)
+    )
+    if cycle_id is not None:
+        query = query.where(ComparisonTask.cycle_id == cycle_id)
+    return session.execute(query).all()
+
+
+def _overlap_units(rows) -> dict[int, dict[str, str]]:
+    """task id -> {rater: its first answer}, for non-gold tasks answered by two or more distinct raters."""
+    by_task: dict[int, dict[str, str]] = defaultdict(dict)
+    for task_id, rater, choice, kind, _, _ in rows:
+        if kind != "gold":
+            by_task[task_id].setdefault(rater, choice)
+    return {t: answers for t, answers in by_task.items() if len(answers) >= 2}
+
+
+def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] | None = None) -> list[RaterStats]:
+    """Every rater's numbers (or those of ``rater_ids``), flagged against ``policy``, by rater id."""
+    stats: dict[str, RaterStats] = {}
+
+    def of(rater: str) -> RaterStats:
+        if rater not in stats:
+            stats[rater] = RaterStats(rater)
+        return stats[rater]
+
+    query = select(Comparison.rater_id, func.count()).group_by(Comparison.rater_id)
+    if rater_ids is not None:
+        query = query.where(Comparison.rater_id.in_(list(rater_ids)))
+    for rater, n in session.execute(query):
+        of(rater).answered = int(n)
+    rows = _task_answers(session)
+    seen_gold: set[tuple[int, str]] = set()
+    for task_id, rater, choice, kind, expected, _ in rows:
+        if kind == "gold" and (task_id, rater) not in seen_gold and rater in stats:
+            seen_gold.add((task_id, rater))
+            s = of(rater)
+            s.gold_answered += 1
+            s.gold_correct += choice == expected
+    pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for answers in _overlap_units(rows).values():
+        for rater, choice in answers.items():
+            pairs[rater] += [(choice, other) for r, other in answers.items() if r != rater]
+    for rater, mine in pairs.items():
+        if rater in stats:
+            stats[rater].agreement_pairs = len(mine)
+            stats[rater].kappa = cohen_kappa(mine)
+    durations: dict[str, list[float]] = defaultdict(list)
+    for rater, leased_at, answered_at in session.execute(
+        select(TaskLease.rater_id, TaskLease.leased_at, TaskLease.answered_at).where(TaskLease.answered_at.is_not(None))
+    ):
+        durations[rater].append((answered_at - leased_at).total_seconds())
+    for rater, seconds in durations.items():
+        if rater in stats:
+            stats[rater].median_seconds = statistics.median(seconds)
+    for rater, row in _decisions(session).items():
+        if rater in stats:
+            stats[rater].decision, stats[rater].decision_reason = row.decision, row.reason
+    for s in stats.values():
+        accuracy = s.gold_accuracy
+        if s.gold_answered >= policy.min_gold_answers and accuracy is not None and accuracy < policy.min_gold_accuracy:
+            s.flags.append(f"gold accuracy {accuracy:.2f} over {s.gold_answered} gold answers is under "
+                           f"{policy.min_gold_accuracy:g}")
+        if s.agreement_pairs >= policy.min_agreement_pairs and s.kappa is not None and s.kappa < policy.min_agreement:
+            s.flags.append(f"agreement (Cohen's kappa) {s.kappa:.2f} over {s.agreement_pairs} answer pairs is under "
+                           f"{policy.min_agreement:g}")
+    return [stats[r] for r in sorted(stats)]
+
+
+def _decisions(session: Session) -> dict[str, RaterDecision]:
+    """rater -> its newest decision still in force."""
+    out: dict[str, RaterDecision] = {}
+    for row in session.scalars(
+        select(RaterDecision).where(RaterDecision.cleared_at.is_(None)).order_by(RaterDecision.id)
+    ):
+        out[row.rater_id] = row
+    return out
+
+
+def cycle_agreement(session: Session, *, cycle_id: int) -> dict[str, float | int | None]:
+    """A cycle's agreement: Krippendorff's alpha over its tasks answered by two or more distinct raters."""
+    units = _overlap_units(_task_answers(session, cycle_id=cycle_id))
+    return {"tasks": len(units), "raters": len({r for u in units.values() for r in u}),
+            "alpha": krippendorff_alpha([list(u.values()) for u in units.values()])}
+
+
+def excluded_raters(session: Session, policy: QCPolicy) -> dict[str, str]:
+    """rater -> why it is left out of comparison snapshots now."""
+    return {s.rater_id: s.exclusion_reason() for s in rater_stats(session, policy) if s.excluded(policy)}
+
+
+def decide(session: Session, *, rater_id: str, decision: str | None, reason: str = "", actor: str = "") -> RaterDecision | None:
+    """An operator's decision on a rater: ``include`` (over a flag), ``exclude``, or None to clear the one in force."""
+    now = utcnow()
+    session.execute(
+        update(RaterDecision).where(RaterDecision.rater_id == rater_id, RaterDecision.cleared_at.is_(None))
+        .values(cleared_at=now)
+    )
+    if decision is None:
+        return None
+    row = RaterDecision(rater_id=rater_id, decision=decision, reason=reason, actor=actor, created_at=now)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def current_policy(session: Session, default: QCPolicy) -> QCPolicy:
+    """The QC policy in force: the running cycle's (else the newest cycle's) resolved ``qc`` settings, as its
+    open stage recorded them; ``default`` when no cycle recorded any."""
+    row = session.execute(
+        select(StageRun.outputs)
+        .join(Cycle, Cycle.id == StageRun.cycle_id)
+        .where(StageRun.stage == "open", StageRun.status == "succeeded")
+        .order_by((Cycle.status == "running").desc(), Cycle.id.desc())
+        .limit(1)
+    ).scalar()
+    qc = ((row or {}).get("settings") or {}).get("qc")
+    return QCPolicy.model_validate(qc) if qc else default
