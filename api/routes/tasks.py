@@ -20,12 +20,13 @@ RaterQuery = Annotated[Name | None, Query(description="the rater the tasks are f
 
 
 def task_public(leased: Leased) -> ComparisonTaskPublic:
-    """A leased task as a rater sees it: no kind, no candidate side, no known answer."""
+    """A leased task as a rater sees it: no kind, no candidate side, no known answer, no metadata (which
+    policies wrote the responses): a blind comparison, and a gold task like any other."""
     # The end of the lease is the rater's (a TaskLease row), not the task's: given beside the task's fields.
     task = leased.task
     return ComparisonTaskPublic(
         id=task.id, cycle_id=task.cycle_id, prompt_id=task.prompt_id, prompt=task.prompt,
-        response_a=task.response_a, response_b=task.response_b, metadata=task.meta, leased_until=leased.leased_until,
+        response_a=task.response_a, response_b=task.response_b, leased_until=leased.leased_until,
     )
 
 

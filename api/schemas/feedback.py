@@ -145,14 +145,17 @@ class ImportResult(BaseModel):
 
 
 class ComparisonTaskPublic(Public):
+    """A task as a rater sees it. What the server knows about it stays there: which policy wrote which
+    response (the comparison is blind), whether it is an eval or gold task, and a gold task's answer."""
+
     id: int
     cycle_id: int | None
     prompt_id: str | None
     prompt: str
     response_a: str
     response_b: str
-    metadata: dict[str, Any] = Field(validation_alias=AliasChoices("meta", "metadata"))
     leased_until: datetime | None
+    """when the rater's lease runs out"""
 
 
 class ComparisonTaskList(BaseModel):
