@@ -8,8 +8,8 @@
 * **Overlap.** A share of a cycle's tasks need two or more raters
   (``answers_needed``). Agreement is chance-corrected and counted over
   distinct raters only: per rater, Cohen's kappa between its answers and the
-  other raters' answers to the same tasks (every pair of its answer with
-  another rater's); per cycle, Krippendorff's alpha (nominal: a, b, tie) over
+  trusted raters' answers to the same tasks (every pair of its answer with
+  another's; trusted: not flagged by gold, not excluded by an operator); per cycle, Krippendorff's alpha (nominal: a, b, tie) over
   its tasks with two or more answers.
 * **Flags.** A rater is flagged when enough evidence says it is poor: gold
   accuracy under ``min_gold_accuracy`` after ``min_gold_answers`` gold
@@ -224,7 +224,14 @@ def _overlap_units(rows) -> dict[int, dict[str, str]]:
 
 
 def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] | None = None) -> list[RaterStats]:
-    """Every rater's numbers (or those of ``rater_ids``), flagged against ``policy``, by rater id."""
+    """Every rater's numbers (or those of ``rater_ids``), flagged against ``policy``, by rater id.
+
+    Gold is judged first. Agreement is then measured against the *trusted*
+    raters: those gold does not flag and no operator excludes (against every
+    other rater when none of a rater's overlap partners is trusted). Pooled
+    over everyone, a fast random rater who answers most overlap tasks drags
+    every honest rater's kappa to zero and gets them flagged with it.
+    """
     stats: dict[str, RaterStats] = {}
 
     def of(rater: str) -> RaterStats:
@@ -232,35 +239,17 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
             stats[rater] = RaterStats(rater)
         return stats[rater]
 
-    query = select(Comparison.rater_id, func.count()).group_by(Comparison.rater_id)
-    if rater_ids is not None:
-        query = query.where(Comparison.rater_id.in_(list(rater_ids)))
-    for rater, n in session.execute(query):
+    for rater, n in session.execute(select(Comparison.rater_id, func.count()).group_by(Comparison.rater_id)):
         of(rater).answered = int(n)
     rows = _task_answers(session)
+    # 1. Gold accuracy, one answer per (task, rater).
     seen_gold: set[tuple[int, str]] = set()
     for task_id, rater, choice, kind, expected, _ in rows:
-        if kind == "gold" and (task_id, rater) not in seen_gold and rater in stats:
+        if kind == "gold" and (task_id, rater) not in seen_gold:
             seen_gold.add((task_id, rater))
             s = of(rater)
             s.gold_answered += 1
             s.gold_correct += choice == expected
-    pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for answers in _overlap_units(rows).values():
-        for rater, choice in answers.items():
-            pairs[rater] += [(choice, other) for r, other in answers.items() if r != rater]
-    for rater, mine in pairs.items():
-        if rater in stats:
-            stats[rater].agreement_pairs = len(mine)
-            stats[rater].kappa = cohen_kappa(mine)
-    durations: dict[str, list[float]] = defaultdict(list)
-    for rater, leased_at, answered_at in session.execute(
-        select(TaskLease.rater_id, TaskLease.leased_at, TaskLease.answered_at).where(TaskLease.answered_at.is_not(None))
-    ):
-        durations[rater].append((answered_at - leased_at).total_seconds())
-    for rater, seconds in durations.items():
-        if rater in stats:
-            stats[rater].median_seconds = statistics.median(seconds)
     for rater, row in _decisions(session).items():
         if rater in stats:
             stats[rater].decision, stats[rater].decision_reason = row.decision, row.reason
@@ -269,10 +258,33 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
         if s.gold_answered >= policy.min_gold_answers and accuracy is not None and accuracy < policy.min_gold_accuracy:
             s.flags.append(f"gold accuracy {accuracy:.2f} over {s.gold_answered} gold answers is under "
                            f"{policy.min_gold_accuracy:g}")
+    # 2. Agreement with the trusted raters on overlap tasks (distinct raters only).
+    trusted = {r for r, s in stats.items() if not s.flags and s.decision != "exclude"}
+    with_trusted: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    with_all: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for answers in _overlap_units(rows).values():
+        for rater, choice in answers.items():
+            others = [(r, other) for r, other in answers.items() if r != rater]
+            with_all[rater] += [(choice, other) for _, other in others]
+            with_trusted[rater] += [(choice, other) for r, other in others if r in trusted]
+    for rater, everyone in with_all.items():
+        mine = with_trusted[rater] or everyone
+        s = of(rater)
+        s.agreement_pairs, s.kappa = len(mine), cohen_kappa(mine)
         if s.agreement_pairs >= policy.min_agreement_pairs and s.kappa is not None and s.kappa < policy.min_agreement:
             s.flags.append(f"agreement (Cohen's kappa) {s.kappa:.2f} over {s.agreement_pairs} answer pairs is under "
                            f"{policy.min_agreement:g}")
-    return [stats[r] for r in sorted(stats)]
+    # 3. Seconds from lease to answer.
+    durations: dict[str, list[float]] = defaultdict(list)
+    for rater, leased_at, answered_at in session.execute(
+        select(TaskLease.rater_id, TaskLease.leased_at, TaskLease.answered_at).where(TaskLease.answered_at.is_not(None))
+    ):
+        durations[rater].append((answered_at - leased_at).total_seconds())
+    for rater, seconds in durations.items():
+        if rater in stats:
+            stats[rater].median_seconds = statistics.median(seconds)
+    wanted = set(stats) if rater_ids is None else set(rater_ids) & set(stats)
+    return [stats[r] for r in sorted(wanted)]
 
 
 def _decisions(session: Session) -> dict[str, RaterDecision]:

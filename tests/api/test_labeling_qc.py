@@ -562,3 +562,39 @@ def test_strength_is_stored_and_checked_against_the_choice(labeling, keys, make_
         assert r.status_code == 422, r.text
         assert [(e["index"], e["field"]) for e in r.json()["errors"]] == [(1, "strength")]
     assert written() == before
+
+
+def test_a_fast_random_rater_does_not_drag_honest_raters_under_the_agreement_line(pg_db):
+    # 60 overlap tasks for three raters; "spam" answers every one at random (and every gold task wrong),
+    # "careful" and "honest" each give the right answer 19 times in 20 (kappa between them about 0.8).
+    # Pooled over everyone, half of their answer pairs would be with spam, and their kappa about 0.4:
+    # under the 0.6 line. Against the trusted raters (gold flags spam) it stays over it.
+    rng = random.Random(7)
+    with pg_db.session() as s:
+        register_gold(s, items=[{"prompt": f"gold {i}", "response_a": f"good {i}", "response_b": f"bad {i}",
+                                 "choice": "a"} for i in range(10)])
+        create_tasks(s, tasks=[{**task_texts(i), "answers_needed": 3} for i in range(60)])
+    truth = {}
+    for rater in ("spam", "careful", "honest"):
+        with pg_db.session() as s:
+            page = lease_tasks(s, rater_id=rater, limit=70, lease=timedelta(minutes=10), gold_share=0.14, rng=rng)
+            answers = []
+            for leased in page:
+                t = leased.task
+                if t.kind == "gold":
+                    choice = {"a": "b", "b": "a", "tie": "a"}[t.expected_choice] if rater == "spam" else t.expected_choice
+                elif rater == "spam":
+                    choice = rng.choice(CHOICES)
+                else:
+                    right = truth.setdefault(t.id, rng.choice(("a", "b")))
+                    choice = right if rng.random() < 0.95 else {"a": "b", "b": "a"}[right]
+                answers.append(NewComparison(prompt=t.prompt, response_a=t.response_a, response_b=t.response_b,
+                                             choice=choice, rater_id=rater, task_id=t.id))
+            create_feedback_batch(s, source=rater, comparisons=answers)
+    policy = QCPolicy(min_gold_answers=5, min_agreement_pairs=20, min_agreement=0.6)
+    with pg_db.session() as s:
+        stats = {r.rater_id: r for r in rater_stats(s, policy)}
+    assert stats["spam"].gold_accuracy == 0.0 and stats["spam"].excluded(policy)
+    for rater in ("careful", "honest"):
+        assert stats[rater].agreement_pairs == 60  # with the other trusted rater only
+        assert stats[rater].kappa > 0.6 and not stats[rater].flagged, (rater, stats[rater].kappa)
