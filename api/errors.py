@@ -149,6 +149,10 @@ def install(app: FastAPI) -> None:
     async def _conflict(_: Request, exc: errors.Conflict) -> JSONResponse:
         return _body(409, str(exc))
 
+    @app.exception_handler(errors.RaterExcluded)
+    async def _rater_excluded(_: Request, exc: errors.RaterExcluded) -> JSONResponse:
+        return _body(403, str(exc))
+
     @app.exception_handler(errors.ImmutableVersion)
     async def _immutable(_: Request, exc: errors.ImmutableVersion) -> JSONResponse:
         return _body(409, str(exc))

@@ -15,6 +15,10 @@ class Conflict(StoreError):
     """A write collided with an existing row (unique key, idempotency key)."""
 
 
+class RaterExcluded(StoreError):
+    """Quality control (or an operator) leaves this rater out: it is handed no more tasks (answered 403)."""
+
+
 class ImmutableVersion(StoreError):
     """An update of an immutable version row was attempted."""
 

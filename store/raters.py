@@ -224,7 +224,8 @@ def _overlap_units(rows) -> dict[int, dict[str, str]]:
 
 
 def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] | None = None) -> list[RaterStats]:
-    """Every rater's numbers (or those of ``rater_ids``), flagged against ``policy``, by rater id.
+    """Every rater that gave a comparison or has an operator's decision (or those of ``rater_ids``), with
+    its numbers, flagged against ``policy``, by rater id.
 
     Gold is judged first. Agreement is then measured against the *trusted*
     raters: those gold does not flag and no operator excludes (against every
@@ -250,9 +251,9 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
             s = of(rater)
             s.gold_answered += 1
             s.gold_correct += choice == expected
-    for rater, row in _decisions(session).items():
-        if rater in stats:
-            stats[rater].decision, stats[rater].decision_reason = row.decision, row.reason
+    for rater, row in _decisions(session).items():  # a rater decided on before it answered is listed too
+        s = of(rater)
+        s.decision, s.decision_reason = row.decision, row.reason
     for s in stats.values():
         accuracy = s.gold_accuracy
         if s.gold_answered >= policy.min_gold_answers and accuracy is not None and accuracy < policy.min_gold_accuracy:

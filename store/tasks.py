@@ -31,8 +31,9 @@ from typing import Any
 from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.errors import Conflict, NotFound
+from store.errors import Conflict, NotFound, RaterExcluded
 from store.models import Comparison, ComparisonTask, Cycle, GoldComparison, TaskLease, utcnow
+from store.raters import QCPolicy, excluded_raters
 
 SERVED_KINDS = ("eval", "train")
 """task kinds any rater may be handed from the pool (gold tasks are made per rater)"""
@@ -103,6 +104,7 @@ def lease_tasks(
     api_key_id: int | None = None,
     gold_share: float = 0.0,
     rng: random.Random | None = None,
+    qc: QCPolicy | None = None,
 ) -> list[Leased]:
     """Lease up to ``limit`` tasks to ``rater_id``: eval tasks first, then overlap tasks that others
     answered already (so they complete), then the rest in id order; with ``gold_share`` > 0 some of
@@ -114,9 +116,17 @@ def lease_tasks(
     on a task are counted again once it is locked (a lease taken by another
     transaction that committed meanwhile counts). SQLite serialises writers.
     Gold is handed out only beside real work: a rater with nothing to do
-    gets nothing, not a page of gold.
+    gets nothing, not a page of gold. With ``qc``, a rater that quality
+    control leaves out of snapshots (or an operator excludes) is handed
+    nothing and told why (``RaterExcluded``): its answers would not be used,
+    and each task it held would be one the others cannot answer.
     """
     check_rater_key(session, rater_id=rater_id, api_key_id=api_key_id)
+    if qc is not None:
+        why = excluded_raters(session, qc).get(rater_id)
+        if why is not None:
+            raise RaterExcluded(f"rater {rater_id!r} is handed no tasks: {why}; an operator can include it again "
+                                f"(PUT /v1/raters/{{rater_id}}/decision)")
     rng = rng or random.Random()
     now = utcnow()
     _close_expired_gold(session, now)

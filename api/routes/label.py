@@ -44,7 +44,7 @@ from api.deps import MAX_ID, Caller, get_qc_policy
 from api.web import SignIn, from_this_site, page, read_form, redirect, same_token
 from store.cycles import running_cycle_id
 from store.db import Database
-from store.errors import Conflict, InvalidInput, NotFound
+from store.errors import Conflict, InvalidInput, NotFound, RaterExcluded
 from store.feedback import IdempotentReplay, NewComparison, create_feedback_batch
 from store.models import ComparisonTask
 from store.settings import ScalePoint
@@ -134,9 +134,9 @@ def next_task(database: Database, request: Request, caller: Caller) -> tuple[Tas
                 held = lease_tasks(
                     session, rater_id=caller.name, api_key_id=caller.id, limit=1,
                     lease=timedelta(seconds=settings.task_lease_s), cycle_id=running_cycle_id(session),
-                    gold_share=policy.gold_share,
+                    gold_share=policy.gold_share, qc=policy,
                 )
-            except Conflict as exc:  # the rater takes its tasks under another key
+            except (Conflict, RaterExcluded) as exc:  # another key's rater, or one quality control leaves out
                 problem = str(exc)
         task = TaskView.of(held[0]) if held else None
         return task, rater_progress(session, rater_id=caller.name), problem

@@ -52,13 +52,15 @@ def fetch_tasks(
     (known-answer) tasks for quality control. No task shows what it is: an
     eval task's candidate side and a gold task's answer stay on the server.
     A rater that takes tasks under one key cannot take any under another (409).
+    A rater quality control leaves out (or an operator excludes) is handed
+    none (403, saying why) until an operator includes it again.
     """
     if cycle_id is None:
         cycle_id = running_cycle_id(session)
     rater = rater_id or key.name
     rows = lease_tasks(
         session, rater_id=rater, api_key_id=key.id, limit=limit, lease=timedelta(seconds=settings.task_lease_s),
-        cycle_id=cycle_id, gold_share=qc.gold_share,
+        cycle_id=cycle_id, gold_share=qc.gold_share, qc=qc,
     )
     return ComparisonTaskList(data=[task_public(r) for r in rows], count=len(rows), lease_s=settings.task_lease_s,
                               rater_id=rater)

@@ -137,6 +137,8 @@ class SimulatedLabeler:
         self.batch_size = batch_size
         self.rng = random.Random(f"{rater_id}:{seed}")
         self.stats = LabelerStats()
+        self.excluded: str | None = None
+        """why the server hands this rater no tasks (quality control left it out), while it does"""
 
     @classmethod
     def of(cls, profile: RaterProfile, base_url: str, token: str, **kwargs) -> SimulatedLabeler:
@@ -160,6 +162,13 @@ class SimulatedLabeler:
     def label_once(self) -> int:
         """Lease up to ``batch_size`` tasks, judge them, post one batch; returns how many were labeled."""
         response = self.client.get("/v1/comparison-tasks", params={"limit": self.batch_size, "rater_id": self.rater_id})
+        if response.status_code == 403 and self.excluded is None:
+            # Quality control left this rater out: it is handed no more tasks until an operator includes it.
+            self.excluded = response.json().get("detail", "excluded")
+            log.info("labeler %s: %s", self.rater_id, self.excluded)
+        if response.status_code == 403:
+            return 0
+        self.excluded = None
         response.raise_for_status()
         tasks = response.json()["data"]
         if not tasks:

@@ -395,7 +395,9 @@ def test_a_rater_labels_from_the_keyboard_in_chromium(pg_db, artifacts, keys, tm
             page.on("pageerror", lambda e: messages.append(f"pageerror: {e}"))
             page.goto(f"{live.base}/label")
             assert page.url == f"{live.base}/label/login"
-            page.keyboard.type(token_of(keys.labeler))  # the key field has the focus
+            # the key field has the focus (autofocus); on a loaded machine it may take a moment to get it
+            page.wait_for_function("document.activeElement && document.activeElement.name === 'token'")
+            page.keyboard.type(token_of(keys.labeler))
             with page.expect_navigation():
                 page.keyboard.press("Enter")
             assert page.url == f"{live.base}/label"

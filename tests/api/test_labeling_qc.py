@@ -14,6 +14,7 @@ from store.cycles import finish_cycle, open_cycle
 from store.datasets import snapshot_comparisons
 from store.feedback import NewComparison, create_feedback_batch
 from store.models import CHOICES, Comparison, ComparisonTask, TaskLease, utcnow
+from store.errors import RaterExcluded
 from store.raters import QCPolicy, excluded_raters, rater_stats, register_gold
 from store.tasks import create_tasks, lease_tasks
 from tests import builders
@@ -285,15 +286,24 @@ def test_a_batch_without_task_ids_keeps_the_fast_path(client, labeling, keys, ma
 # -- gold -------------------------------------------------------------------------------------
 
 
+def known_answers(pg_db, task_ids: list[int]) -> dict[int, str | None]:
+    """task id -> its known answer (gold tasks), as the store keeps it."""
+    with pg_db.session() as s:
+        return dict(s.execute(select(ComparisonTask.id, ComparisonTask.expected_choice)
+                              .where(ComparisonTask.id.in_(task_ids))).all())
+
+
 def test_gold_is_about_a_tenth_of_what_a_rater_is_handed_and_looks_like_any_task(
-    labeling, keys, make_tasks, gold, task_rows
+    labeling, keys, make_tasks, gold, task_rows, pg_db
 ):
     gold(100)
     make_tasks(200)
     handed: list[dict] = []
     while page := labeling.lease(keys.labeler, limit=10):
         handed += page
-        r = labeling.post(keys.labeler, [answer(t, LABELER) for t in page])
+        # a good rater: right on gold (quality control would hand a poor one no more tasks)
+        expected = known_answers(pg_db, [t["id"] for t in page])
+        r = labeling.post(keys.labeler, [answer(t, LABELER, expected.get(t["id"]) or "a") for t in page])
         assert r.status_code == 201, r.text
     rows = task_rows([t["id"] for t in handed])
     golds = [t for t in handed if rows[t["id"]][2] == "gold"]
@@ -598,3 +608,22 @@ def test_a_fast_random_rater_does_not_drag_honest_raters_under_the_agreement_lin
     for rater in ("careful", "honest"):
         assert stats[rater].agreement_pairs == 60  # with the other trusted rater only
         assert stats[rater].kappa > 0.6 and not stats[rater].flagged, (rater, stats[rater].kappa)
+
+
+def test_a_rater_left_out_is_handed_no_tasks_until_an_operator_includes_it(client, keys, make_tasks, qc_raters, pg_db):
+    make_tasks(3)
+    with pg_db.session() as s:
+        with pytest.raises(RaterExcluded, match="'careless' is handed no tasks: gold accuracy"):
+            lease_tasks(s, rater_id="careless", limit=5, lease=timedelta(minutes=5), qc=QCPolicy())
+        assert lease_tasks(s, rater_id="careful", limit=1, lease=timedelta(minutes=5), qc=QCPolicy())
+    r = client.put("/v1/raters/careless/decision", json={"decision": "include", "reason": "retrained"},
+                   headers=keys.operator)
+    assert r.status_code == 200
+    with pg_db.session() as s:
+        assert lease_tasks(s, rater_id="careless", limit=1, lease=timedelta(minutes=5), qc=QCPolicy())
+    # through the API: an operator's exclusion of the key's own rater is a 403 saying why
+    r = client.put(f"/v1/raters/{LABELER}/decision", json={"decision": "exclude", "reason": "left the team"},
+                   headers=keys.operator)
+    assert r.status_code == 200
+    r = client.get("/v1/comparison-tasks", headers=keys.labeler)
+    assert r.status_code == 403 and "excluded by an operator: left the team" in r.json()["detail"]

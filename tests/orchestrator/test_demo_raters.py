@@ -200,12 +200,14 @@ def test_quality_control_flags_and_excludes_the_random_rater_and_keeps_the_other
         kept_anyway = excluded_raters(s, policy.model_copy(update={"exclude_flagged": False}))
     assert set(stats) == {"sim-careful", "sim-noisy", "sim-random"}
     assert sum(st.gold_answered for st in stats.values()) == gold_answers
-    for st in stats.values():
-        # each rater was handed gold (about 15% of its tasks, each gold comparison once) and shared overlap
-        # tasks with the others
+    random_, careful, noisy = stats["sim-random"], stats["sim-careful"], stats["sim-noisy"]
+    for st in (careful, noisy):
+        # each good rater was handed gold (about 15% of its tasks, each gold comparison once) and shared
+        # overlap tasks with the other
         assert 40 <= st.gold_answered <= 60, st
         assert 0 < st.agreement_pairs < policy.min_agreement_pairs and st.kappa is not None, st
-    random_, careful, noisy = stats["sim-random"], stats["sim-careful"], stats["sim-noisy"]
+    # the random rater was handed no more tasks once its gold answers flagged it
+    assert policy.min_gold_answers <= random_.gold_answered < 40 and random_.answered < careful.answered / 2, random_
     assert random_.gold_accuracy < policy.min_gold_accuracy and random_.flagged and random_.excluded(policy)
     assert random_.flags[0].startswith("gold accuracy")
     assert careful.gold_accuracy >= 0.8 and not careful.flagged and not careful.excluded(policy)
