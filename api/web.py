@@ -52,9 +52,10 @@ templates = Environment(loader=PackageLoader("api", "templates"), autoescape=sel
 
 def csp(nonce: str | None = None, *, script: bool = False) -> str:
     """A page's Content-Security-Policy: nothing loaded, no framing; only the style sheets (and, with
-    ``script``, the scripts) that carry ``nonce``."""
+    ``script``, the scripts) that carry ``nonce``; a page with a script may call back to this site
+    (the comparison page renews its lease)."""
     styles = f"style-src 'nonce-{nonce}'; " if nonce else ""
-    scripts = f"script-src 'nonce-{nonce}'; " if nonce and script else ""
+    scripts = f"script-src 'nonce-{nonce}'; connect-src 'self'; " if nonce and script else ""
     return f"default-src 'none'; {styles}{scripts}form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
 

@@ -38,7 +38,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api.deps import MAX_ID, Caller, get_qc_policy
 from api.web import SignIn, from_this_site, page, read_form, redirect, same_token
@@ -48,7 +48,16 @@ from store.errors import Conflict, InvalidInput, NotFound, RaterExcluded
 from store.feedback import IdempotentReplay, NewComparison, create_feedback_batch
 from store.models import ComparisonTask
 from store.settings import ScalePoint
-from store.tasks import Leased, Progress, lease_started_at, lease_tasks, live_leases, rater_progress, release_lease
+from store.tasks import (
+    Leased,
+    Progress,
+    lease_started_at,
+    lease_tasks,
+    live_leases,
+    rater_progress,
+    release_lease,
+    renew_lease,
+)
 
 router = APIRouter(prefix="/label", include_in_schema=False)
 
@@ -171,6 +180,13 @@ def register_answer(database: Database, *, caller: Caller, task_id: int, point: 
         return created
 
 
+def renew_task(database: Database, *, caller: Caller, task_id: int, lease_s: int) -> datetime:
+    with database.session() as session:
+        row = renew_lease(session, task_id=task_id, rater_id=caller.name, api_key_id=caller.id,
+                          lease=timedelta(seconds=lease_s))
+        return row.leased_until
+
+
 def skip_task(database: Database, *, caller: Caller, task_id: int) -> None:
     with database.session() as session:
         release_lease(session, task_id=task_id, rater_id=caller.name, api_key_id=caller.id)
@@ -201,7 +217,8 @@ async def _task_page(request: Request, caller: Caller, session_id: str | None, *
     scale = request.app.state.settings.label_scale
     return page("label.html", status, script=task is not None, task=task, progress=progress, scale=scale,
                 caller=caller, csrf=SIGN_IN.form_csrf(session_id) if session_id else None, notice=notice,
-                error=error, refresh_s=REFRESH_S, max_comment=MAX_COMMENT_CHARS)
+                error=error, refresh_s=REFRESH_S, max_comment=MAX_COMMENT_CHARS,
+                renew_s=max(request.app.state.settings.task_lease_s // 2, 1))
 
 
 async def _signed_in(request: Request) -> tuple[Caller | None, str | None, Response | None]:
@@ -300,6 +317,24 @@ async def skip(request: Request) -> Response:
         return await _task_page(request, caller, session_id, status=status,
                                 error=f"Task {task_id} was not skipped: {exc}")
     return redirect(f"/label?skipped={task_id}")
+
+
+@router.post("/renew")
+async def renew(request: Request) -> Response:
+    """Hold ``task_id`` another lease from now (the page calls it while it is open): JSON with the new end,
+    or the error's status with its reason."""
+    caller, session_id, form, refused = await _checked_form(request)
+    if refused is not None:
+        return JSONResponse({"detail": "not renewed: sign in again"}, status_code=refused.status_code)
+    task_id = _task_id(form)
+    if task_id is None:
+        return JSONResponse({"detail": "the form names no task"}, status_code=422)
+    try:
+        until = await run_in_threadpool(partial(renew_task, request.app.state.database, caller=caller, task_id=task_id,
+                                                lease_s=request.app.state.settings.task_lease_s))
+    except (Conflict, NotFound) as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=409 if isinstance(exc, Conflict) else 404)
+    return JSONResponse({"task_id": task_id, "leased_until": until.isoformat(), "shown": until.strftime("%H:%M UTC")})
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -257,6 +257,23 @@ def test_skip_releases_the_lease_and_the_task_is_not_shown_again(client, keys, p
     assert shown_task(stale.text) == second
 
 
+def test_the_page_renews_the_lease_it_shows(client, keys, pg_db):
+    (task_id,) = open_tasks(pg_db, 1)
+    label_sign_in(client, keys.labeler)
+    page = client.get("/label")
+    assert "connect-src 'self'" in page.headers["content-security-policy"]  # the page's script may call back
+    before = lease_of(pg_db, task_id).leased_until
+    renewed = client.post("/label/renew", data={"csrf": form_csrf(page.text), "task_id": task_id})
+    assert renewed.status_code == 200 and renewed.json()["task_id"] == task_id
+    after = lease_of(pg_db, task_id).leased_until
+    assert after > before and renewed.json()["leased_until"] == after.isoformat()
+    refused = client.post("/label/renew", data={"csrf": "forged", "task_id": task_id})
+    assert refused.status_code == 403 and lease_of(pg_db, task_id).leased_until == after
+    client.post("/label/skip", data={"csrf": form_csrf(page.text), "task_id": task_id})
+    gone = client.post("/label/renew", data={"csrf": form_csrf(page.text), "task_id": task_id})
+    assert gone.status_code == 409 and f"released comparison task {task_id}" in gone.json()["detail"]
+
+
 def test_an_answer_after_the_lease_ran_out_is_a_message_then_the_next_task(client, keys, pg_db):
     (task_id,) = open_tasks(pg_db, 1)
     label_sign_in(client, keys.labeler)
@@ -411,6 +428,11 @@ def test_a_rater_labels_from_the_keyboard_in_chromium(pg_db, artifacts, keys, tm
             page.screenshot(path=narrow, full_page=True)
             page.set_viewport_size({"width": 1280, "height": 900})
             assert page.eval_on_selector(".responses", "e => getComputedStyle(e).gridTemplateColumns.split(' ').length") == 2
+
+            # the page's own script renews its lease (the same request, sent now instead of in lease_s / 2)
+            status = page.evaluate("""() => fetch('/label/renew', {method: 'POST', credentials: 'same-origin',
+                body: new URLSearchParams(new FormData(document.getElementById('skip')))}).then(r => r.status)""")
+            assert status == 200
 
             answered = []
             for key, comment in (("2", "kinder and to the point"), ("4", ""), ("6", "")):
