@@ -342,7 +342,7 @@ def main() -> None:
               f"p50 {s50:.1f} ms, p99 {s99:.1f} ms")
         task = {}
         if args.task_clients:
-            make_task_pool(url, args.task_clients * args.task_requests * 10)
+            make_task_pool(url, args.task_clients * args.task_requests * 20)  # twice what is answered: SKIP LOCKED pages can come short
             wall = time.perf_counter()
             t_samples, t_server = asyncio.run(task_answers(base, rater_tokens, args.task_requests))
             t_rate = len(t_samples) / (time.perf_counter() - wall)
