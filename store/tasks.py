@@ -38,6 +38,9 @@ from store.raters import QCPolicy, excluded_raters
 SERVED_KINDS = ("eval", "train")
 """task kinds any rater may be handed from the pool (gold tasks are made per rater)"""
 
+LEASE_ROUNDS = 4
+"""how many times a lease looks again for tasks lost to raters leasing at the same moment"""
+
 
 def create_tasks(
     session: Session,
@@ -114,7 +117,8 @@ def lease_tasks(
     narrows to one cycle. On PostgreSQL the task rows are locked with SKIP
     LOCKED, so raters asking at once get different places; the places left
     on a task are counted again once it is locked (a lease taken by another
-    transaction that committed meanwhile counts). SQLite serialises writers.
+    transaction that committed meanwhile counts), and tasks lost that way
+    are made up from the next ones (``LEASE_ROUNDS``). SQLite serialises writers.
     Gold is handed out only beside real work: a rater with nothing to do
     gets nothing, not a page of gold. With ``qc``, a rater that quality
     control leaves out of snapshots (or an operator excludes) is handed
@@ -150,21 +154,29 @@ def lease_tasks(
             case((ComparisonTask.answers > 0, 0), else_=1),
             ComparisonTask.id,
         )
-        .limit(limit)
         .with_for_update(skip_locked=True, of=ComparisonTask)
     )
     if cycle_id is not None:
         query = query.where(ComparisonTask.cycle_id == cycle_id)
-    candidates = list(session.scalars(query))
-    if not candidates:
-        return []
-    # Counted again under the row locks, in a statement of its own (a fresh snapshot on PostgreSQL).
-    holders = dict(session.execute(
-        select(TaskLease.task_id, func.count())
-        .where(TaskLease.task_id.in_([t.id for t in candidates]), _live(now), TaskLease.rater_id != rater_id)
-        .group_by(TaskLease.task_id)
-    ).all())
-    real = [t for t in candidates if t.answers + holders.get(t.id, 0) < t.answers_needed]
+    real: list[ComparisonTask] = []
+    considered: set[int] = set()
+    for _ in range(LEASE_ROUNDS):
+        # A task another rater leased and committed while this statement ran is locked here all the same
+        # (its row did not change, so PostgreSQL does not check it again): the places are counted again
+        # under the row locks, in a statement of its own, and what was lost is looked for once more.
+        round_query = query.where(ComparisonTask.id.not_in(considered)) if considered else query
+        candidates = list(session.scalars(round_query.limit(limit - len(real))))
+        if not candidates:
+            break
+        considered |= {t.id for t in candidates}
+        holders = dict(session.execute(
+            select(TaskLease.task_id, func.count())
+            .where(TaskLease.task_id.in_([t.id for t in candidates]), _live(now), TaskLease.rater_id != rater_id)
+            .group_by(TaskLease.task_id)
+        ).all())
+        real += [t for t in candidates if t.answers + holders.get(t.id, 0) < t.answers_needed]
+        if len(real) >= limit:
+            break
     if not real:
         return []
     gold_slots = _gold_slots(session, rater_id=rater_id, real=len(real), limit=limit, share=gold_share, rng=rng)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from threading import Barrier
 
 import pytest
 from sqlalchemy import select, update
@@ -627,3 +629,25 @@ def test_a_rater_left_out_is_handed_no_tasks_until_an_operator_includes_it(clien
     assert r.status_code == 200
     r = client.get("/v1/comparison-tasks", headers=keys.labeler)
     assert r.status_code == 403 and "excluded by an operator: left the team" in r.json()["detail"]
+
+
+def test_raters_leasing_at_once_get_full_pages_of_different_tasks(pg_db, make_tasks):
+    # A task another rater leased and committed while this lease's statement ran is locked all the same;
+    # it is counted out under the lock and made up from the next tasks, so pages do not come back short.
+    make_tasks(400)
+    raters = [f"rater-{i}" for i in range(8)]
+    start = Barrier(len(raters))
+
+    def lease_pages(rater: str) -> list[list[int]]:
+        pages = []
+        start.wait()
+        for _ in range(4):
+            with pg_db.session() as s:
+                pages.append([t.task.id for t in lease_tasks(s, rater_id=rater, limit=10, lease=timedelta(minutes=5))])
+        return pages
+
+    with ThreadPoolExecutor(len(raters)) as pool:
+        pages = [page for result in pool.map(lease_pages, raters) for page in result]
+    assert [len(p) for p in pages] == [10] * len(pages)
+    ids = [i for p in pages for i in p]
+    assert len(set(ids)) == len(ids) == 320
