@@ -228,18 +228,24 @@ def latency_wrk(base: str, token: str, clients: int, seconds: float) -> dict:
     return summary
 
 
-async def task_answers(base: str, tokens: list[str], requests: int) -> tuple[list[float], list[float]]:
-    """Each rater leases 10 tasks and answers them in one batch, ``requests`` times; POST latencies."""
+async def task_answers(base: str, tokens: list[str], requests: int) -> tuple[list[float], list[float], int]:
+    """Each rater leases 10 tasks and answers them in one batch, ``requests`` times; POST latencies, and how
+    many leasing GETs came back empty (the tasks they reached were all taken at the same moment)."""
     samples: list[float] = []
     server: list[float] = []
+    empty_pages: list[int] = []
 
     async def one_rater(token: str) -> None:
         auth = {"Authorization": f"Bearer {token}"}
         async with httpx.AsyncClient(base_url=base, timeout=30, headers=auth) as client:
-            for k in range(requests):
+            k = 0
+            while k < requests:
                 leased = (await client.get("/v1/comparison-tasks", params={"limit": 10})).json()
-                if not leased["data"]:
-                    raise SystemExit("the task pool ran dry: make more tasks")
+                if not leased["data"]:  # every task it reached was taken by raters leasing at the same moment
+                    empty_pages.append(1)
+                    if len(empty_pages) > 10 * len(tokens):
+                        raise SystemExit("raters keep getting empty pages from a pool of open tasks")
+                    continue
                 body = {"source": "task-bench", "comparisons": [
                     {"prompt": t["prompt"], "response_a": t["response_a"], "response_b": t["response_b"],
                      "choice": "a", "strength": 2, "rater_id": leased["rater_id"], "task_id": t["id"]}
@@ -251,9 +257,10 @@ async def task_answers(base: str, tokens: list[str], requests: int) -> tuple[lis
                 if r.status_code != 201:
                     raise SystemExit(f"answering POST failed: {r.status_code} {r.text[:300]}")
                 server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1000)
+                k += 1
 
     await asyncio.gather(*(one_rater(t) for t in tokens))
-    return samples, server
+    return samples, server, len(empty_pages)
 
 
 def make_task_pool(url: str, n: int) -> None:
@@ -344,15 +351,16 @@ def main() -> None:
         if args.task_clients:
             make_task_pool(url, args.task_clients * args.task_requests * 20)  # twice what is answered: SKIP LOCKED pages can come short
             wall = time.perf_counter()
-            t_samples, t_server = asyncio.run(task_answers(base, rater_tokens, args.task_requests))
+            t_samples, t_server, empty = asyncio.run(task_answers(base, rater_tokens, args.task_requests))
             t_rate = len(t_samples) / (time.perf_counter() - wall)
             task = {"task_p50_ms": round(percentile(t_samples, 0.5), 1), "task_p99_ms": round(percentile(t_samples, 0.99), 1),
                     "task_server_p50_ms": round(percentile(t_server, 0.5), 1),
-                    "task_server_p99_ms": round(percentile(t_server, 0.99), 1), "task_batches": len(t_samples)}
+                    "task_server_p99_ms": round(percentile(t_server, 0.99), 1), "task_batches": len(t_samples),
+                    "task_empty_pages": empty}
             print(f"task answers (python clients): {len(t_samples)} batches of 10 answers, {args.task_clients} raters, "
                   f"{t_rate:.0f} batches/s (with their leasing GETs): p50 {task['task_p50_ms']} ms, "
                   f"p99 {task['task_p99_ms']} ms; in the server p50 {task['task_server_p50_ms']} ms, "
-                  f"p99 {task['task_server_p99_ms']} ms")
+                  f"p99 {task['task_server_p99_ms']} ms; {empty} leasing GETs came back empty")
         print(json.dumps({
             "ours": round(ours), "peer": round(peer), "ratio": round(ours / peer, 3),
             "batch_size": args.size, "rounds": args.rounds, "workers": args.workers,

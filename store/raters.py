@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.errors import InvalidInput
@@ -203,10 +203,12 @@ class RaterStats:
 
 
 def _task_answers(session: Session, *, cycle_id: int | None = None):
+    """The answers quality control reads: to gold tasks, and to tasks two or more raters answered."""
     query = (
         select(Comparison.task_id, Comparison.rater_id, Comparison.choice, ComparisonTask.kind,
                ComparisonTask.expected_choice, ComparisonTask.cycle_id)
         .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .where(or_(ComparisonTask.kind == "gold", ComparisonTask.answers >= 2))
         .order_by(Comparison.id)
     )
     if cycle_id is not None:
@@ -223,7 +225,9 @@ def _overlap_units(rows) -> dict[int, dict[str, str]]:
     return {t: answers for t, answers in by_task.items() if len(answers) >= 2}
 
 
-def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] | None = None) -> list[RaterStats]:
+def rater_stats(
+    session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] | None = None, counts: bool = True
+) -> list[RaterStats]:
     """Every rater that gave a comparison or has an operator's decision (or those of ``rater_ids``), with
     its numbers, flagged against ``policy``, by rater id.
 
@@ -232,6 +236,8 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
     other rater when none of a rater's overlap partners is trusted). Pooled
     over everyone, a fast random rater who answers most overlap tasks drags
     every honest rater's kappa to zero and gets them flagged with it.
+    ``counts=False`` leaves ``answered`` and ``median_seconds`` out (and the
+    raters known only by them): what deciding exclusions needs, cheaply.
     """
     stats: dict[str, RaterStats] = {}
 
@@ -240,8 +246,9 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
             stats[rater] = RaterStats(rater)
         return stats[rater]
 
-    for rater, n in session.execute(select(Comparison.rater_id, func.count()).group_by(Comparison.rater_id)):
-        of(rater).answered = int(n)
+    if counts:
+        for rater, n in session.execute(select(Comparison.rater_id, func.count()).group_by(Comparison.rater_id)):
+            of(rater).answered = int(n)
     rows = _task_answers(session)
     # 1. Gold accuracy, one answer per (task, rater).
     seen_gold: set[tuple[int, str]] = set()
@@ -276,6 +283,9 @@ def rater_stats(session: Session, policy: QCPolicy, *, rater_ids: Sequence[str] 
             s.flags.append(f"agreement (Cohen's kappa) {s.kappa:.2f} over {s.agreement_pairs} answer pairs is under "
                            f"{policy.min_agreement:g}")
     # 3. Seconds from lease to answer.
+    if not counts:
+        wanted = set(stats) if rater_ids is None else set(rater_ids) & set(stats)
+        return [stats[r] for r in sorted(wanted)]
     durations: dict[str, list[float]] = defaultdict(list)
     for rater, leased_at, answered_at in session.execute(
         select(TaskLease.rater_id, TaskLease.leased_at, TaskLease.answered_at).where(TaskLease.answered_at.is_not(None))
@@ -307,7 +317,7 @@ def cycle_agreement(session: Session, *, cycle_id: int) -> dict[str, float | int
 
 def excluded_raters(session: Session, policy: QCPolicy) -> dict[str, str]:
     """rater -> why it is left out of comparison snapshots now."""
-    return {s.rater_id: s.exclusion_reason() for s in rater_stats(session, policy) if s.excluded(policy)}
+    return {s.rater_id: s.exclusion_reason() for s in rater_stats(session, policy, counts=False) if s.excluded(policy)}
 
 
 def decide(session: Session, *, rater_id: str, decision: str | None, reason: str = "", actor: str = "") -> RaterDecision | None:

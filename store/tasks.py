@@ -38,7 +38,7 @@ from store.raters import QCPolicy, excluded_raters
 SERVED_KINDS = ("eval", "train")
 """task kinds any rater may be handed from the pool (gold tasks are made per rater)"""
 
-LEASE_ROUNDS = 4
+LEASE_ROUNDS = 8
 """how many times a lease looks again for tasks lost to raters leasing at the same moment"""
 
 
