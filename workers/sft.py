@@ -47,7 +47,7 @@ from workers.common.modeling import (
 )
 from workers.common.pm import special_prefix
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.common.schedule import DataOrder, lr_at
+from workers.common.schedule import DataOrder, adamw, lr_at
 
 STEP = "sft"
 POLICY_DIRNAME = "policy"
@@ -240,14 +240,7 @@ def run(cfg: SFTConfig) -> StepResult:
     if cfg.disable_dropout:
         disable_dropout(model)
     model.train()
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-        fused=device.type in ("cpu", "cuda"),
-    )
-    params = decay + no_decay
+    optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     # 3. Resume from the newest checkpoint, or start clean.
     ckpt_root = out / "checkpoints"

@@ -90,7 +90,7 @@ from workers.common.pm import (
     pad_sequences,
 )
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.common.schedule import DataOrder, lr_at
+from workers.common.schedule import DataOrder, adamw, lr_at
 from workers.common.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
 
 STEP = "train_pm"
@@ -582,14 +582,9 @@ def _build_pm(cfg: TrainPMConfig, *, seed: int, device: torch.device) -> Prefere
 
 
 def _optimizer(cfg: TrainPMConfig, pm: PreferenceModel) -> torch.optim.Optimizer:
-    decay = [p for p in pm.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in pm.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) is the fastest AdamW and as deterministic as the others.
-    fused = pm.device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused
-    )
+    optimizer, _ = adamw(pm, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return optimizer
 
 
 def _forward(pm: PreferenceModel, items: Sequence[EncodedPair], *, pair_mode: str, pad_id: int):
