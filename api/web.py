@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -245,3 +245,22 @@ class SignIn:
         response = redirect(f"{self.path}/login")
         self.drop_cookies(response, self.cookie, *self.stale_cookies)
         return response
+
+    def add_routes(self, router: APIRouter) -> None:
+        """Serve ``GET`` and ``POST {path}/login`` and ``POST {path}/logout`` on ``router`` (whose prefix is ``path``)."""
+
+        async def login_form(request: Request) -> Response:
+            """The sign-in form."""
+            return self.sign_in_page(request)
+
+        async def login(request: Request) -> Response:
+            """Sign in with an API key: a server-side session, its id in an HttpOnly cookie."""
+            return await self.login(request)
+
+        async def logout(request: Request) -> Response:
+            """Ends the browser's session (a request without one just clears its cookies)."""
+            return await self.logout(request)
+
+        router.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)
+        router.add_api_route("/login", login, methods=["POST"], response_class=HTMLResponse)
+        router.add_api_route("/logout", logout, methods=["POST"])

@@ -272,17 +272,4 @@ async def dashboard(
     return page("dashboard.html", nonce=nonce, data=data, charts=svgs, caller=caller, prefect_ui=prefect_ui, csrf=csrf)
 
 
-@router.get("/login", response_class=HTMLResponse)
-async def login_form(request: Request) -> Response:
-    return SIGN_IN.sign_in_page(request)
-
-
-@router.post("/login", response_class=HTMLResponse)
-async def login(request: Request) -> Response:
-    return await SIGN_IN.login(request)
-
-
-@router.post("/logout")
-async def logout(request: Request) -> Response:
-    """Ends the browser's session (a request without one just clears its cookies)."""
-    return await SIGN_IN.logout(request)
+SIGN_IN.add_routes(router)

@@ -337,17 +337,4 @@ async def renew(request: Request) -> Response:
     return JSONResponse({"task_id": task_id, "leased_until": until.isoformat(), "shown": until.strftime("%H:%M UTC")})
 
 
-@router.get("/login", response_class=HTMLResponse)
-async def login_form(request: Request) -> Response:
-    return SIGN_IN.sign_in_page(request)
-
-
-@router.post("/login", response_class=HTMLResponse)
-async def login(request: Request) -> Response:
-    return await SIGN_IN.login(request)
-
-
-@router.post("/logout")
-async def logout(request: Request) -> Response:
-    """Ends the browser's session (a request without one just clears its cookies)."""
-    return await SIGN_IN.logout(request)
+SIGN_IN.add_routes(router)
