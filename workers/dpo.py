@@ -37,10 +37,10 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.checkpoint import resume_or_start, save_step_checkpoint
+from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.data import Comparison, load_comparisons, split_comparisons
-from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, write_json
+from workers.common.metrics import SUMMARY_FILENAME, StepResult, collect_result, finished_metrics, write_json
 from workers.common.modeling import (
     check_model_dir,
     disable_dropout,
@@ -51,7 +51,7 @@ from workers.common.modeling import (
 )
 from workers.common.pm import special_prefix
 from workers.common.rollout import check_same_vocabulary
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
 from workers.rl.preference import preference_loss
 from workers.sft import Example, collate
@@ -356,23 +356,8 @@ def run(cfg: DPOConfig) -> StepResult:
 
     # 3. Resume from the newest checkpoint, or start clean.
     ckpt_root = out / "checkpoints"
-    writer = MetricsWriter(out / "metrics.jsonl")
-    start_step = 0
-    if not cfg.resume:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    latest = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if latest is not None:
-        diffs = diff_configs(read_checkpoint_state(latest).get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS)
-        if diffs:
-            raise WorkerError(
-                f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
-                "run with the same config to resume it, or resume=false to start over"
-            )
-        start_step = load_checkpoint(latest, model=model, optimizer=optimizer)["step"]
-        writer.rewind(after_step=start_step)
-    else:
-        writer.clear()
-        seed_everything(cfg.seed)
+    writer, start_step = resume_or_start(cfg, out, model=model, optimizer=optimizer,
+                                         run_only_fields=RUN_ONLY_FIELDS)
 
     def evaluate() -> float | None:
         return heldout_accuracy(model, reference, heldout, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
@@ -384,7 +369,7 @@ def run(cfg: DPOConfig) -> StepResult:
     accuracy: float | None = None
     for step in range(start_step, total_steps):
         if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            _checkpoint(cfg, step, model, optimizer)
+            save_step_checkpoint(cfg, step, model=model, optimizer=optimizer)
             bar.close()
             return collect_result(STEP, out, {}, {"steps_done": step, "steps": total_steps}, complete=False)
         t0 = time.perf_counter()
@@ -430,7 +415,7 @@ def run(cfg: DPOConfig) -> StepResult:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-            _checkpoint(cfg, done, model, optimizer)
+            save_step_checkpoint(cfg, done, model=model, optimizer=optimizer)
     bar.close()
 
     # 5. The policy directory (the durable output; LoRA merged into float32 base weights, since merged
@@ -455,17 +440,6 @@ def run(cfg: DPOConfig) -> StepResult:
     write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return collect_result(STEP, out, {"policy": policy_dir}, metrics)
-
-
-def _checkpoint(cfg: DPOConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    save_checkpoint(
-        Path(cfg.output_dir) / "checkpoints",
-        step,
-        model=model,
-        optimizer=optimizer,
-        state={"config": to_dict(cfg), "data_position": step * cfg.batch_size},
-        keep=cfg.keep_checkpoints,
-    )
 
 
 def _finished_result(cfg: DPOConfig, out: Path) -> StepResult | None:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from workers.common.config import WorkerError
-from workers.common.metrics import atomic_write_text
+from workers.common.config import WorkerError, diff_configs, to_dict
+from workers.common.metrics import MetricsWriter, atomic_write_text
+from workers.common.runtime import seed_everything
 from workers.common.modeling import staging_dir
 from workers.common.runtime import rng_state, set_rng_state
 
@@ -158,3 +159,43 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
     optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def resume_or_start(
+    cfg: Any, out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, run_only_fields: set[str]
+) -> tuple[MetricsWriter, int]:
+    """The metrics writer and the first step of a single-model training step (sft, dpo): resumed from the
+    newest checkpoint under ``out/checkpoints`` (refused when it was written with another config, fields
+    in ``run_only_fields`` aside), or started clean with ``cfg.seed`` (``cfg.resume=False`` discards the
+    checkpoints first)."""
+    ckpt_root = out / "checkpoints"
+    writer = MetricsWriter(out / "metrics.jsonl")
+    if not cfg.resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    latest = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if latest is None:
+        writer.clear()
+        seed_everything(cfg.seed)
+        return writer, 0
+    diffs = diff_configs(read_checkpoint_state(latest).get("config", {}), to_dict(cfg), ignore=run_only_fields)
+    if diffs:
+        raise WorkerError(
+            f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
+            "run with the same config to resume it, or resume=false to start over"
+        )
+    start_step = load_checkpoint(latest, model=model, optimizer=optimizer)["step"]
+    writer.rewind(after_step=start_step)
+    return writer, start_step
+
+
+def save_step_checkpoint(cfg: Any, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint of a single-model training step under ``cfg.output_dir/checkpoints``: weights, optimizer,
+    the config and the data position (``step * cfg.batch_size``)."""
+    save_checkpoint(
+        Path(cfg.output_dir) / "checkpoints",
+        step,
+        model=model,
+        optimizer=optimizer,
+        state={"config": to_dict(cfg), "data_position": step * cfg.batch_size},
+        keep=cfg.keep_checkpoints,
+    )
