@@ -1,0 +1,463 @@
+"""rloo: critic-free RL against a preference model, RLOO or GRPO, with a KL anchor to a reference policy.
+
+    python -m workers.rloo --config rloo.json [key=value ...]
+
+One rollout is: take ``prompts_per_rollout`` prompts, sample ``k`` responses to
+each with the policy, score every response with the PM (an ensemble's
+conservative reward: members' mean minus ``ensemble_penalty`` times their
+spread, Coste et al. 2023), and turn each prompt's k rewards into advantages
+against a baseline drawn from the group itself, so no value function is
+trained:
+
+* ``estimator="rloo"``: the leave-one-out baseline, the mean reward of the
+  other k - 1 samples (Kool et al. 2019; Ahmadian et al. 2024, eq. 3);
+* ``"grpo"``: the group-normalised reward (r - mean) / std (Shao et al. 2024);
+* ``"dr_grpo"``: centring only, r - mean (Liu et al. 2025, Dr. GRPO).
+
+The KL to the reference policy enters one of two ways. ``kl_in_reward=True``
+(RLOO's way): the reward of a response is score - kl_coef * KL, KL the k1
+estimate summed over its tokens, before the group baseline. ``False`` (GRPO's
+way): the advantages come from the scores alone and the loss adds
+kl_coef * k3(policy, reference) per token (DeepSeekMath eq. 3).
+
+Then ``epochs`` passes of mini-batch updates with the clipped ratio surrogate
+(``workers.rl.losses.grpo_loss``); with one epoch and one mini-batch (the
+defaults) the ratio is 1 at the step and this is REINFORCE with the group
+baseline. The loss averages each response's tokens, then the responses
+(GRPO's 1/G sum_i 1/|o_i| sum_t): every response counts the same whatever its
+length. Dr. GRPO also drops that 1/|o_i| (a length bias the paper points
+out); here ``dr_grpo`` changes the advantage only.
+
+With ``lora_r > 0`` only LoRA adapters train and the reference is the same
+network with its adapters switched off; the saved policy has them merged.
+
+Outputs under ``output_dir``:
+
+    policy/                     the trained policy and tokenizer (Hugging Face, safetensors, float32; LoRA merged)
+    metrics.jsonl               one line per rollout
+    summary.json                the last rollout's metrics and the config
+    ratchet_step_config.json    this config
+    checkpoints/step-*/         while training (policy, optimizer, rollout count); removed once policy/ is written
+
+Every random draw is seeded from (seed, rollout, prompt slot, sample), so a
+killed and resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.data import load_prompts
+from workers.common.generation import generate, row_seed, row_uniforms
+from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
+from workers.common.modeling import (
+    causal_mask_4d,
+    check_model_dir,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    save_model_dir,
+)
+from workers.common.rollout import (
+    Rollout,
+    check_same_vocabulary,
+    encode_prompts,
+    entropy_of,
+    pm_member_scores,
+    pm_scores,
+    reference_logprobs,
+    response_logprobs,
+)
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads
+from workers.common.score import load_pm
+from workers.rl.advantages import masked_mean
+from workers.rl.group import grpo_advantages, rloo_advantages
+from workers.rl.losses import grpo_loss
+
+STEP = "rloo"
+RUN_ONLY_FIELDS = {"output_dir", "max_rollouts_this_run", "progress", "num_threads", "checkpoint_every", "device"}
+"""config fields that do not change what a run computes (a resume or a re-run may change them)"""
+
+Estimator = Literal["rloo", "grpo", "dr_grpo"]
+ZERO_SPREAD = 1e-6
+"""a group whose rewards span less than this gives (next to) no signal: counted in rloo/zero_std_groups"""
+
+
+@dataclass(frozen=True)
+class RLOOConfig:
+    """Config of the rloo step."""
+
+    policy_path: str
+    """the policy to start from (the deployed policy, or the initial one): a Hugging Face causal LM directory"""
+    reference_path: str
+    """the frozen reference policy of the KL term (the initial policy)"""
+    pm_path: str
+    """the preference model that scores responses (the train PM)"""
+    prompts_path: str
+    """prompt set JSONL, one {"id", "prompt"} a line"""
+    output_dir: str
+    """where the trained policy (policy/), metrics, summary, checkpoints and the config go"""
+    test_pm_path: str | None = None
+    """a held-out PM scored alongside (metrics only), to see over-optimisation"""
+    estimator: Estimator = "rloo"
+    """the group baseline: rloo (leave-one-out), grpo (group mean and std) or dr_grpo (group mean only)"""
+    total_episodes: int = 256
+    """responses to train on in all (a multiple of prompts_per_rollout * k)"""
+    prompts_per_rollout: int = 4
+    """prompts per rollout; each gets k responses"""
+    k: int = 4
+    """responses sampled per prompt (>= 2: each one's baseline is the others of its group)"""
+    mini_batch_size: int = 16
+    """responses per optimiser step (prompts_per_rollout * k must be a multiple)"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per mini-batch (mini_batch_size must be a multiple)"""
+    epochs: int = 1
+    """passes over each rollout (1 with one mini-batch: on-policy REINFORCE with the group baseline)"""
+    response_length: int = 32
+    """longest response in tokens (EOS included)"""
+    max_prompt_tokens: int | None = None
+    """keep only the last this-many prompt tokens; None: prompts must fit as they are"""
+    temperature: float = 1.0
+    """sampling temperature of rollouts (log-probs are taken at this temperature)"""
+    kl_coef: float = 0.05
+    """beta, the weight of KL(policy || reference): in the reward or in the loss (see kl_in_reward)"""
+    kl_in_reward: bool = True
+    """True: reward = score - beta * summed k1 KL, before the baseline (RLOO); False: advantages from the
+    scores alone and beta * per-token k3 KL in the loss (GRPO)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient (epsilon)"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the PM score of a response that ran out of tokens before EOS"""
+    ensemble_penalty: float = 0.0
+    """lambda of the conservative reward for an ensemble PM: the members' mean score minus lambda times their
+    standard deviation (Coste et al. 2023, uncertainty-weighted optimisation; 0: the mean)"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the adapter switched off"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    lora_dropout: float = 0.0
+    """LoRA dropout"""
+    pm_batch_size: int = 32
+    """responses per PM forward pass"""
+    checkpoint_every: int = 1
+    """write a checkpoint every this many rollouts (and when a run stops early)"""
+    max_rollouts_this_run: int | None = None
+    """stop after this many rollouts in this invocation; a re-run resumes after them"""
+    seed: int = 0
+    """seed of prompt order, sampling, mini-batch order and LoRA's initialisation"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Trained weights (the policy,
+    or its LoRA adapters) stay float32 and are saved so; the frozen reference, PMs and a LoRA policy's base
+    weights are held in this dtype"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Responses per rollout."""
+        return self.prompts_per_rollout * self.k
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        for name in ("total_episodes", "prompts_per_rollout", "mini_batch_size", "gradient_accumulation_steps",
+                     "epochs", "response_length", "pm_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.k < 2:
+            raise ConfigError(f"k ({self.k}) must be >= 2: a response's baseline is the other responses to its prompt")
+        if self.estimator not in ("rloo", "grpo", "dr_grpo"):
+            raise ConfigError(f"estimator ({self.estimator!r}) must be one of rloo, grpo, dr_grpo")
+        if self.total_episodes % self.rollout_batch_size:
+            raise ConfigError(
+                f"total_episodes ({self.total_episodes}) must be a multiple of prompts_per_rollout * k "
+                f"({self.prompts_per_rollout} * {self.k} = {self.rollout_batch_size})"
+            )
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(
+                f"prompts_per_rollout * k ({self.rollout_batch_size}) must be divisible by "
+                f"mini_batch_size ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ConfigError(
+                f"mini_batch_size ({self.mini_batch_size}) must be divisible by "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
+        if not self.clip_coef > 0:
+            raise ConfigError(f"clip_coef ({self.clip_coef}) must be > 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
+        for name in ("kl_coef", "ensemble_penalty", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r ({self.lora_r}) must be >= 0")
+        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
+            raise ConfigError(
+                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
+                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
+            )
+        for name in ("max_rollouts_this_run", "max_prompt_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        check_training_dtype(self.dtype)
+
+
+def group_advantages(rewards: torch.Tensor, estimator: Estimator) -> torch.Tensor:
+    """Advantages [b, k] of rewards [b, k] (k responses to each of b prompts) against their group's baseline."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards)
+    return grpo_advantages(rewards, scale=estimator == "grpo")
+
+
+def _build_policy(cfg: RLOOConfig, device: torch.device, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """The policy LM with every trained weight in float32 (AdamW's updates at RL learning rates are below
+    bfloat16's resolution), computed under autocast. With LoRA the frozen base weights are held in
+    ``compute_dtype`` and peft keeps the adapters in float32, initialised from the seeded global generator."""
+    lm = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
+    disable_dropout(lm)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(
+            lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"),
+            autocast_adapter_dtype=True,
+        )
+    return lm
+
+
+def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The policy's logits [b, p + r, vocab] over the rollout's rows ``idx`` (all when None)."""
+    ids, attention, positions = rollout.query_responses, rollout.attention_mask, rollout.position_ids
+    if idx is not None:
+        ids, attention, positions = ids[idx], attention[idx], positions[idx]
+    out = lm(input_ids=ids, attention_mask=causal_mask_4d(attention, lm), position_ids=positions, use_cache=False)
+    return out.logits
+
+
+def _prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
+    """Prompt indices for prompt slots [start, start + count): a seeded shuffle per pass over the set."""
+    out = []
+    for slot in range(start, start + count):
+        epoch, offset = divmod(slot, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def run(cfg: RLOOConfig) -> StepResult:
+    """Train the policy with RLOO or GRPO; resumes from the newest checkpoint under output_dir."""
+    cfg.validate()
+    # 0. Setup: derived sizes, device, models, data.
+    batch_size = cfg.rollout_batch_size
+    num_rollouts = cfg.total_episodes // batch_size
+    num_mini_batches = batch_size // cfg.mini_batch_size
+    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    loss_kl_coef = 0.0 if cfg.kl_in_reward else cfg.kl_coef
+    out = Path(cfg.output_dir)
+    final_dir = out / "policy"
+    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
+        return collect_result(STEP, out, {"policy": final_dir}, done)
+    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
+        check_model_dir(path, what=what)
+    check_model_dir(cfg.pm_path, what="preference model")
+    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
+    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
+    if cfg.test_pm_path:
+        check_model_dir(cfg.test_pm_path, what="test preference model")
+        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+
+    tokenizer = load_tokenizer(cfg.policy_path)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
+    seed_everything(cfg.seed)
+    policy = _build_policy(cfg, device, compute_dtype)
+    reference = None
+    if not cfg.lora_r:
+        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
+        disable_dropout(reference)
+        reference.requires_grad_(False)
+    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
+    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
+
+    start_rollout = 0
+    checkpoints = out / "checkpoints"
+    if (latest := latest_checkpoint(checkpoints)) is not None:
+        state = load_checkpoint(latest, model=policy, optimizer=optimizer)
+        if diffs := diff_configs(state.get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS):
+            raise WorkerError(
+                f"the checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
+                "use a new output_dir or restore the config"
+            )
+        start_rollout = state["rollout"]
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics.rewind(after_step=start_rollout)
+
+    bar = progress(num_rollouts, desc=STEP, enabled=cfg.progress, initial=start_rollout, unit="rollout")
+    last: dict[str, Any] = {}
+    rollouts_this_run = 0
+    for rollout_idx in range(start_rollout, num_rollouts):
+        if cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run:
+            break
+        started = time.perf_counter()
+        policy.eval()
+        # 1. k responses to each prompt, grouped by prompt (row j * k + s is sample s of prompt slot j);
+        #    every token's random number comes from (seed, rollout, prompt slot, sample).
+        order = _prompt_order(len(prompt_ids), cfg.seed, rollout_idx * cfg.prompts_per_rollout, cfg.prompts_per_rollout)
+        batch_prompts = [prompt_ids[i] for i in order for _ in range(cfg.k)]
+        uniforms = torch.stack([
+            row_uniforms(row_seed(cfg.seed, STEP, [rollout_idx, slot], sample), cfg.response_length)
+            for slot in range(cfg.prompts_per_rollout) for sample in range(cfg.k)
+        ])
+        with torch.no_grad(), autocast(device, compute_dtype):
+            generations = generate(
+                policy, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
+                temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+            )
+        responses = [g.tokens for g in generations]
+        ended = torch.tensor([g.finish_reason == "eos" for g in generations])
+        rollout = Rollout(batch_prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
+        ctx, mask = rollout.context_length, rollout.response_mask
+
+        # 2. Log-probs of the policy and of the reference, PM scores.
+        with torch.no_grad(), autocast(device, compute_dtype):
+            logits = _logits(policy, rollout)
+            logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
+            entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
+            del logits
+            ref_logprobs = reference_logprobs(policy, reference, rollout, cfg.temperature)
+            members = pm_member_scores(pm, batch_prompts, responses, cfg.pm_batch_size)  # [K, b]
+            test_scores = pm_scores(test_pm, batch_prompts, responses, cfg.pm_batch_size) if test_pm else None
+        scores = members.mean(0)
+        spread = members.std(0, unbiased=False)  # 0 for a single PM
+        # The conservative reward: where the members disagree, the policy is off the PM's data (Coste et al. 2023).
+        penalised = scores - cfg.ensemble_penalty * spread
+        if cfg.missing_eos_penalty is not None:
+            penalised[~ended] -= cfg.missing_eos_penalty
+
+        # 3. Sequence rewards and group advantages. The KL of a response is its summed k1 log ratio
+        #    (Schulman 2020); RLOO subtracts beta times it from the reward (Ahmadian et al. 2024).
+        kl_seq = ((logprobs - ref_logprobs) * mask).sum(1)
+        rewards = penalised.to(device)
+        if cfg.kl_in_reward:
+            rewards = rewards - cfg.kl_coef * kl_seq
+        groups = rewards.view(cfg.prompts_per_rollout, cfg.k)
+        advantages = group_advantages(groups, cfg.estimator).reshape(batch_size)
+        zero_spread = (groups.max(1).values - groups.min(1).values) < ZERO_SPREAD
+
+        # 4. Epochs of clipped mini-batch updates on the rollout (no value function).
+        policy.train()
+        disable_dropout(policy)
+        stats: list = []
+        for epoch in range(cfg.epochs):
+            generator = torch.Generator().manual_seed(row_seed(cfg.seed, "rloo-minibatch", rollout_idx, epoch))
+            perm = torch.randperm(batch_size, generator=generator)
+            for m in range(num_mini_batches):
+                mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                for a in range(cfg.gradient_accumulation_steps):
+                    idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
+                    with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                        new_logits = _logits(policy, rollout, idx)
+                        new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
+                        loss, loss_stats = grpo_loss(
+                            logprobs=new_logprobs, old_logprobs=logprobs[idx], ref_logprobs=ref_logprobs[idx],
+                            advantages=advantages[idx], mask=mask[idx], clip_coef=cfg.clip_coef, kl_coef=loss_kl_coef,
+                        )
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                    stats.append(loss_stats)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+
+        # 5. Metrics (namespaced, as cleanrl; policy/* are the keys every sampling method reports) and a checkpoint.
+        elapsed = time.perf_counter() - started
+        mean_kl = float(kl_seq.mean())
+        episodes = (rollout_idx + 1) * batch_size
+        last = {
+            "rloo/reward": float(scores.mean()),
+            "rloo/reward_spread": float(spread.mean()),
+            "rloo/reward_conservative": float((scores - cfg.ensemble_penalty * spread).mean()),
+            "rloo/kl": mean_kl,
+            "rloo/advantage_std": float(advantages.std(unbiased=False)),
+            "rloo/zero_std_groups": float(zero_spread.float().mean()),
+            "rloo/entropy": float(entropy),
+            "rloo/eos_fraction": float(ended.float().mean()),
+            "rloo/response_length": float(mask.sum(1).mean()),
+            "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
+            # the per-token k3 KL to the reference; in the loss (times kl_coef) only when kl_in_reward is False
+            "losses/kl": float(torch.stack([s.kl for s in stats]).mean()),
+            "rloo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
+            "rloo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
+            "rloo/episodes": episodes,
+            "charts/episodes_per_s": batch_size / elapsed,
+            "policy/reward": float(scores.mean()),
+            "policy/reward_spread": float(spread.mean()),
+            "policy/kl": mean_kl,
+            "policy/episodes": episodes,
+        }
+        if test_scores is not None:
+            last["rloo/reward_test_pm"] = last["policy/reward_test_pm"] = float(test_scores.mean())
+        metrics.log({"step": rollout_idx + 1, **last})
+        bar.set_postfix({"reward": f"{last['rloo/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
+        bar.update(1)
+        rollouts_this_run += 1
+        stopping = cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run
+        if (rollout_idx + 1) % cfg.checkpoint_every == 0 or rollout_idx + 1 == num_rollouts or stopping:
+            save_checkpoint(
+                checkpoints, rollout_idx + 1, model=policy, optimizer=optimizer,
+                state={"rollout": rollout_idx + 1, "config": to_dict(cfg)},
+            )
+    bar.close()
+    done = latest_checkpoint(checkpoints)
+    finished = done is not None and int(done.name.split("-")[1]) >= num_rollouts
+    if not finished:
+        return collect_result(STEP, out, {}, last, complete=False)
+
+    # 6. Save the policy as an ordinary Hugging Face directory, in float32 (LoRA merged into float32
+    #    base weights: merged into bfloat16 ones, small updates would round away).
+    lm = policy.float().merge_and_unload() if cfg.lora_r else policy
+    save_model_dir(lm, tokenizer, final_dir)
+    summary = {**read_metrics(out / "metrics.jsonl")[-1], "rloo/rollouts": num_rollouts}
+    summary.pop("step", None)
+    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return collect_result(STEP, out, {"policy": final_dir}, summary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(RLOOConfig, run, argv, prog="workers.rloo", description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
