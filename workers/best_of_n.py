@@ -6,7 +6,8 @@ The cheap baseline RLHF is compared against: no training, only N times the
 sampling. The KL of the best-of-N policy to the sampling policy is
 log N - (N - 1) / N (Stiennon et al. 2020, appendix G), bounded by log N;
 both are reported, so best-of-N lands on the same reward vs sqrt(KL) chart
-as PPO.
+as PPO. The selection, ``pick_best``, is shared with
+``workers.rejection_sampling``, which fine-tunes the policy on the winners.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -80,6 +82,23 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+class Best(NamedTuple):
+    """The best of n responses to each of P prompts."""
+
+    index: torch.Tensor
+    """which of the prompt's n samples won (the first of equal scores), shape [P]"""
+    score: torch.Tensor
+    """the winner's score, shape [P]"""
+    mean: torch.Tensor
+    """the mean score of the prompt's n samples, shape [P]"""
+
+
+def pick_best(scores: torch.Tensor) -> Best:
+    """The best of each row of ``scores`` [P, n] (row i: prompt i's n samples)."""
+    index = scores.argmax(dim=1)
+    return Best(index=index, score=scores.gather(1, index[:, None]).squeeze(1), mean=scores.mean(dim=1))
+
+
 def run(cfg: BestOfNConfig) -> StepResult:
     """Sample N per prompt, keep the PM's best; write best.jsonl and summary.json."""
     cfg.validate()
@@ -120,7 +139,7 @@ def run(cfg: BestOfNConfig) -> StepResult:
         bar.update(len(chunk))
     bar.close()
     all_scores = torch.cat(scores).view(len(prompts), cfg.n)
-    best = all_scores.argmax(dim=1)
+    best = pick_best(all_scores).index
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     lines, best_gold, mean_gold = [], [], []
     for i, prompt in enumerate(prompts):

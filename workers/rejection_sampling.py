@@ -1,0 +1,438 @@
+"""rejection_sampling: expert iteration against a PM (best of n samples, then SFT on the winners).
+
+    python -m workers.rejection_sampling --config rejection_sampling.json [key=value ...]
+
+Each of ``rounds`` rounds (expert iteration, Anthony et al. 2017; Llama 2's
+rejection sampling fine-tuning, Touvron et al. 2023 sec. 3.2.3):
+
+1. take ``prompts_per_round`` prompts (a seeded stream of shuffles of the
+   prompt set, nothing dropped at the end of a pass) and sample ``n``
+   responses to each from the CURRENT policy;
+2. score them with the PM; with an ensemble the score is conservative, the
+   members' mean minus ``ensemble_penalty`` times their standard deviation
+   (Coste et al. 2023), less ``missing_eos_penalty`` for a response that ran
+   out of tokens;
+3. keep each prompt's best response (``workers.best_of_n.pick_best``), or,
+   with ``min_margin``, only a best that beats its prompt's mean score by at
+   least that much;
+4. run ``sft_steps_per_round`` optimizer steps of supervised fine-tuning on
+   the round's winners (with ``keep_winners``, on every round's winners so
+   far): next-token cross-entropy on the response tokens, EOS included when
+   it was sampled, plus ``kl_coef`` times KL(policy || reference) taken
+   token by token from the full next-token distributions at temperature 1
+   (the distribution the cross-entropy trains; the reference frozen), both
+   averaged over the winners' response tokens.
+
+The KL to the reference of each round's samples (the k1 estimate summed over
+a response's tokens, at the sampling temperature, as ppo reports it) is
+logged as ``policy/kl``. With ``lora_r > 0`` only LoRA adapters train and
+the reference is the policy with its adapters switched off.
+
+Outputs under ``output_dir``:
+
+    policy/                     the trained model and tokenizer (Hugging Face, safetensors; LoRA merged)
+    winners.jsonl               every round's winners: round, prompt, response, score, its prompt's mean score
+    metrics.jsonl               one line per round
+    summary.json                the last round's metrics and the config
+    ratchet_step_config.json    this config
+    checkpoints/step-*/         after each round (every ``checkpoint_every``); removed once policy/ is written
+
+A checkpoint holds the model, the optimizer, the rounds done and the winners
+so far; every random draw is seeded from (seed, round, prompt slot, sample),
+so a killed and resumed run ends with the same weights, bit for bit, as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from workers.best_of_n import pick_best
+from workers.common.checkpoint import latest_checkpoint, read_checkpoint_state, resume_or_start, save_checkpoint
+from workers.common.config import ConfigError, cli, save_config, to_dict
+from workers.common.data import load_prompts
+from workers.common.generation import row_seed, row_uniforms
+from workers.common.metrics import SUMMARY_FILENAME, StepResult, atomic_write_text, collect_result, finished_metrics, write_json
+from workers.common.modeling import check_model_dir, disable_dropout, load_causal_lm, load_tokenizer, save_model_dir
+from workers.common.rollout import check_same_vocabulary, encode_prompts, pm_member_scores, pm_scores, sample_with_kl
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
+from workers.common.schedule import DataOrder, adamw
+from workers.common.score import load_pm
+from workers.rl.kl import sqrt_kl
+from workers.sft import Example, collate
+
+STEP = "rejection_sampling"
+RUN_ONLY_FIELDS = {"output_dir", "max_rounds_this_run", "progress", "num_threads", "checkpoint_every", "resume", "device"}
+"""config fields that do not change what a run computes (a resume or a re-run may change them)"""
+
+
+@dataclass(frozen=True)
+class RejectionSamplingConfig:
+    """Config of the rejection_sampling step."""
+
+    policy_path: str
+    """the policy to start from (the deployed policy, or the initial one): a Hugging Face causal LM directory"""
+    reference_path: str
+    """the frozen reference policy of the KL anchor and of the reported KL (the initial policy)"""
+    pm_path: str
+    """the preference model that scores responses (the train PM)"""
+    prompts_path: str
+    """prompt set JSONL, one {"id", "prompt"} a line"""
+    output_dir: str
+    """where the trained policy (policy/), winners, metrics, summary, checkpoints and the config go"""
+    test_pm_path: str | None = None
+    """a held-out PM scored alongside (metrics only), to see over-optimisation"""
+    rounds: int = 4
+    """rounds of sample, select and fine-tune"""
+    prompts_per_round: int = 64
+    """prompts sampled per round (one winner at most each)"""
+    n: int = 8
+    """responses sampled per prompt (the N of best-of-N)"""
+    response_length: int = 32
+    """longest response in tokens (EOS included)"""
+    max_prompt_tokens: int | None = None
+    """keep only the last this-many prompt tokens; None: prompts must fit as they are"""
+    temperature: float = 1.0
+    """sampling temperature (the reported KL is taken at this temperature)"""
+    min_margin: float | None = None
+    """keep a prompt's best response only when its score beats the mean score of the prompt's n responses
+    by at least this (None: keep every prompt's best)"""
+    ensemble_penalty: float = 0.0
+    """lambda of the conservative score for an ensemble PM: the members' mean score minus lambda times their
+    standard deviation (Coste et al. 2023, uncertainty-weighted optimisation; 0: the mean)"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of a response that ran out of tokens before EOS"""
+    sft_steps_per_round: int = 8
+    """optimizer steps of fine-tuning on the winners per round"""
+    batch_size: int = 16
+    """winners per optimizer step (the winners are reshuffled for each pass)"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate (constant; the optimizer state carries over from round to round)"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (matrices only)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    keep_winners: bool = False
+    """fine-tune on the winners of every round so far (False: on this round's only)"""
+    kl_coef: float = 0.0
+    """weight of the KL anchor, KL(policy || reference) per winner token from the full distributions (0: none)"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight); with LoRA the reference is the adapter switched off"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    pm_batch_size: int = 32
+    """responses per PM forward pass"""
+    generation_batch_size: int = 64
+    """responses generated together"""
+    checkpoint_every: int = 1
+    """rounds between checkpoints (a run stopped by max_rounds_this_run always writes one)"""
+    max_rounds_this_run: int | None = None
+    """stop after this many rounds in this invocation; a re-run resumes after them"""
+    resume: bool = True
+    """resume from the newest checkpoint in output_dir (False: discard checkpoints and start over)"""
+    seed: int = 0
+    """seed of the prompt order, the sampled tokens and the fine-tuning order"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    dtype: str = "auto"
+    """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Trained weights (the policy,
+    or its LoRA adapters) stay float32 and are saved so; the frozen reference, PMs and a LoRA policy's base
+    weights are held in this dtype"""
+    num_threads: int | None = None
+    """torch CPU threads (None: torch's default)"""
+    progress: bool = True
+    """show a progress bar on stderr"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending values."""
+        for name in ("rounds", "prompts_per_round", "response_length", "sft_steps_per_round", "batch_size",
+                     "pm_batch_size", "generation_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.n < 2:
+            raise ConfigError(f"n ({self.n}) must be >= 2: the best of one response is no selection")
+        for name in ("max_rounds_this_run", "num_threads", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
+        for name in ("weight_decay", "kl_coef", "ensemble_penalty", "lora_r", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        for name in ("min_margin", "missing_eos_penalty"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} ({value}) must be >= 0 or null")
+        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
+            raise ConfigError(
+                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
+                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
+            )
+        check_training_dtype(self.dtype)
+
+
+# -- the fine-tuning loss -------------------------------------------------------------
+
+
+class AnchoredSFTStats(NamedTuple):
+    """Detached statistics of one ``anchored_sft_loss`` (scalars)."""
+
+    nll: torch.Tensor
+    """mean next-token cross-entropy over the loss tokens"""
+    kl: torch.Tensor
+    """mean KL(policy || reference) over the loss tokens"""
+    tokens: torch.Tensor
+    """number of loss tokens"""
+
+
+def anchored_sft_loss(
+    logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, AnchoredSFTStats]:
+    """SFT loss with a KL anchor: mean over loss tokens of -log pi(y_t) + kl_coef * KL(pi || pi_ref).
+
+    Args:
+        logits: the policy's logits, shape [b, n, vocab]
+        ref_logits: the frozen reference's logits, shape [b, n, vocab]
+        labels: token ids [b, n], -100 where no loss is taken; position t + 1 is predicted at t
+
+    The KL at each position is exact, from the two next-token distributions:
+    sum_v pi(v) * (log pi(v) - log pi_ref(v)), so it is never negative and
+    needs no sample.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    mask = (targets != -100).float()
+    tokens = mask.sum().clamp(min=1)
+    nll = -(logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum() / tokens
+    kl = ((logp.exp() * (logp - ref_logp)).sum(-1) * mask).sum() / tokens
+    loss = nll + kl_coef * kl
+    return loss, AnchoredSFTStats(nll=nll.detach(), kl=kl.detach(), tokens=mask.sum().detach())
+
+
+# -- the step -------------------------------------------------------------------------
+
+
+def run(cfg: RejectionSamplingConfig) -> StepResult:
+    """Rounds of best-of-n selection under the PM and fine-tuning on the winners; resumes from the newest checkpoint."""
+    cfg.validate()
+    # 0. Setup: derived sizes, a finished earlier run, device, models, data.
+    episodes_per_round = cfg.prompts_per_round * cfg.n
+    out = Path(cfg.output_dir)
+    final_dir = out / "policy"
+    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
+        return collect_result(STEP, out, {"policy": final_dir}, done)
+    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
+        check_model_dir(path, what=what)
+    check_model_dir(cfg.pm_path, what="preference model")
+    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
+    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
+    if cfg.test_pm_path:
+        check_model_dir(cfg.test_pm_path, what="test preference model")
+        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out, step=STEP)
+
+    tokenizer = load_tokenizer(cfg.policy_path)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = load_prompts(cfg.prompts_path)
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens=cfg.max_prompt_tokens)
+    prompt_order = DataOrder(len(prompts), seed=cfg.seed)
+
+    # Float32 master weights (or float32 LoRA adapters on compute_dtype base weights), dropout off so
+    # the policy's samples, its log-probs and its loss carry no noise the seed does not fix.
+    model = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
+    disable_dropout(model)
+    reference = None
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM"),
+            autocast_adapter_dtype=True,
+        )
+    else:
+        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
+        disable_dropout(reference)
+        reference.requires_grad_(False)
+        reference.eval()
+    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
+    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+    # Resume: the model, the optimizer, the rounds done and the winners so far.
+    checkpoints = out / "checkpoints"
+    metrics, start_round = resume_or_start(cfg, out, model=model, optimizer=optimizer, run_only_fields=RUN_ONLY_FIELDS)
+    winners: list[dict[str, Any]] = []
+    if start_round:
+        winners = read_checkpoint_state(latest_checkpoint(checkpoints))["winners"]
+
+    bar = progress(cfg.rounds, desc="rejection_sampling", enabled=cfg.progress, initial=start_round, unit="round")
+    last: dict[str, Any] = {}
+    rounds_this_run = 0
+    for r in range(start_round, cfg.rounds):
+        if cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run:
+            break
+        started = time.perf_counter()
+        model.eval()
+        # 1. n samples for each of the round's prompts from the current policy, and each one's KL to the
+        #    reference; the random numbers of sample s in prompt slot i come from (seed, round, i, s).
+        order = prompt_order.batch(r, cfg.prompts_per_round)
+        rows = [(slot, s) for slot in range(cfg.prompts_per_round) for s in range(cfg.n)]
+        row_prompts = [prompt_ids[order[slot]] for slot, _ in rows]
+        uniforms = torch.stack(
+            [row_uniforms(row_seed(cfg.seed, STEP, [r, slot], s), cfg.response_length) for slot, s in rows]
+        )
+        responses: list[list[int]] = []
+        kls = []
+        with torch.no_grad(), autocast(device, compute_dtype):
+            for start in range(0, len(rows), cfg.generation_batch_size):
+                stop = start + cfg.generation_batch_size
+                chunk_responses, chunk_kls = sample_with_kl(
+                    model, reference, row_prompts[start:stop], uniforms=uniforms[start:stop],
+                    max_new_tokens=cfg.response_length, temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
+                )
+                responses += chunk_responses
+                kls.append(chunk_kls.float().cpu())
+            kl = torch.cat(kls)  # [P * n]
+
+            # 2. PM scores; the selection score is conservative for an ensemble and pays for a missing EOS.
+            members = pm_member_scores(pm, row_prompts, responses, cfg.pm_batch_size)  # [K, P * n]
+            test_scores = pm_scores(test_pm, row_prompts, responses, cfg.pm_batch_size) if test_pm else None
+        reward, spread = members.mean(0), members.std(0, unbiased=False)  # spread 0 for a single PM
+        scores = reward - cfg.ensemble_penalty * spread
+        ended = torch.tensor([len(x) > 0 and x[-1] == eos_id for x in responses])
+        if cfg.missing_eos_penalty is not None:
+            scores[~ended] -= cfg.missing_eos_penalty
+
+        # 3. Each prompt's best of n, kept when it beats the prompt's mean by min_margin.
+        best = pick_best(scores.view(cfg.prompts_per_round, cfg.n))
+        kept = torch.ones(cfg.prompts_per_round, dtype=torch.bool)
+        if cfg.min_margin is not None:
+            kept = best.score - best.mean >= cfg.min_margin
+        new = [
+            {
+                "round": r + 1, "prompt_index": order[slot], "sample": int(best.index[slot]),
+                "response_ids": responses[slot * cfg.n + int(best.index[slot])],
+                "score": float(best.score[slot]), "mean_score": float(best.mean[slot]),
+            }
+            for slot in range(cfg.prompts_per_round) if kept[slot]
+        ]
+        winners += new
+
+        # 4. Fine-tune on the winners (this round's, or every round's with keep_winners), reshuffled
+        #    with a seed of the round, so the batches do not depend on where a run was resumed.
+        model.train()
+        train_set = [
+            Example(prompt_ids[w["prompt_index"]] + w["response_ids"], len(prompt_ids[w["prompt_index"]]))
+            for w in (winners if cfg.keep_winners else new)
+        ]
+        stats, grad_norms = [], []
+        if train_set:
+            sft_order = DataOrder(len(train_set), seed=row_seed(cfg.seed, f"{STEP}-sft", r, 0))
+            for step in range(cfg.sft_steps_per_round):
+                batch = [train_set[i] for i in sft_order.batch(step, cfg.batch_size)]
+                ids, mask, labels = collate(batch, pad_id=pad_id)
+                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    with torch.no_grad():
+                        if reference is None:
+                            with model.disable_adapter():
+                                ref_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                        else:
+                            ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    loss, step_stats = anchored_sft_loss(logits, ref_logits, labels, cfg.kl_coef)
+                loss.backward()
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats.append(step_stats)
+        synchronize(device)
+
+        # 5. Metrics (the step's namespace and the common policy/* keys) and a checkpoint.
+        elapsed = time.perf_counter() - started
+        mean_kl = float(kl.mean())
+        episodes = (r + 1) * episodes_per_round
+        last = {
+            "rs/winner_score": float(torch.tensor([w["score"] for w in new]).mean()) if new else None,
+            "rs/mean_score": float(scores.mean()),
+            "rs/winners": len(new),
+            "rs/train_examples": len(train_set),
+            "rs/kl": mean_kl,
+            "rs/eos_fraction": float(ended.float().mean()),
+            "rs/response_length": sum(len(x) for x in responses) / len(responses),
+            "rs/episodes": episodes,
+            "losses/sft": float(torch.stack([s.nll for s in stats]).mean()) if stats else None,
+            "losses/kl": float(torch.stack([s.kl for s in stats]).mean()) if stats else None,
+            "optim/grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else None,
+            "policy/reward": float(reward.mean()),
+            "policy/reward_spread": float(spread.mean()),
+            "policy/kl": mean_kl,
+            "policy/sqrt_kl": sqrt_kl(mean_kl),
+            "policy/episodes": episodes,
+            "charts/episodes_per_s": episodes_per_round / elapsed,
+        }
+        if test_scores is not None:
+            last["rs/reward_test_pm"] = last["policy/reward_test_pm"] = float(test_scores.mean())
+        metrics.log({"step": r + 1, **last})
+        bar.set_postfix({"reward": f"{last['policy/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
+        bar.update(1)
+        rounds_this_run += 1
+        stopping = cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run
+        if r + 1 < cfg.rounds and ((r + 1) % cfg.checkpoint_every == 0 or stopping):
+            save_checkpoint(
+                checkpoints, r + 1, model=model, optimizer=optimizer,
+                state={"config": to_dict(cfg), "round": r + 1, "winners": winners},
+            )
+    bar.close()
+    rounds_done = start_round + rounds_this_run
+    if rounds_done < cfg.rounds:
+        return collect_result(STEP, out, {}, {**last, "rs/rounds_done": rounds_done, "rs/rounds": cfg.rounds},
+                              complete=False)
+
+    # 6. The winners, then the policy as an ordinary Hugging Face directory in float32 (LoRA merged into
+    #    float32 base weights: merged into bfloat16 ones, small updates would round away), then the
+    #    summary that marks the run finished.
+    texts = tokenizer.batch_decode([w["response_ids"] for w in winners], skip_special_tokens=True)
+    lines = [
+        {"round": w["round"], "prompt_id": prompts[w["prompt_index"]].id, "prompt": prompts[w["prompt_index"]].text,
+         "response": text, "sample": w["sample"], "score": w["score"], "mean_score": w["mean_score"]}
+        for w, text in zip(winners, texts)
+    ]
+    atomic_write_text(out / "winners.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    model.eval()
+    lm = model.float().merge_and_unload() if cfg.lora_r else model
+    save_model_dir(lm, tokenizer, final_dir)
+    save_config(cfg, final_dir, step=STEP)
+    summary = {**last, "rs/rounds": cfg.rounds, "rs/winners_total": len(winners)}
+    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return collect_result(STEP, out, {"policy": final_dir}, summary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workers.rejection_sampling --config FILE [key=value ...]``."""
+    return cli(RejectionSamplingConfig, run, argv, prog="workers.rejection_sampling",
+               description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
