@@ -5,9 +5,10 @@
     python bench/ratchet.py --jobs 2                         # two runs at once: quicker, but wall times are not comparable
     python bench/ratchet.py --qc off                         # the same raters, quality control flagging but excluding none
     python bench/ratchet.py --raters one                     # the careful rater alone
+    python bench/ratchet.py --method dpo,rloo                # each method over the same weeks and seeds
 
 Each run is ``ratchet demo --cycles N --json --start-week W --seed S
---raters R [--no-qc]`` in a fresh process with a fresh ``RATCHET_HOME``
+--raters R --method M [--no-qc]`` in a fresh process with a fresh ``RATCHET_HOME``
 (embedded SQLite store, local artifacts, Prefect's temporary server),
 exactly what a user's ``make demo`` runs, with the demo's own settings (by
 default its three raters, careful, noisy and random, with quality control
@@ -24,7 +25,11 @@ that replaced it as in the cycle that deployed it.
 The last line is JSON: {"runs", "deploys", "regressions", "runs_improved",
 "median_final_gold", "median_wall_s", "max_wall_s", "raters", "qc", ...} plus
 every run, with the raters each cycle's snapshot left out (``excluded``) and
-each rater's quality-control numbers at the end (``rater_qc``).
+each rater's quality-control numbers at the end (``rater_qc``); with several
+methods, ``by_method`` holds the same numbers per method, plus the
+comparisons the last cycle's PMs were trained on (``median_comparisons``:
+every comparison is a simulated person's answer) and the median gold after
+each cycle.
 Targets (issue "the ratchet must hold"): 0 regressions; the final gold above
 P0's in at least 7 of 8 runs; median final gold >= 0.6; each run <= 180 s,
 median <= 120 s, on 2 CPU cores, one run at a time.
@@ -54,9 +59,9 @@ START_WEEKS = (
 
 
 def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path | None, raters: str = "all",
-            qc: bool = True) -> dict[str, Any]:
+            qc: bool = True, method: str = "ppo") -> dict[str, Any]:
     """One ``ratchet demo`` run in a fresh home; its JSON summary plus wall time and exit status."""
-    home = Path(tempfile.mkdtemp(prefix=f"ratchet-bench-{week}-{seed}-", dir=keep))
+    home = Path(tempfile.mkdtemp(prefix=f"ratchet-bench-{method}-{week}-{seed}-", dir=keep))
     env = {
         **os.environ,
         "RATCHET_HOME": str(home),
@@ -66,7 +71,7 @@ def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path |
     for name in ("RATCHET_DATABASE_URL", "RATCHET_ARTIFACTS_URL", "RATCHET_WORK_DIR", "PREFECT_API_URL"):
         env.pop(name, None)
     command = [sys.executable, "-m", "orchestrator.cli", "demo", "--cycles", str(cycles), "--json",
-               "--start-week", week, "--seed", str(seed), "--raters", raters] + ([] if qc else ["--no-qc"])
+               "--start-week", week, "--seed", str(seed), "--raters", raters, "--method", method] + ([] if qc else ["--no-qc"])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -83,7 +88,7 @@ def run_one(week: str, seed: int, *, cycles: int, timeout_s: float, keep: Path |
         if line.startswith("{"):
             summary = json.loads(line)
             break
-    return {"week": week, "seed": seed, "raters": raters, "qc": qc, "exit": code, "wall_s": round(wall, 1),
+    return {"week": week, "seed": seed, "raters": raters, "qc": qc, "method": method, "exit": code, "wall_s": round(wall, 1),
             "summary": summary, "home": str(home)}
 
 
@@ -110,6 +115,8 @@ def score_run(run: dict[str, Any], *, tolerance: float) -> dict[str, Any]:
         "seed": run["seed"],
         "raters": run["raters"],
         "qc": "on" if run["qc"] else "off",
+        "method": run["method"],
+        "comparisons": cycles[-1].get("comparisons") if cycles else None,
         "ok": run["exit"] == 0 and summary.get("cycles") is not None,
         "exit": run["exit"],
         "gold_initial": initial,
@@ -142,23 +149,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="the demo's raters: all (careful, noisy, random) or one (the careful one)")
     parser.add_argument("--qc", choices=("on", "off"), default="on",
                         help="off: quality control flags raters but leaves none out of the snapshots (--no-qc)")
+    parser.add_argument("--method", default="ppo",
+                        help="comma-separated improve methods (ppo, dpo, online_dpo, rloo, grpo, rejection_sampling); "
+                             "every method runs on every week and seed")
     args = parser.parse_args(argv)
     qc = args.qc == "on"
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
 
     weeks = [w.strip() for w in args.weeks.split(",") if w.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    plan = [(w, s) for s in seeds for w in weeks]
+    plan = [(w, s, m) for m in methods for s in seeds for w in weeks]
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
     print(f"{len(plan)} run(s) of {args.cycles} cycles, {args.jobs} at a time; raters {args.raters}, "
-          f"quality control {args.qc}", flush=True)
-    print(f"{'start week':>10} {'seed':>4}  {'P0':>6}  " + "  ".join(f"{'c' + str(i + 1):>6}" for i in range(args.cycles))
+          f"quality control {args.qc}; methods {', '.join(methods)}", flush=True)
+    print(f"{'method':>18} {'start week':>10} {'seed':>4}  {'P0':>6}  " + "  ".join(f"{'c' + str(i + 1):>6}" for i in range(args.cycles))
           + "  deploys  regressions  wall s  left out", flush=True)
 
     def one(item):
-        week, seed = item
+        week, seed, method = item
         return score_run(run_one(week, seed, cycles=args.cycles, timeout_s=args.timeout, keep=args.keep,
-                                 raters=args.raters, qc=qc), tolerance=args.tolerance)
+                                 raters=args.raters, qc=qc, method=method), tolerance=args.tolerance)
 
     scored: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -167,14 +178,33 @@ def main(argv: list[str] | None = None) -> int:
             golds = row["gold"] + [None] * (args.cycles - len(row["gold"]))
             status = "" if row["ok"] else f"  FAILED (exit {row['exit']}; see {row['home']})"
             left_out = ",".join(sorted({r for cycle in row["excluded"] for r in cycle})) or "-"
-            print(f"{row['week']:>10} {row['seed']:>4}  {_fmt(row['gold_initial'])}  "
+            print(f"{row['method']:>18} {row['week']:>10} {row['seed']:>4}  {_fmt(row['gold_initial'])}  "
                   + "  ".join(_fmt(g) for g in golds)
                   + f"  {row['deploys']:>7}  {len(row['regressions']):>11}  {row['wall_s']:>6.1f}  {left_out}{status}",
                   flush=True)
 
+    result = {**totals(scored), "jobs": args.jobs, "raters": args.raters, "qc": args.qc, "methods": methods}
+    if len(methods) > 1:
+        result["by_method"] = {m: totals([r for r in scored if r["method"] == m]) for m in methods}
+        print(f"{'method':>18}  deploys  regressions  improved  median gold (min)  median comparisons  median wall s")
+        for m, t in result["by_method"].items():
+            print(f"{m:>18}  {t['deploys']:>7}  {t['regressions']:>11}  {t['runs_improved']:>4}/{t['runs']:<3}  "
+                  f"{_fmt(t['median_final_gold'])} ({_fmt(t['min_final_gold'])})  {t['median_comparisons']!s:>18}  "
+                  f"{t['median_wall_s']!s:>13}")
+    result["per_run"] = [{k: r[k] for k in ("method", "week", "seed", "raters", "qc", "gold_initial", "gold", "deploys",
+                                            "regressions", "comparisons", "excluded", "rater_qc", "wall_s", "exit")}
+                         for r in scored]
+    print(json.dumps(result))
+    return 0 if result["failed_runs"] == 0 else 1
+
+
+def totals(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers of a set of scored runs: deploys, regressions, improved runs, gold, comparisons, wall time."""
     finals = [r["final_gold"] for r in scored if r["final_gold"] is not None]
     walls = [r["wall_s"] for r in scored]
-    result = {
+    comparisons = [r["comparisons"] for r in scored if r["comparisons"] is not None]
+    cycles = max((len(r["gold"]) for r in scored), default=0)
+    return {
         "runs": len(scored),
         "failed_runs": sum(not r["ok"] for r in scored),
         "deploys": sum(r["deploys"] for r in scored),
@@ -184,15 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         "min_final_gold": round(min(finals), 3) if finals else None,
         "median_wall_s": round(statistics.median(walls), 1) if walls else None,
         "max_wall_s": round(max(walls), 1) if walls else None,
-        "jobs": args.jobs,
-        "raters": args.raters,
-        "qc": args.qc,
-        "per_run": [{k: r[k] for k in ("week", "seed", "raters", "qc", "gold_initial", "gold", "deploys", "regressions",
-                                       "excluded", "rater_qc", "wall_s", "exit")}
-                    for r in scored],
+        "median_comparisons": statistics.median(comparisons) if comparisons else None,
+        "median_gold_by_cycle": [
+            round(statistics.median(gs), 3) if (gs := [r["gold"][i] for r in scored
+                                                       if len(r["gold"]) > i and r["gold"][i] is not None]) else None
+            for i in range(cycles)
+        ],
     }
-    print(json.dumps(result))
-    return 0 if result["failed_runs"] == 0 else 1
 
 
 if __name__ == "__main__":

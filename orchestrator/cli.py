@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.settings import Method
 from store import errors
 from store.cycles import week_problem
 from store.db import Database, assert_schema_at_head, current_revision, head_revision, open_database, upgrade
@@ -30,6 +31,8 @@ prompts_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
 policy_app = typer.Typer(help="Policies.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(policy_app, name="policy")
+labeler_app = typer.Typer(help="AI labelers: a PM or an LM judge answering comparison tasks.", no_args_is_help=True)
+app.add_typer(labeler_app, name="labeler")
 
 console = Console(stderr=True)
 
@@ -144,7 +147,10 @@ def demo(
     start_week: Annotated[str | None, typer.Option(
         "--start-week", help="ISO week of the first simulated cycle, e.g. 2026-W49 (default: this week)")] = None,
     seed: Annotated[int, typer.Option(
-        min=0, help="seed of P0, the raters, the gold comparisons, and the PM, PPO and evaluation runs")] = 0,
+        min=0, help="seed of P0, the raters, the gold comparisons, and the PM, policy and evaluation runs")] = 0,
+    method: Annotated[Method, typer.Option(
+        help="how each cycle improves the policy (improve.method): ppo, dpo, online_dpo, rloo, grpo, "
+             "rejection_sampling")] = "ppo",
 ) -> None:
     """Run N full cycles of iterated online RLHF on the demo world, end to end.
 
@@ -168,7 +174,7 @@ def demo(
     hf_logging.set_verbosity_error()
     try:
         result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, raters=raters, qc=not no_qc,
-                          start_week=start_week, seed=seed)
+                          start_week=start_week, seed=seed, method=method)
     except errors.StoreError as exc:
         _fail(str(exc))
     Console().print(summary_table(result))
@@ -436,6 +442,86 @@ def policy_add(
         db.dispose()
     typer.echo(f"registered policy {policy.name} v{policy.version} (id {policy.id})"
                + (f", deployed on {deployment.name} v{deployment.version}" if deployment else ""))
+
+
+@labeler_app.command("run")
+def labeler_run(
+    api_url: Annotated[str, typer.Option("--api-url", help="the Ratchet API, e.g. http://127.0.0.1:8000")],
+    key: Annotated[str, typer.Option(help="a labeler API key")],
+    rater_id: Annotated[str, typer.Option("--rater-id", help="the rater id its answers are given under")],
+    judge_spec: Annotated[str, typer.Option("--judge", help="pm:PATH (a preference model) or lm:PATH (a causal LM)")],
+    principles: Annotated[str | None, typer.Option(
+        help="an LM judge's constitution: one principle a line, # comments (default: the built-in one)")] = None,
+    principle_mode: Annotated[Literal["sample", "all"], typer.Option(
+        "--principle-mode", help="an LM judge: one principle drawn per task (sample) or all in the prompt",
+    )] = "sample",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, max=500, help="tasks leased and posted at a time")] = 32,
+    max_tasks: Annotated[int | None, typer.Option("--max-tasks", min=1, help="stop after answering this many")] = None,
+    poll: Annotated[float | None, typer.Option(
+        min=0.1, help="when no task is open, ask again every SECONDS (default: stop)")] = None,
+    operator_key: Annotated[str | None, typer.Option(
+        "--operator-key", help="an operator key: print the labeler's agreement with the other raters")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Answer comparison tasks with a PM or an LM judge through the REST API, as one rater.
+
+    Each lease is posted as one feedback batch whose source is ai:<pm|lm>:<name>,
+    so snapshots count AI feedback apart; quality control treats the labeler as it
+    treats people. Prints what it did as JSON on stdout; exits 1 when quality
+    control leaves the rater out.
+    """
+    import threading
+
+    import httpx
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from orchestrator.ai_labeler import AILabeler
+    from workers.common.config import WorkerError
+    from workers.judge import load_judge
+
+    try:
+        judge = load_judge(judge_spec, principles=principles, principle_mode=principle_mode, device=device)
+    except WorkerError as exc:
+        _fail(str(exc), code=2)
+    labeler = AILabeler(api_url, key, judge, rater_id=rater_id, batch_size=batch_size)
+    console.print(f"AI labeler {rater_id!r}: {labeler.source} at {api_url}")
+    stop = threading.Event()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            bar = progress.add_task("answering tasks", total=max_tasks)
+            labeler.run(max_tasks=max_tasks, poll_s=poll, stop=stop, on_batch=lambda n: progress.advance(bar, n))
+    except KeyboardInterrupt:
+        stop.set()
+    except httpx.HTTPStatusError as exc:
+        _fail(f"{exc.request.method} {exc.request.url.path} answered {exc.response.status_code}: {exc.response.text}")
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the API at {api_url}: {exc}")
+    stats = labeler.stats
+    report = {"rater_id": rater_id, "source": labeler.source, **stats.as_dict()}
+    console.print(f"answered {stats.comparisons} task(s) in {stats.batches} batch(es): "
+                  + ", ".join(f"{c} {stats.choices[c]}" for c in ("a", "b", "tie")))
+    if stats.excluded:
+        console.print(f"[yellow]quality control leaves {rater_id!r} out:[/yellow] {stats.excluded}")
+    if operator_key is not None:
+        try:
+            agreement = labeler.agreement(operator_key)
+        except httpx.HTTPError as exc:
+            _fail(f"cannot read the rater's numbers (GET /v1/raters/{rater_id}): {exc}")
+        report["agreement"] = None if agreement is None else agreement._asdict()
+        if agreement is None:
+            console.print("agreement: the rater has given no comparison yet")
+        else:
+            kappa = "-" if agreement.kappa is None else f"{agreement.kappa:.3f}"
+            console.print(f"agreement with the other raters: Cohen's kappa {kappa} over {agreement.agreement_pairs} "
+                          f"answer pair(s); {agreement.answered} answered"
+                          + ("; [red]flagged[/red]" if agreement.flagged else ""))
+    labeler.close()
+    typer.echo(json.dumps(report))
+    if stats.excluded:
+        raise typer.Exit(1)
 
 
 @app.command()

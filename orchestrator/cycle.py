@@ -46,7 +46,7 @@ from store.models import Policy, PreferenceModel, utcnow
 
 log = logging.getLogger("ratchet.cycle")
 
-STAGES = ("open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "human_eval", "gate", "deploy")
+STAGES = ("open", "sample", "gather", "snapshot", "train_pm", "improve", "evaluate", "human_eval", "gate", "deploy")
 """the stages of a cycle, in order"""
 
 DONE = ("succeeded", "skipped")

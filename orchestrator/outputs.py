@@ -118,7 +118,8 @@ class TrainPMOutputs(StageOutputs):
     train_comparisons: Number | None = None
 
 
-class PPOOutputs(StageOutputs):
+class ImproveOutputs(StageOutputs):
+    method: str = "ppo"
     policy_id: int
     policy_version: int
     init_policy_id: int

@@ -42,12 +42,12 @@ def cycle_markdown(summary: dict[str, Any]) -> str:
         f"| PM version / held-out accuracy | v{_num(summary.get('pm_version'))} / {_num(summary.get('pm_accuracy'))} |",
         f"| test PM held-out accuracy | {_num(summary.get('test_pm_accuracy'))} |",
         f"| candidate policy | v{_num(summary.get('policy_version'))} |",
-        f"| PPO reward / KL | {_num(summary.get('ppo_reward'))} / {_num(summary.get('kl'), 4)} |",
+        f"| method / training reward / KL | {summary.get('method') or '-'} / {_num(summary.get('policy_reward'))} / {_num(summary.get('kl'), 4)} |",
         f"| win rate vs deployed (test PM / train PM) | {_num(summary.get('win_rate'))} / {_num(summary.get('win_rate_train_pm'))} |",
         f"| human win rate / lower bound / bar (answers) | {_human(summary)} |",
         f"| Elo (candidate / deployed) | {_num(summary.get('elo_candidate'), 1)} / {_num(summary.get('elo_baseline'), 1)} |",
-        f"| PM ensemble (members, held-out spread; PPO reward spread) | {_num(summary.get('pm_ensemble_size'))}, "
-        f"{_num(summary.get('pm_ensemble_spread'))}; {_num(summary.get('ppo_reward_spread'))} |",
+        f"| PM ensemble (members, held-out spread; training reward spread) | {_num(summary.get('pm_ensemble_size'))}, "
+        f"{_num(summary.get('pm_ensemble_spread'))}; {_num(summary.get('policy_reward_spread'))} |",
         f"| KL to reference (eval) | {_num(summary.get('eval_kl'), 4)} |",
         f"| gold (candidate / deployed before) | {_num(summary.get('gold_candidate'))} / {_num(summary.get('gold_baseline'))} |",
         f"| deployed | {_num(summary.get('deployed'))} |",

@@ -42,6 +42,10 @@ STEPS: dict[str, tuple[str, str]] = {
     "sample": ("workers.sample", "SampleConfig"),
     "train_pm": ("workers.train_pm", "TrainPMConfig"),
     "ppo": ("workers.ppo", "PPOConfig"),
+    "dpo": ("workers.dpo", "DPOConfig"),
+    "online_dpo": ("workers.online_dpo", "OnlineDPOConfig"),
+    "rloo": ("workers.rloo", "RLOOConfig"),
+    "rejection_sampling": ("workers.rejection_sampling", "RejectionSamplingConfig"),
     "evaluate": ("workers.evaluate", "EvaluateConfig"),
     "sft": ("workers.sft", "SFTConfig"),
 }
@@ -59,7 +63,7 @@ class StepRequest:
     """One run of a worker step for a (cycle, stage)."""
 
     step: str
-    """the worker step (``sample``, ``train_pm``, ``ppo``, ``evaluate``, ``sft``)"""
+    """the worker step (a key of ``STEPS``)"""
     key: str
     """idempotency key, ``"<week>:<stage>"``"""
     config: dict[str, Any]

@@ -216,20 +216,84 @@ class PMSettings(StepSection):
     cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_size": 3}
 
 
-class PPOSettings(StepSection):
-    """The ppo stage: a candidate policy trained against the train PM with a KL penalty to the reference
-    (the step: ``workers.ppo.PPOConfig``; its ``seed`` is mixed with the cycle's week)."""
+METHODS = ("ppo", "dpo", "online_dpo", "rloo", "grpo", "rejection_sampling")
+"""the ways the improve stage can turn feedback into a candidate policy (``ImproveSettings.method``)"""
 
-    step: ClassVar[str] = "ppo"
-    set_by_stage: ClassVar[dict[str, Any]] = {"policy_path": _ARTIFACT, "reference_path": _ARTIFACT,
-                                              "pm_path": _ARTIFACT, "test_pm_path": _ARTIFACT,
-                                              "prompts_path": _ARTIFACT, "output_dir": _ARTIFACT}
+Method = Literal["ppo", "dpo", "online_dpo", "rloo", "grpo", "rejection_sampling"]
 
+_POLICY_INPUTS: dict[str, Any] = {"policy_path": _ARTIFACT, "reference_path": _ARTIFACT, "pm_path": _ARTIFACT,
+                                  "test_pm_path": _ARTIFACT, "prompts_path": _ARTIFACT, "output_dir": _ARTIFACT}
+"""what the improve stage sets of a method that samples the policy and scores it with the PMs"""
+
+
+class ImproveSettings(_Section):
+    """The improve stage: the candidate policy C(k), by one method per cycle, from the deployed policy (or the
+    reference), with the reference (or the deployed policy) as its KL anchor. Each method's step fields are in
+    its own section (``ppo``, ``dpo``, ``online_dpo``, ``rloo``, ``grpo``, ``rejection_sampling``)."""
+
+    method: Method = "ppo"
+    """ppo: PPO against the train PM; dpo: DPO on the comparison snapshot (no PM); online_dpo: pairs sampled from
+    the policy and labelled by the train PM, DPO on them, in rounds; rloo / grpo: k samples per prompt,
+    leave-one-out or group-normalised baselines, no critic; rejection_sampling: best-of-N under the train PM,
+    then supervised fine-tuning on the winners, in rounds"""
     init: Literal["deployed", "reference"] = "deployed"
     """start from the deployed policy (iterated online RLHF) or from the reference policy"""
     kl_anchor: Literal["reference", "deployed"] = "reference"
-    """what the per-token KL penalty pulls toward: the reference policy (P0, the paper's) or the deployed policy
+    """what the method's KL term pulls toward: the reference policy (P0, the paper's) or the deployed policy
     (each cycle a bounded step from the last; the gate's KL budget is still measured from the reference)"""
+
+
+class PPOSettings(StepSection):
+    """improve.method ``ppo``: a candidate trained against the train PM with a KL penalty
+    (the step: ``workers.ppo.PPOConfig``; its ``seed`` is mixed with the cycle's week)."""
+
+    step: ClassVar[str] = "ppo"
+    set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
+    cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_penalty": 0.5}
+
+
+class DPOSettings(StepSection):
+    """improve.method ``dpo``: DPO on the cycle's comparison snapshot against the KL anchor
+    (the step: ``workers.dpo.DPOConfig``; ties are kept with target 1/2; its ``seed`` is mixed with the week)."""
+
+    step: ClassVar[str] = "dpo"
+    set_by_stage: ClassVar[dict[str, Any]] = {"model_path": _ARTIFACT, "dataset_path": _ARTIFACT,
+                                              "ref_model_path": _ARTIFACT, "output_dir": _ARTIFACT}
+
+
+class OnlineDPOSettings(StepSection):
+    """improve.method ``online_dpo``: pairs sampled from the policy, labelled by the train PM, DPO on them
+    (the step: ``workers.online_dpo.OnlineDPOConfig``)."""
+
+    step: ClassVar[str] = "online_dpo"
+    set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
+    cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_penalty": 0.5}
+
+
+class RLOOSettings(StepSection):
+    """improve.method ``rloo``: k samples per prompt, REINFORCE with the leave-one-out baseline
+    (the step: ``workers.rloo.RLOOConfig``, estimator rloo)."""
+
+    step: ClassVar[str] = "rloo"
+    set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
+    cycle_defaults: ClassVar[dict[str, Any]] = {"estimator": "rloo", "ensemble_penalty": 0.5}
+
+
+class GRPOSettings(StepSection):
+    """improve.method ``grpo``: k samples per prompt, group-normalised advantages
+    (the step: ``workers.rloo.RLOOConfig``, estimator grpo; ``dr_grpo`` centres without scaling)."""
+
+    step: ClassVar[str] = "rloo"
+    set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
+    cycle_defaults: ClassVar[dict[str, Any]] = {"estimator": "grpo", "ensemble_penalty": 0.5}
+
+
+class RejectionSamplingSettings(StepSection):
+    """improve.method ``rejection_sampling``: best-of-N under the train PM, then SFT on the winners, in rounds
+    (the step: ``workers.rejection_sampling.RejectionSamplingConfig``)."""
+
+    step: ClassVar[str] = "rejection_sampling"
+    set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
     cycle_defaults: ClassVar[dict[str, Any]] = {"ensemble_penalty": 0.5}
 
 
@@ -285,8 +349,20 @@ class CycleSettings(_Section):
     """the gather stage"""
     pm: PMSettings = PMSettings()
     """the train_pm stage"""
+    improve: ImproveSettings = ImproveSettings()
+    """the improve stage: its method, where it starts and its KL anchor"""
     ppo: PPOSettings = PPOSettings()
-    """the ppo stage"""
+    """improve.method ppo"""
+    dpo: DPOSettings = DPOSettings()
+    """improve.method dpo"""
+    online_dpo: OnlineDPOSettings = OnlineDPOSettings()
+    """improve.method online_dpo"""
+    rloo: RLOOSettings = RLOOSettings()
+    """improve.method rloo"""
+    grpo: GRPOSettings = GRPOSettings()
+    """improve.method grpo"""
+    rejection_sampling: RejectionSamplingSettings = RejectionSamplingSettings()
+    """improve.method rejection_sampling"""
     evaluate: EvalSettings = EvalSettings()
     """the evaluate stage"""
     human_eval: HumanEvalSettings = HumanEvalSettings()
@@ -306,6 +382,10 @@ class CycleSettings(_Section):
         "sample": "ratchet-step/sample",
         "train_pm": "ratchet-step/train-pm",
         "ppo": "ratchet-step/ppo",
+        "dpo": "ratchet-step/dpo",
+        "online_dpo": "ratchet-step/online-dpo",
+        "rloo": "ratchet-step/rloo",
+        "rejection_sampling": "ratchet-step/rejection-sampling",
         "evaluate": "ratchet-step/evaluate",
     }
     """Prefect deployment of each worker step, "flow/deployment" (server only)"""
@@ -327,7 +407,7 @@ class CycleSettings(_Section):
 
     @model_validator(mode="after")
     def _steps_known(self) -> CycleSettings:
-        missing = {"sample", "train_pm", "ppo", "evaluate"} - set(self.step_deployments)
+        missing = {"sample", "train_pm", self.method_section().step, "evaluate"} - set(self.step_deployments)
         if missing and self.runner == "deployment":
             raise ValueError(f"step_deployments lacks {', '.join(sorted(missing))} (runner is deployment)")
         return self
@@ -338,12 +418,16 @@ class CycleSettings(_Section):
         step = getattr(self, section)
         return {**step.step_defaults(), "device": self.device, "progress": False, **step.config}
 
+    def method_section(self) -> StepSection:
+        """The step section of the improve stage's method (``ppo``, ``dpo``, ...)."""
+        return getattr(self, self.improve.method)
+
     def retry_delays(self) -> list[float]:
         """Seconds before each retry: exponential backoff from retry_delay_s."""
         return [self.retry_delay_s * 2**i for i in range(self.stage_retries)]
 
 
-STEP_SECTIONS = ("sample", "pm", "ppo", "evaluate")
+STEP_SECTIONS = ("sample", "pm", *METHODS, "evaluate")
 """the sections of the stages that run a worker step (``StepSection``)"""
 
 
@@ -391,7 +475,7 @@ def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: 
 def _validated(data: dict[str, Any], what: str, prefix: str = "") -> CycleSettings:
     """``data`` as settings, each step section's ``config`` checked against the step's config dataclass;
     ``InvalidInput`` names every bad field."""
-    settings, problems = None, []
+    data, settings, problems = with_improve(data), None, []
     try:
         settings = CycleSettings.model_validate(data)
     except ValidationError as exc:
@@ -408,10 +492,22 @@ def _validated(data: dict[str, Any], what: str, prefix: str = "") -> CycleSettin
     return settings
 
 
+def with_improve(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the ppo section's ``init`` and ``kl_anchor`` (where the ppo stage kept them before the
+    improve stage had a method) moved to ``improve``, where they win over what is there: they were set."""
+    data = dict(data)
+    ppo = dict(data.get("ppo") or {})
+    moved = {key: ppo.pop(key) for key in ("init", "kl_anchor") if key in ppo}
+    if moved:
+        data["ppo"], data["improve"] = ppo, {**(data.get("improve") or {}), **moved}
+    return data
+
+
 def recorded(data: dict[str, Any]) -> CycleSettings:
     """Settings as an open stage recorded them; a section written before ``config`` existed (its step's fields
-    beside its own, others under ``extra``) is read with those fields moved under ``config``."""
-    data = dict(data)
+    beside its own, others under ``extra``) is read with those fields moved under ``config``, and a cycle opened
+    before the improve stage had methods (``ppo.init``, ``ppo.kl_anchor``) with them under ``improve``."""
+    data = with_improve(data)
     for name in STEP_SECTIONS:
         section = dict(data.get(name) or {})
         own = type(CycleSettings.model_fields[name].default).model_fields

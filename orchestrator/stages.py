@@ -1,6 +1,6 @@
 """The stages of a weekly cycle, as plain functions over a ``CycleContext``.
 
-    open -> sample -> gather -> snapshot -> train_pm -> ppo -> evaluate -> human_eval -> gate -> deploy
+    open -> sample -> gather -> snapshot -> train_pm -> improve -> evaluate -> human_eval -> gate -> deploy
 
 Each stage reads what earlier stages recorded (``ctx.outputs(stage, Model)``,
 the models of ``orchestrator.outputs``), does its work, and registers its
@@ -47,7 +47,7 @@ from orchestrator.outputs import (
     GatherOutputs,
     HumanEvalOutputs,
     OpenOutputs,
-    PPOOutputs,
+    ImproveOutputs,
     SampleOutputs,
     SnapshotOutputs,
     TrainPMOutputs,
@@ -381,38 +381,59 @@ def stage_train_pm(ctx: CycleContext) -> dict[str, Any]:
     return ctx.commit("train_pm", register, compute_s=outcome.compute_s)
 
 
-# -- ppo ---------------------------------------------------------------------------------------
+# -- improve -----------------------------------------------------------------------------------
 
 
-def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
-    """C(k): PPO from the deployed policy (or the reference) against M(k), with a per-token KL penalty to the
-    reference (``ppo.kl_anchor: reference``) or to the deployed policy (``deployed``).
+def stage_improve(ctx: CycleContext) -> dict[str, Any]:
+    """C(k): a candidate policy from the deployed policy (or the reference), by the cycle's method
+    (``improve.method``), with the reference (``improve.kl_anchor: reference``) or the deployed policy
+    (``deployed``) as its KL anchor.
 
-    The candidate's lineage names the cycle's reference policy either way (P0: the root its KL budget and its
-    PMs' base are measured from); the anchor the penalty pulled toward is in its config and the stage's outputs.
+    - ``ppo``, ``online_dpo``, ``rloo``, ``grpo`` and ``rejection_sampling``
+      sample the policy on the prompt set and optimise against M(k), the
+      test PM scored alongside;
+    - ``dpo`` trains on D(k), the cycle's comparison snapshot, with no PM.
+
+    Every method's candidate then faces the same evaluate, human_eval and
+    gate. The candidate's lineage names the cycle's reference policy either way (P0: the root its KL budget
+    and its PMs' base are measured from); the anchor its KL term pulled toward is in its config and the
+    stage's outputs.
     """
     opened, pms = ctx.outputs("open", OpenOutputs), ctx.outputs("train_pm", TrainPMOutputs)
-    ppo = ctx.settings.ppo
+    improve = ctx.settings.improve
+    method = improve.method
     with ctx.db.session() as session:
-        init = get_policy(session, opened.baseline_policy_id if ppo.init == "deployed" else opened.reference_policy_id)
+        init = get_policy(session, opened.baseline_policy_id if improve.init == "deployed" else opened.reference_policy_id)
         reference = get_policy(session, opened.reference_policy_id)
-        anchor = get_policy(session, opened.baseline_policy_id) if ppo.kl_anchor == "deployed" else reference
-        prompt_set = get_dataset(session, opened.prompt_dataset_id)
-        inputs = {
-            "policy_path": artifact_of(session, init, "init policy"),
-            "reference_path": artifact_of(session, anchor, "KL anchor policy"),
-            "pm_path": artifact_of(session, get_pm(session, pms.pm_id), "PM"),
-            "test_pm_path": artifact_of(session, get_pm(session, pms.test_pm_id), "test PM"),
-            "prompts_path": ref_of(get_artifact(session, prompt_set.artifact_id)),
-        }
+        anchor = get_policy(session, opened.baseline_policy_id) if improve.kl_anchor == "deployed" else reference
+        if method == "dpo":
+            snapshot = get_dataset(session, ctx.outputs("snapshot", SnapshotOutputs).dataset_id)
+            inputs = {
+                "model_path": artifact_of(session, init, "init policy"),
+                "ref_model_path": artifact_of(session, anchor, "KL anchor policy"),
+                "dataset_path": ref_of(get_artifact(session, snapshot.artifact_id)),
+            }
+        else:
+            inputs = {
+                "policy_path": artifact_of(session, init, "init policy"),
+                "reference_path": artifact_of(session, anchor, "KL anchor policy"),
+                "pm_path": artifact_of(session, get_pm(session, pms.pm_id), "PM"),
+                "test_pm_path": artifact_of(session, get_pm(session, pms.test_pm_id), "test PM"),
+                "prompts_path": ref_of(get_artifact(session, get_dataset(session, opened.prompt_dataset_id).artifact_id)),
+            }
         base_model = init.base_model
-    step_config = ctx.settings.step_config("ppo")
-    config = {**step_config, "seed": _seed(ctx.week, "ppo", step_config["seed"])}
-    request = ctx.step_request("ppo", "ppo", config, inputs, ["policy"])
-    outcome = ctx.run_step("ppo", request)
+    section = ctx.settings.method_section()
+    step_config = ctx.settings.step_config(method)
+    config = {**step_config, "seed": _seed(ctx.week, method, step_config["seed"])}
+    request = ctx.step_request("improve", section.step, config, inputs, ["policy"])
+    outcome = ctx.run_step("improve", request)
     metrics = scalar_metrics(outcome.metrics)
 
-    def register(session: Session) -> PPOOutputs:
+    def measured(name: str) -> Any:
+        # the common keys every sampling method reports (policy/...), else PPO's own (ppo/...)
+        return metrics.get(f"policy/{name}", metrics.get(f"ppo/{name}"))
+
+    def register(session: Session) -> ImproveOutputs:
         policy = create_policy(
             session,
             name=opened.policy_name,
@@ -422,22 +443,23 @@ def stage_ppo(ctx: CycleContext) -> dict[str, Any]:
             reference_policy_id=reference.id,
             pm_id=pms.pm_id,
             cycle_id=ctx.cycle_id,
-            config=jsonable(request.recorded_config()),
+            config=jsonable({"method": method, **request.recorded_config()}),
             metrics=metrics,
         )
-        return PPOOutputs(
+        return ImproveOutputs(
+            method=method,
             policy_id=policy.id,
             policy_version=policy.version,
             init_policy_id=init.id,
             kl_anchor_policy_id=anchor.id,
-            reward=metrics.get("ppo/reward"),
-            reward_test_pm=metrics.get("ppo/reward_test_pm"),
-            reward_spread=metrics.get("ppo/reward_spread"),
-            kl=metrics.get("ppo/kl"),
-            episodes=metrics.get("ppo/episodes"),
+            reward=measured("reward"),
+            reward_test_pm=measured("reward_test_pm"),
+            reward_spread=measured("reward_spread"),
+            kl=measured("kl"),
+            episodes=measured("episodes"),
         )
 
-    return ctx.commit("ppo", register, compute_s=outcome.compute_s)
+    return ctx.commit("improve", register, compute_s=outcome.compute_s)
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -450,7 +472,7 @@ def stage_evaluate(ctx: CycleContext) -> dict[str, Any]:
     evaluated in two cycles gets the same samples, so numbers compare across cycles.
     """
     opened = ctx.outputs("open", OpenOutputs)
-    pms, candidate = ctx.outputs("train_pm", TrainPMOutputs), ctx.outputs("ppo", PPOOutputs)
+    pms, candidate = ctx.outputs("train_pm", TrainPMOutputs), ctx.outputs("improve", ImproveOutputs)
     with ctx.db.session() as session:
         inputs = {
             "candidate_path": artifact_of(session, get_policy(session, candidate.policy_id), "candidate policy"),
@@ -647,7 +669,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[CycleContext], dict[str, Any]]] = {
     "gather": stage_gather,
     "snapshot": stage_snapshot,
     "train_pm": stage_train_pm,
-    "ppo": stage_ppo,
+    "improve": stage_improve,
     "evaluate": stage_evaluate,
     "human_eval": stage_human_eval,
     "gate": stage_gate,
@@ -668,7 +690,7 @@ def finish(ctx: CycleContext) -> Cycle:
     if halt is None:
         deployed = ctx.outputs("deploy", DeployOutputs)
         if not deployed.deployed:
-            candidate = ctx.outputs("ppo", PPOOutputs)
+            candidate = ctx.outputs("improve", ImproveOutputs)
             reason = (
                 f"candidate policy {ctx.outputs('open', OpenOutputs).policy_name} v{candidate.policy_version} was not "
                 "deployed: " + "; ".join(deployed.reasons)

@@ -81,7 +81,7 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
     }
     outputs = {name: dict(run.outputs) for name, run in stages.items() if run.status in ("succeeded", "skipped")}
     pm = outputs.get("train_pm", {})
-    ppo = outputs.get("ppo", {})
+    improve = outputs.get("improve", {})
     metrics = outputs.get("evaluate", {}).get("metrics", {})
     gate = outputs.get("gate", {})
     human = outputs.get("human_eval", {})
@@ -102,13 +102,14 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
             "pm_accuracy": pm.get("heldout_accuracy"),
             "pm_ece": pm.get("heldout_ece"),
             "test_pm_accuracy": pm.get("test_pm_heldout_accuracy"),
-            "policy_version": ppo.get("policy_version"),
-            "ppo_reward": ppo.get("reward"),
-            "ppo_reward_test_pm": ppo.get("reward_test_pm"),
-            "ppo_reward_spread": ppo.get("reward_spread"),
+            "method": improve.get("method"),
+            "policy_version": improve.get("policy_version"),
+            "policy_reward": improve.get("reward"),
+            "policy_reward_test_pm": improve.get("reward_test_pm"),
+            "policy_reward_spread": improve.get("reward_spread"),
             "pm_ensemble_size": pm.get("ensemble_size"),
             "pm_ensemble_spread": pm.get("ensemble_spread"),
-            "kl": ppo.get("kl"),
+            "kl": improve.get("kl"),
             "eval_kl": metrics.get("eval/kl"),
             "win_rate": metrics.get("eval/win_rate_test_pm"),
             "win_rate_train_pm": metrics.get("eval/win_rate_train_pm"),

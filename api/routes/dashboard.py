@@ -198,15 +198,15 @@ def charts(data: dict[str, Any], *, nonce: str | None = None) -> dict[str, str]:
     lines("win_rate", "Candidate vs deployed: PM win rate", [("test PM", "win_rate"), ("train PM", "win_rate_train_pm"),
           ("gate requires (test PM)", "required_win_rate")])
     lines("elo", "Elo of the deployed policy (people's A/B verdicts, P0 = 0)", [("Elo", "elo_deployed")])
-    lines("pm_gap", "PPO reward: train PM vs held-out test PM", [("train PM", "ppo_reward"),
-          ("test PM", "ppo_reward_test_pm"), ("train-PM ensemble spread", "ppo_reward_spread")])
+    lines("pm_gap", "Policy training reward: train PM vs held-out test PM", [("train PM", "policy_reward"),
+          ("test PM", "policy_reward_test_pm"), ("train-PM ensemble spread", "policy_reward_spread")])
     lines("gold", "Gold score of the deployed policy", [("gold", "gold_score")])
 
     points = [(math.sqrt(kl), reward, c["week"]) for c in cycles
-              if (kl := _num(c.get("kl"))) is not None and kl >= 0 and (reward := _num(c.get("ppo_reward"))) is not None]
+              if (kl := _num(c.get("kl"))) is not None and kl >= 0 and (reward := _num(c.get("policy_reward"))) is not None]
     if points:
         xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
-        chart = _chart(pygal.XY, "PPO reward vs sqrt(KL), one point per cycle", nonce=nonce, stroke=False,
+        chart = _chart(pygal.XY, "Training reward vs sqrt(KL), one point per cycle", nonce=nonce, stroke=False,
                        print_labels=True, x_title="sqrt(KL to reference)", y_title="mean PM reward",
                        xrange=_padded(xs), range=_padded(ys))
         chart.add("cycles", [{"value": (x, y), "label": week} for x, y, week in points])

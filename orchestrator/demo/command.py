@@ -46,7 +46,7 @@ from rich.table import Table
 
 from orchestrator.demo.labeler import CAREFUL, DEMO_RATERS, RaterProfile, SimulatedLabeler
 from orchestrator.report import cycle_summary
-from orchestrator.settings import CycleSettings, resolve, shift_week, week_monday, week_of
+from orchestrator.settings import METHODS, CycleSettings, Method, resolve, shift_week, week_monday, week_of
 from orchestrator.cycle import STAGES, CycleEnv
 from orchestrator.demo.world import GOLD, WorldConfig, build_world, gold_pairs
 from store.artifacts import ArtifactStore
@@ -100,8 +100,8 @@ def demo_cycle_settings() -> CycleSettings:
             "gather": {"min_comparisons": 200, "all_tasks": True, "deadline_s": 300, "poll_interval_s": 0.25},
             "pm": {"config": {"learning_rate": 1e-3, "batch_size": 32, "max_steps": 40, "max_length": 96,
                               "heldout_fraction": 0.15, "ensemble_size": 3, "test_ensemble_size": 1, "parallel_pms": 2}},
+            "improve": {"method": "ppo", "kl_anchor": "deployed"},
             "ppo": {
-                "kl_anchor": "deployed",
                 "config": {"total_episodes": 768, "rollout_batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4,
                            "response_length": 32, "kl_coef": 0.05, "learning_rate": 1e-4, "lam": 1.0},
             },
@@ -155,8 +155,14 @@ def rater_qc(client: httpx.Client, rater_ids: list[str]) -> list[dict[str, Any]]
 
 
 def seeded(settings: CycleSettings, seed: int) -> CycleSettings:
-    """``settings`` with the PM, PPO and evaluation seeds set to ``seed``."""
-    return resolve(settings, {"pm": {"config": {"seed": seed}}, "ppo": {"config": {"seed": seed}}, "evaluate": {"config": {"seed": seed}}}, trusted=True)
+    """``settings`` with the PM, policy-improvement (of every method) and evaluation seeds set to ``seed``."""
+    params = {name: {"config": {"seed": seed}} for name in ("pm", *METHODS, "evaluate")}
+    return resolve(settings, params, trusted=True)
+
+
+def with_method(settings: CycleSettings, method: Method) -> CycleSettings:
+    """``settings`` with the improve stage's method set to ``method``."""
+    return resolve(settings, {"improve": {"method": method}}, trusted=True)
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,7 @@ def run_demo(
     gold_items: int = GOLD_ITEMS,
     start_week: str | None = None,
     seed: int = 0,
+    method: Method = "ppo",
 ) -> dict[str, Any]:
     """Build the world, run ``cycles`` cycles through the API, and return the summary.
 
@@ -282,7 +289,8 @@ def run_demo(
     replayed by its start week and seed (up to which rater leases which
     task first, and where the server places gold tasks). ``labeler_noise``
     is the careful rater's share of coin flips; ``raters`` and ``qc`` as in
-    ``for_raters``; ``gold_items`` gold comparisons are registered first.
+    ``for_raters``; ``gold_items`` gold comparisons are registered first;
+    ``method`` is the improve stage's (``improve.method``).
     """
     from api.app import create_app
     from orchestrator.flow import use_env
@@ -293,7 +301,7 @@ def run_demo(
     upgrade(paths.database_url)
     database = open_database(paths.database_url)
     artifacts = ArtifactStore(paths.artifacts_url)
-    defaults = seeded(for_raters(cycle_settings or demo_cycle_settings(), raters=raters, qc=qc), seed)
+    defaults = seeded(with_method(for_raters(cycle_settings or demo_cycle_settings(), raters=raters, qc=qc), method), seed)
     world_config = dataclasses.replace(world_config, seed=seed)
     shown = database.engine.url.render_as_string(hide_password=True)
     console.print(f"[bold]Ratchet demo[/bold]: store {shown}{' (fresh)' if paths.fresh else ''}, artifacts {paths.artifacts_url}")
@@ -372,7 +380,8 @@ def run_demo(
             "status": s["status"],
             "pm_accuracy": s["pm_accuracy"],
             "test_pm_accuracy": s["test_pm_accuracy"],
-            "ppo_reward": s["ppo_reward"],
+            "method": s["method"],
+            "policy_reward": s["policy_reward"],
             "kl": s["kl"],
             "eval_kl": s["eval_kl"],
             "win_rate": s["win_rate"],
@@ -380,7 +389,7 @@ def run_demo(
             "human_lower_bound": s["human_lower_bound"],
             "human_answers": s["human_answers"],
             "elo": s["elo_candidate"] if s["deployed"] else s["elo_baseline"],
-            "ppo_reward_spread": s["ppo_reward_spread"],
+            "policy_reward_spread": s["policy_reward_spread"],
             "tasks": s["tasks"],
             "top_up_rounds": s["top_up_rounds"],
             "gather_outcome": s["gather_outcome"],
@@ -407,6 +416,7 @@ def run_demo(
         },
         "raters": raters,
         "qc": qc,
+        "method": method,
         "gold_registered": gold_registered,
         "rater_qc": rater_rows,
         "start_week": weeks[0],
@@ -452,7 +462,7 @@ def _run_one(client: httpx.Client, database: Database, console: Console, index: 
     if summary["status"] == "succeeded":
         verdict = "[green]deployed[/green]" if summary["deployed"] else "[yellow]kept the deployed policy[/yellow]"
         console.print(
-            f"  PM accuracy {_fmt(summary['pm_accuracy'])}, PPO reward {_fmt(summary['ppo_reward'])}, "
+            f"  PM accuracy {_fmt(summary['pm_accuracy'])}, {summary['method']} reward {_fmt(summary['policy_reward'])}, "
             f"KL {_fmt(summary['kl'])}, test-PM win rate {_fmt(summary['win_rate'])}, human win rate "
             f"{_fmt(summary['human_win_rate'])} (bound {_fmt(summary['human_lower_bound'])}, "
             f"{_fmt(summary['human_answers'])} answers): {verdict}; gold {_fmt(summary['gold_score'])}"
@@ -476,7 +486,7 @@ def summary_table(result: dict[str, Any]) -> Table:
     for row in result["cycles"]:
         people = "-" if row["human_win_rate"] is None else f"{row['human_win_rate']:.2f} ({_fmt(row['human_lower_bound'], 2)})"
         table.add_row(
-            str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"], 2), _fmt(row["ppo_reward"], 2), _fmt(row["kl"], 2),
+            str(row["cycle"]), row["week"], _fmt(row["pm_accuracy"], 2), _fmt(row["policy_reward"], 2), _fmt(row["kl"], 2),
             _fmt(row["win_rate"], 2), people, _fmt(row["deployed"]) if row["status"] == "succeeded" else row["status"],
             _fmt(row["elo"], 0), _fmt(row["gold_score"]),
         )
@@ -499,14 +509,15 @@ def rater_table(result: dict[str, Any]) -> Table:
 
 def json_line(result: dict[str, Any]) -> str:
     """The summary as one JSON line (the last line of ``ratchet demo --json``)."""
-    keys = ("cycle", "week", "pm_accuracy", "ppo_reward", "kl", "win_rate", "human_win_rate", "human_lower_bound",
+    keys = ("cycle", "week", "pm_accuracy", "policy_reward", "kl", "win_rate", "human_win_rate", "human_lower_bound",
             "human_answers", "elo", "tasks", "top_up_rounds", "gather_outcome", "deployed", "gold_score",
-            "excluded_raters", "excluded_comparisons", "status", "reason")
+            "comparisons", "excluded_raters", "excluded_comparisons", "status", "reason")
     payload = {
         "start_week": result["start_week"],
         "seed": result["seed"],
         "raters": result["raters"],
         "qc": result["qc"],
+        "method": result["method"],
         "rater_qc": result["rater_qc"],
         "cycles": [{k: row[k] for k in keys} for row in result["cycles"]],
         "gold_score_initial": result["gold_score_initial"],

@@ -29,7 +29,7 @@ STAGE_OUTPUTS = {
     "snapshot": {"rows": 5},
     "gather": {"comparisons": 5},
     "train_pm": {"pm_version": 1, "heldout_accuracy": 0.71, "heldout_ece": 0.08, "test_pm_heldout_accuracy": 0.66},
-    "ppo": {"policy_version": 2, "reward": 0.42, "reward_test_pm": 0.18, "reward_spread": 0.3, "kl": 2.25},
+    "improve": {"method": "ppo", "policy_version": 2, "reward": 0.42, "reward_test_pm": 0.18, "reward_spread": 0.3, "kl": 2.25},
     "evaluate": {"metrics": {"eval/win_rate_test_pm": 0.47, "eval/win_rate_train_pm": 0.74, "eval/kl": 2.1}},
     "human_eval": {"enabled": True, "answers": 60, "wins": 20, "ties": 10, "losses": 30, "win_rate": 25 / 60,
                    "elo_candidate": -58.0, "elo_baseline": 0.0},
@@ -133,7 +133,7 @@ def test_the_data_behind_the_page(pg_db, artifacts):
     data = dashboard_data(pg_db, weeks=12)
     (cycle,) = data["cycles"]
     assert cycle["pm_accuracy"] == 0.71 and cycle["pm_ece"] == 0.08 and cycle["required_win_rate"] == pytest.approx(0.52)
-    assert cycle["ppo_reward_test_pm"] == 0.18 and cycle["deployed"] is False
+    assert cycle["policy_reward_test_pm"] == 0.18 and cycle["deployed"] is False
     assert (cycle["human_answers"], cycle["human_lower_bound"], cycle["elo_deployed"]) == (60, 0.33, 0.0)
     assert [c["kind"] for c in data["deployed"]["chain"]] == ["policy", "pm", "dataset"]
     assert data["deployed"]["feedback_batches"] == 2 and data["deployed"]["policies_before"] == 1

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from datetime import timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,24 @@ class FakeRunner:
         label = f"policy-{config['seed']}-{Path(config['pm_path']).name}"
         return {"policy": self._model_dir(out / "policy", label)}, {"ppo/reward": 0.4, "ppo/kl": 0.5, "ppo/episodes": 64}
 
+    def _dpo(self, config: dict, out: Path):
+        label = f"dpo-{config['seed']}-{sha256_bytes(Path(config['dataset_path']).read_bytes())[:12]}"
+        return {"policy": self._model_dir(out / "policy", label)}, {"losses/dpo": 0.6, "eval/heldout_accuracy": 0.7}
+
+    def _sampling_method(self, name: str, config: dict, out: Path):
+        label = f"{name}-{config['seed']}-{Path(config['pm_path']).name}"
+        return {"policy": self._model_dir(out / "policy", label)}, {"policy/reward": 0.3, "policy/kl": 0.2,
+                                                                   "policy/episodes": 32}
+
+    def _online_dpo(self, config: dict, out: Path):
+        return self._sampling_method("online-dpo", config, out)
+
+    def _rloo(self, config: dict, out: Path):
+        return self._sampling_method(f"rloo-{config['estimator']}", config, out)
+
+    def _rejection_sampling(self, config: dict, out: Path):
+        return self._sampling_method("rs", config, out)
+
     def _evaluate(self, config: dict, out: Path):
         path = out / "report.json"
         path.write_text(json.dumps({"metrics": self.eval_metrics}))
@@ -169,10 +188,12 @@ class StoreLabeler:
     """
 
     def __init__(self, database: Database, *, ack_path: Path | None = None, rater: str = "store-labeler",
-                 prefers: str = "Sure"):
+                 prefers: str = "Sure", judge: Callable[[str, str, str], str] | None = None):
         self.database = database
         self.prefers = prefers
         """the labeler prefers the response containing this (B when neither or both do)"""
+        self.judge = judge or (lambda prompt, a, b: "a" if self.prefers in a else "b")
+        """(prompt, response A, response B) -> a, b or tie (default: by ``prefers``)"""
         self.ack_path = ack_path
         self.rater = rater
         self.stop = threading.Event()
@@ -186,7 +207,8 @@ class StoreLabeler:
                 return 0
             comparisons = [
                 NewComparison(prompt=t.prompt, response_a=t.response_a, response_b=t.response_b,
-                              choice="a" if self.prefers in t.response_a else "b", rater_id=self.rater, task_id=t.id)
+                              choice=self.judge(t.prompt, t.response_a, t.response_b), rater_id=self.rater,
+                              task_id=t.id)
                 for t in tasks
             ]
             batch, _ = create_feedback_batch(session, source="store-labeler", comparisons=comparisons)

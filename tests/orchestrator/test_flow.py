@@ -37,7 +37,7 @@ def test_a_full_cycle_registers_each_version_once_with_its_lineage(prefect_api, 
     with pg_db.session() as s:
         cycle = s.scalar(select(Cycle).where(Cycle.week == WEEK))
         assert [r.stage for r in cycle.stages] == [
-            "open", "sample", "gather", "snapshot", "train_pm", "ppo", "evaluate", "human_eval", "gate", "deploy"]
+            "open", "sample", "gather", "snapshot", "train_pm", "improve", "evaluate", "human_eval", "gate", "deploy"]
         assert all(r.status == "succeeded" and r.attempts == 1 for r in cycle.stages)
         assert cycle.flow_run_id is not None
         outputs = {r.stage: r.outputs for r in cycle.stages}
@@ -54,7 +54,7 @@ def test_a_full_cycle_registers_each_version_once_with_its_lineage(prefect_api, 
         test_pm = s.get(PreferenceModel, outputs["train_pm"]["test_pm_id"])
         assert (pm.name, pm.role, test_pm.name, test_pm.role) == ("pm", "train", "test-pm", "test")
         assert pm.dataset_id == test_pm.dataset_id == outputs["snapshot"]["dataset_id"]
-        candidate = s.get(Policy, outputs["ppo"]["policy_id"])
+        candidate = s.get(Policy, outputs["improve"]["policy_id"])
         p0 = s.scalar(select(Policy).where(Policy.version == 1))
         assert (candidate.name, candidate.version, candidate.cycle_id) == ("policy", 2, cycle.id)
         assert (candidate.init_policy_id, candidate.reference_policy_id, candidate.pm_id) == (p0.id, p0.id, pm.id)
@@ -116,9 +116,9 @@ def test_a_stage_failing_after_its_retries_fails_the_cycle_and_a_rerun_resumes_i
             weekly_cycle(week=WEEK)
         with pg_db.session() as s:
             cycle = s.scalar(select(Cycle).where(Cycle.week == WEEK))
-            ppo = next(r for r in cycle.stages if r.stage == "ppo")
+            ppo = next(r for r in cycle.stages if r.stage == "improve")
             assert cycle.status == "failed"
-            assert cycle.reason == "stage ppo failed: StepFailed: injected failure of ppo"
+            assert cycle.reason == "stage improve failed: StepFailed: injected failure of ppo"
             assert (ppo.status, ppo.attempts, ppo.error) == ("failed", 2, "StepFailed: injected failure of ppo")
         steps_before = list(runner.calls)
         summary = weekly_cycle(week=WEEK)  # the fault is gone: the same cycle resumes
@@ -126,7 +126,7 @@ def test_a_stage_failing_after_its_retries_fails_the_cycle_and_a_rerun_resumes_i
     assert runner.calls[len(steps_before):] == ["ppo", "evaluate"]  # finished stages were skipped
     with pg_db.session() as s:
         cycle = s.scalar(select(Cycle).where(Cycle.week == WEEK))
-        assert next(r for r in cycle.stages if r.stage == "ppo").attempts == 3
+        assert next(r for r in cycle.stages if r.stage == "improve").attempts == 3
     assert _count(pg_db, Cycle) == 1 and _count(pg_db, Policy) == 2 and _count(pg_db, PreferenceModel) == 2
 
 

@@ -51,11 +51,11 @@ def test_a_full_cycle_with_the_real_workers_writes_versions_with_their_lineage(
                       cycle_settings=TINY_CYCLE)
     (row,) = result["cycles"]
     assert row["status"] == "succeeded", row["reason"]
-    for key in ("pm_accuracy", "ppo_reward", "kl", "win_rate", "gold_score"):
+    for key in ("pm_accuracy", "policy_reward", "kl", "win_rate", "gold_score"):
         assert isinstance(row[key], float), key
     line = json.loads(json_line(result))
     assert set(line) >= {"cycles", "gold_score_initial", "gold_score_final"}
-    assert set(line["cycles"][0]) >= {"cycle", "pm_accuracy", "ppo_reward", "kl", "win_rate", "deployed", "gold_score"}
+    assert set(line["cycles"][0]) >= {"cycle", "pm_accuracy", "policy_reward", "kl", "win_rate", "deployed", "gold_score"}
     assert result["labeler"]["comparisons"] > 0
 
     with pg_db.session() as s:

@@ -68,9 +68,9 @@ def test_no_settings_section_repeats_a_field_of_a_worker_config():
 
     from pydantic import BaseModel
 
-    from orchestrator.runners import config_class
+    from orchestrator.runners import STEPS, config_class
 
-    worker_fields = {f.name: step for step in ("sample", "train_pm", "ppo", "evaluate")
+    worker_fields = {f.name: step for step in STEPS
                      for f in dataclasses.fields(config_class(step))}
     repeated = [
         f"{section}.{name} (a {worker_fields[name]} field)"
@@ -99,8 +99,29 @@ def test_settings_recorded_before_step_overrides_existed_still_read():
     from orchestrator.settings import recorded
 
     old = CycleSettings().model_dump(mode="json")
-    old["ppo"] = {"init": "deployed", "kl_anchor": "reference", "learning_rate": 3e-5, "seed": 0,
+    del old["improve"]
+    old["ppo"] = {"init": "reference", "kl_anchor": "deployed", "learning_rate": 3e-5, "seed": 0,
                   "ensemble_penalty": 0.5, "extra": {"gradient_accumulation_steps": 2}}
     settings = recorded(old)
+    # where the ppo stage kept them: now the improve stage's, whose method was then always ppo
+    assert (settings.improve.method, settings.improve.init, settings.improve.kl_anchor) == ("ppo", "reference", "deployed")
     assert settings.ppo.config == {"ensemble_penalty": 0.5, "learning_rate": 3e-5, "seed": 0,
                                    "gradient_accumulation_steps": 2}
+
+
+def test_the_improve_method_picks_its_section_and_a_trigger_may_choose_it():
+    resolved = resolve(CycleSettings(), {"improve": {"method": "grpo"}, "grpo": {"config": {"k": 4}}})
+    assert resolved.improve.method == "grpo" and resolved.method_section() is resolved.grpo
+    assert resolved.step_config("grpo")["estimator"] == "grpo" and resolved.step_config("rloo")["estimator"] == "rloo"
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"improve": {"method": "reinforce"}})
+    assert [e["field"] for e in err.value.errors] == ["params.improve.method"]
+    # a field of another method's step is refused under its section, naming it
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"dpo": {"config": {"total_episodes": 64}}})
+    assert [e["field"] for e in err.value.errors] == ["params.dpo.config.total_episodes"]
+
+
+def test_init_and_kl_anchor_where_the_ppo_section_had_them_still_set_the_improve_stage():
+    resolved = resolve(CycleSettings(), {"ppo": {"kl_anchor": "deployed", "init": "reference"}})
+    assert (resolved.improve.kl_anchor, resolved.improve.init) == ("deployed", "reference")

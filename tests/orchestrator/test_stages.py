@@ -167,10 +167,10 @@ def test_the_kl_anchor_may_be_the_deployed_policy_while_the_lineage_keeps_the_re
     with StoreLabeler(pg_db):
         _run(first, *STAGES[1:])
     p1 = first.outputs("deploy", DeployOutputs).policy_id
-    ctx = open_stage(fake_env, week="2026-W31", params={"ppo": {"kl_anchor": "deployed"}}, trigger="manual",
+    ctx = open_stage(fake_env, week="2026-W31", params={"improve": {"kl_anchor": "deployed"}}, trigger="manual",
                      flow_run_id=None)
     with StoreLabeler(pg_db):
-        out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "ppo")["ppo"]
+        out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "improve")["improve"]
     opened = ctx.outputs("open", OpenOutputs)
     assert opened.baseline_policy_id == p1 and opened.reference_policy_id != p1
     assert out["kl_anchor_policy_id"] == p1
@@ -179,3 +179,34 @@ def test_the_kl_anchor_may_be_the_deployed_policy_while_the_lineage_keeps_the_re
         anchor_uri = s.get(Policy, p1).artifact.uri
         assert candidate.reference_policy_id == opened.reference_policy_id  # P0: the root of the KL budget
         assert candidate.config["reference_path"] == anchor_uri == candidate.config["policy_path"]
+
+
+@pytest.mark.parametrize("method", ["ppo", "dpo", "online_dpo", "rloo", "grpo", "rejection_sampling"])
+def test_the_improve_stage_runs_the_cycles_method_with_its_inputs_and_records_it(fake_env, pg_db, method):
+    from store.models import Dataset, Policy
+
+    ctx = open_stage(fake_env, week=WEEK, params={"improve": {"method": method}}, trigger="manual", flow_run_id=None)
+    with StoreLabeler(pg_db):
+        out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "improve")
+    improve = out["improve"]
+    step = "rloo" if method == "grpo" else method
+    assert fake_env._runner.calls[-1] == step and improve["method"] == method
+    with pg_db.session() as s:
+        candidate = s.get(Policy, improve["policy_id"])
+        config = candidate.config
+        assert config["method"] == method
+        if method == "dpo":
+            # DPO learns from the comparison snapshot itself, against the KL anchor; no PM
+            snapshot = s.get(Dataset, out["snapshot"]["dataset_id"])
+            assert config["dataset_path"] == snapshot.artifact.uri and "pm_path" not in config
+            assert config["model_path"] == config["ref_model_path"]  # init: deployed, anchor: reference (P0 here)
+            assert improve.get("reward") is None
+        else:
+            assert {"policy_path", "reference_path", "pm_path", "test_pm_path", "prompts_path"} <= set(config)
+            assert improve["kl"] is not None and improve["episodes"] is not None
+        if method in ("rloo", "grpo"):
+            assert config["estimator"] == method
+    # the candidate of every method faces the same evaluate, human_eval and gate
+    with StoreLabeler(pg_db):
+        rest = _run(ctx, "evaluate", "human_eval", "gate")
+    assert rest["evaluate"]["candidate_policy_id"] == improve["policy_id"] and "deploy" in rest["gate"]

@@ -28,9 +28,9 @@ def test_a_rerun_claims_a_running_or_failed_cycle_but_never_a_finished_one(db):
 def test_a_stage_row_can_be_read_under_a_lock(db):
     with db.session() as s:
         cycle, _ = open_cycle(s, week="2026-W02")
-        start_stage(s, cycle_id=cycle.id, stage="ppo")
+        start_stage(s, cycle_id=cycle.id, stage="improve")
     with db.session() as s:
-        assert get_stage(s, cycle_id=cycle.id, stage="ppo", for_update=True).status == "running"
+        assert get_stage(s, cycle_id=cycle.id, stage="improve", for_update=True).status == "running"
         assert get_stage(s, cycle_id=cycle.id, stage="gate", for_update=True) is None
 
 
