@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,6 +126,10 @@ def _merge(*maps: dict[int, list[int]]) -> dict[int, list[int]]:
     return {b: sorted(p) for b, p in out.items()}
 
 
+AI_SOURCE_PREFIX = "ai:"
+"""how a feedback batch's source says it is AI feedback (``ai:<judge kind>:<name>``, ``orchestrator.ai_labeler``)"""
+
+
 def snapshot_comparisons(
     session: Session,
     *,
@@ -145,6 +150,11 @@ def snapshot_comparisons(
     each recorded with its reason and count in the snapshot's metadata (and
     so in its lineage). A batch left with nothing is not part of the
     snapshot; the positions left out of a batch are part of its address.
+
+    Each record carries its batch's ``source``, and the metadata counts the
+    records per source (``sources``) and those of AI labelers
+    (``ai_comparisons``: sources starting ``ai:``), so a PM trained on the
+    snapshot says how much of its data was AI feedback.
 
     The snapshot is content-addressed: the same set of comparisons gives the
     same sha256 and the same version, not a new one. Its artifact is a JSONL
@@ -176,6 +186,8 @@ def snapshot_comparisons(
     left_out = {b: set(p) for b, p in excluded.items()}
     everything = comparisons_of(session, [b.id for b in batches])
     comparisons = [comp for comp in everything if comp.position not in left_out.get(comp.batch_id, ())]
+    source_of = {b.id: b.source for b in batches}
+    sources = Counter(source_of[comp.batch_id] for comp in comparisons)
     # Counted over every batch considered: a batch of one left-out rater's answers is dropped whole above.
     rater_counts = {rater: 0 for rater in excluded_raters}
     rater_counts.update(session.execute(
@@ -191,6 +203,7 @@ def snapshot_comparisons(
             "response_b": comp.response_b,
             "choice": comp.choice,
             "rater_id": comp.rater_id,
+            "source": source_of[comp.batch_id],
         }
         if comp.task_id is not None:
             record["task_id"] = comp.task_id
@@ -211,6 +224,8 @@ def snapshot_comparisons(
         # A snapshot never changes, so its rater agreement is computed once, here.
         metadata={
             "batch_count": len(batches),
+            "sources": dict(sorted(sources.items())),
+            "ai_comparisons": sum(n for source, n in sources.items() if source.startswith(AI_SOURCE_PREFIX)),
             "agreement": agreement_of(comparisons),
             "excluded_eval_comparisons": sum(len(v) for v in evals.values()),
             "excluded_gold_comparisons": sum(len(v) for v in golds.values()),

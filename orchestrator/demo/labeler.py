@@ -3,9 +3,9 @@
 A rater behaves as an outside labeling tool would (httpx, its own labeler
 API key, ``GET /v1/comparison-tasks?limit=N&rater_id=...`` then ``POST
 /v1/feedback-batches`` with an ``Idempotency-Key``, so a retried POST
-registers once). It answers every task it is handed alike: training, eval,
-overlap and gold tasks look the same to it. How it judges is its profile
-(``RaterProfile``):
+registers once: the protocol of ``orchestrator.ai_labeler``). It answers
+every task it is handed alike: training, eval, overlap and gold tasks look
+the same to it. How it judges is its profile (``RaterProfile``):
 
 - ``gold`` (a careful or a noisy rater): with probability ``noise`` a
   judgement is a coin flip between A and B; otherwise the response with the
@@ -28,16 +28,16 @@ the strength of a careless judgement says nothing either.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import httpx
+
+from orchestrator.ai_labeler import answer_of, idempotency_key, lease_tasks, post_batch
 
 log = logging.getLogger(__name__)
 
@@ -161,42 +161,25 @@ class SimulatedLabeler:
 
     def label_once(self) -> int:
         """Lease up to ``batch_size`` tasks, judge them, post one batch; returns how many were labeled."""
-        response = self.client.get("/v1/comparison-tasks", params={"limit": self.batch_size, "rater_id": self.rater_id})
-        if response.status_code == 403 and self.excluded is None:
-            # Quality control left this rater out: it is handed no more tasks until an operator includes it.
-            self.excluded = response.json().get("detail", "excluded")
-            log.info("labeler %s: %s", self.rater_id, self.excluded)
-        if response.status_code == 403:
+        leased = lease_tasks(self.client, rater_id=self.rater_id, limit=self.batch_size)
+        if leased.excluded is not None:
+            if self.excluded is None:
+                log.info("labeler %s: %s", self.rater_id, leased.excluded)
+            self.excluded = leased.excluded
             return 0
         self.excluded = None
-        response.raise_for_status()
-        tasks = response.json()["data"]
+        tasks = leased.tasks
         if not tasks:
             return 0
         comparisons = []
         for t in tasks:
             judgement = self.judge(t["prompt"], t["response_a"], t["response_b"])
             self.stats.ties += judgement.choice == "tie"
-            comparisons.append({
-                "prompt": t["prompt"],
-                "response_a": t["response_a"],
-                "response_b": t["response_b"],
-                "choice": judgement.choice,
-                "strength": judgement.strength,
-                "rater_id": self.rater_id,
-                "task_id": t["id"],
-            })
-        key = f"{self.rater_id}:" + hashlib.sha256(",".join(str(t["id"]) for t in tasks).encode()).hexdigest()[:32]
-        body = {"source": self.source, "comparisons": comparisons, "metadata": {"labeler": self.rater_id}}
-        for attempt in range(3):
-            try:
-                posted = self.client.post("/v1/feedback-batches", json=body, headers={"Idempotency-Key": key})
-                posted.raise_for_status()
-                break
-            except httpx.TransportError:  # the same key makes the retry land once
-                if attempt == 2:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
+            comparisons.append(
+                answer_of(t, rater_id=self.rater_id, choice=judgement.choice, strength=judgement.strength)
+            )
+        post_batch(self.client, source=self.source, comparisons=comparisons, metadata={"labeler": self.rater_id},
+                   key=idempotency_key(self.rater_id, tasks))
         self.stats.batches += 1
         self.stats.comparisons += len(comparisons)
         return len(comparisons)

@@ -46,3 +46,21 @@ def test_snapshot_of_nothing_is_refused(db, artifacts):
             snapshot_comparisons(s, artifacts=artifacts)
         with pytest.raises(NotFound, match=r"\[42\]"):
             snapshot_comparisons(s, artifacts=artifacts, batch_ids=[42])
+
+
+def test_a_snapshot_records_each_comparisons_source_and_counts_ai_feedback_apart(db, artifacts):
+    from store.feedback import create_feedback_batch
+
+    with db.session() as s:
+        builders.batch(s, n=3, start=0, source="vendor-a")
+        builders.batch(s, n=2, start=10, source="ai:lm:judge-7b")
+        builders.batch(s, n=1, start=20, source="ai:pm:pm-v3")
+        # a left-out rater's answers count under no source
+        left_out = [builders.comparison(30 + i, rater="r2") for i in range(4)]
+        create_feedback_batch(s, source="ai:pm:pm-v3", comparisons=left_out)
+        ds, _ = snapshot_comparisons(s, artifacts=artifacts, excluded_raters={"r2": "excluded by an operator"})
+        art, meta = ds.artifact, dict(ds.meta)
+    assert meta["sources"] == {"ai:lm:judge-7b": 2, "ai:pm:pm-v3": 1, "vendor-a": 3}
+    assert meta["ai_comparisons"] == 3  # sources starting "ai:"
+    rows = [json.loads(line) for line in artifacts.read_bytes(art.uri, art.sha256).decode().splitlines()]
+    assert [r["source"] for r in rows] == ["vendor-a"] * 3 + ["ai:lm:judge-7b"] * 2 + ["ai:pm:pm-v3"]
