@@ -280,12 +280,13 @@ class RLOOSettings(StepSection):
 
 
 class GRPOSettings(StepSection):
-    """improve.method ``grpo``: k samples per prompt, group-normalised advantages
-    (the step: ``workers.rloo.RLOOConfig``, estimator grpo; ``dr_grpo`` centres without scaling)."""
+    """improve.method ``grpo``: k samples per prompt, group-normalised advantages, the KL to the anchor a term of
+    the loss as DeepSeekMath has it (the step: ``workers.rloo.RLOOConfig``, estimator grpo, kl_in_reward false;
+    ``dr_grpo`` centres without scaling)."""
 
     step: ClassVar[str] = "rloo"
     set_by_stage: ClassVar[dict[str, Any]] = _POLICY_INPUTS
-    cycle_defaults: ClassVar[dict[str, Any]] = {"estimator": "grpo", "ensemble_penalty": 0.5}
+    cycle_defaults: ClassVar[dict[str, Any]] = {"estimator": "grpo", "kl_in_reward": False, "ensemble_penalty": 0.5}
 
 
 class RejectionSamplingSettings(StepSection):

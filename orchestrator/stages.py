@@ -402,12 +402,13 @@ def stage_improve(ctx: CycleContext) -> dict[str, Any]:
     opened, pms = ctx.outputs("open", OpenOutputs), ctx.outputs("train_pm", TrainPMOutputs)
     improve = ctx.settings.improve
     method = improve.method
-    with ctx.db.session() as session:
+    snapshot_id = ctx.outputs("snapshot", SnapshotOutputs).dataset_id if method == "dpo" else None
+    with ctx.db.session() as session:  # one session: a second one inside it would wait on this one (SQLite)
         init = get_policy(session, opened.baseline_policy_id if improve.init == "deployed" else opened.reference_policy_id)
         reference = get_policy(session, opened.reference_policy_id)
         anchor = get_policy(session, opened.baseline_policy_id) if improve.kl_anchor == "deployed" else reference
         if method == "dpo":
-            snapshot = get_dataset(session, ctx.outputs("snapshot", SnapshotOutputs).dataset_id)
+            snapshot = get_dataset(session, snapshot_id)
             inputs = {
                 "model_path": artifact_of(session, init, "init policy"),
                 "ref_model_path": artifact_of(session, anchor, "KL anchor policy"),

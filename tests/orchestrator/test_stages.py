@@ -210,3 +210,16 @@ def test_the_improve_stage_runs_the_cycles_method_with_its_inputs_and_records_it
     with StoreLabeler(pg_db):
         rest = _run(ctx, "evaluate", "human_eval", "gate")
     assert rest["evaluate"]["candidate_policy_id"] == improve["policy_id"] and "deploy" in rest["gate"]
+
+
+def test_the_dpo_improve_stage_runs_on_both_backends(db, artifacts, work_dir):
+    """SQLite serialises writers: the stage must read what it needs in one session at a time."""
+    from orchestrator.cycle import CycleEnv
+    from tests.orchestrator.fakes import FakeRunner, fake_world
+
+    fake_world(db, artifacts, work_dir)
+    env = CycleEnv(db, artifacts, work_dir=work_dir, defaults=fast_settings(), runner=FakeRunner(artifacts, work_dir))
+    ctx = open_stage(env, week=WEEK, params={"improve": {"method": "dpo"}}, trigger="manual", flow_run_id=None)
+    with StoreLabeler(db):
+        out = _run(ctx, "sample", "gather", "snapshot", "train_pm", "improve")
+    assert out["improve"]["method"] == "dpo" and env._runner.calls[-1] == "dpo"
