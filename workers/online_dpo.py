@@ -46,7 +46,6 @@ one, bit for bit.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -57,39 +56,18 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.generation import row_seed, row_uniforms
-from workers.common.metrics import (
-    SUMMARY_FILENAME,
-    MetricsWriter,
-    StepResult,
-    collect_result,
-    finished_metrics,
-    read_metrics,
-    write_json,
+from workers.common.metrics import MetricsWriter, StepResult, collect_result
+from workers.common.modeling import load_tokenizer, max_positions, model_config
+from workers.common.policy_step import (
+    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
+    save_policy, setup_machine,
 )
-from workers.common.modeling import (
-    check_model_dir,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    max_positions,
-    model_config,
-    save_model_dir,
-)
-from workers.common.rollout import check_same_vocabulary, encode_prompts, pm_member_scores, pm_scores, sample_with_kl
-from workers.common.runtime import (
-    autocast,
-    check_training_dtype,
-    progress,
-    resolve_device,
-    resolve_dtype,
-    seed_everything,
-    set_threads,
-)
+from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
+from workers.common.runtime import autocast, progress, seed_everything
 from workers.common.schedule import DataOrder, adamw
-from workers.common.score import load_pm
 from workers.dpo import Pair, pair_logps
 from workers.rl.kl import sqrt_kl
 from workers.rl.preference import preference_loss
@@ -173,8 +151,7 @@ class OnlineDPOConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
-        for name in ("rounds", "prompts_per_round", "response_length", "epochs", "batch_size", "pm_batch_size",
-                     "checkpoint_every"):
+        for name in ("rounds", "prompts_per_round", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
         for name in ("max_prompt_tokens", "max_rounds_this_run", "num_threads"):
@@ -189,21 +166,14 @@ class OnlineDPOConfig:
             raise ConfigError(f"ties ({self.ties!r}) must be keep or drop")
         if not self.temperature > 0:
             raise ConfigError(f"temperature ({self.temperature}) must be > 0: two greedy responses would be the same")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
-        for name in ("min_gap", "ensemble_penalty", "weight_decay", "lora_r"):
+        for name in ("min_gap", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"missing_eos_penalty ({self.missing_eos_penalty}) must be >= 0 or null")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0 or null")
-        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
-            raise ConfigError(
-                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
-                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
-            )
-        check_training_dtype(self.dtype)
+        check_policy_config(self)
 
 
 # -- labelling a round's pairs (pure) -------------------------------------------------
@@ -249,19 +219,10 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     cfg.validate()
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
-        return collect_result(STEP, out, {"policy": final_dir}, done)
-    check_model_dir(cfg.policy_path, what="policy")
-    check_model_dir(cfg.reference_path, what="reference policy")
-    check_model_dir(cfg.pm_path, what="preference model")
-    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
-    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
-    if cfg.test_pm_path:
-        check_model_dir(cfg.test_pm_path, what="test preference model")
-        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
+        return done
+    check_inputs(cfg)
+    device, compute_dtype = setup_machine(cfg)
 
     tokenizer = load_tokenizer(cfg.policy_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -278,12 +239,7 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     # A checkpoint written with another config is refused before anything in output_dir changes.
     checkpoints = out / "checkpoints"
     if (latest := latest_checkpoint(checkpoints)) is not None:
-        diffs = diff_configs(read_checkpoint_state(latest).get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS)
-        if diffs:
-            raise WorkerError(
-                f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
-                "run with the same config to resume it, or use a new output_dir"
-            )
+        check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, step=STEP)
     # Derived sizes, computed once.
@@ -293,23 +249,7 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     # 1. Policy (float32 master weights, or float32 LoRA adapters on compute_dtype base weights), the frozen
     #    reference and the PMs. Dropout is off: with it log pi and log pi_ref would differ by noise.
     seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
-    model = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
-    disable_dropout(model)
-    reference = None
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM"),
-            autocast_adapter_dtype=True,
-        )
-    else:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
-        disable_dropout(reference)
-        reference.requires_grad_(False)
-        reference.eval()
-    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
-    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    model, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=0.0)
     optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     # 2. Resume from the newest checkpoint, or start clean.
@@ -429,14 +369,9 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     # 8. The policy as an ordinary Hugging Face directory, in float32 (LoRA merged into float32 base weights:
     #    merged into bfloat16 ones small updates would round away), then the summary that marks the run finished.
     model.eval()
-    lm = model.float().merge_and_unload() if cfg.lora_r else model
-    save_model_dir(lm, tokenizer, final_dir)
+    save_policy(model, tokenizer, final_dir, lora=bool(cfg.lora_r))
     save_config(cfg, final_dir, step=STEP)
-    summary = {**read_metrics(out / "metrics.jsonl")[-1], "online_dpo/rounds": cfg.rounds}
-    summary.pop("step", None)
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return collect_result(STEP, out, {"policy": final_dir}, summary)
+    return finish(STEP, cfg, {**last_metrics(out), "online_dpo/rounds": cfg.rounds})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,6 @@ an uninterrupted one.
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -41,22 +40,17 @@ import torch
 from torch import nn
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms
-from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
-from workers.common.modeling import (
-    causal_mask_4d,
-    check_model_dir,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    load_trunk,
-    save_model_dir,
+from workers.common.metrics import MetricsWriter, StepResult, collect_result
+from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer, load_trunk
+from workers.common.policy_step import (
+    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
+    prompt_order, save_policy, setup_machine,
 )
 from workers.common.rollout import (
     Rollout,
-    check_same_vocabulary,
     encode_prompts,
     entropy_of,
     pm_member_scores,
@@ -65,8 +59,7 @@ from workers.common.rollout import (
     response_logprobs,
     sample_with_kl,
 )
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads
-from workers.common.score import load_pm
+from workers.common.runtime import autocast, progress
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
 from workers.rl.losses import ppo_loss
@@ -173,11 +166,9 @@ class PPOConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
         for name in ("total_episodes", "rollout_batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                     "ppo_epochs", "response_length", "pm_batch_size", "checkpoint_every", "kl_horizon"):
+                     "ppo_epochs", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
         if self.total_episodes % self.rollout_batch_size:
             raise ConfigError(
                 f"total_episodes ({self.total_episodes}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
@@ -199,26 +190,15 @@ class PPOConfig:
             raise ConfigError(f"value_model ({self.value_model!r}) must be head or critic")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef ({self.kl_coef}) must be >= 0")
-        if self.ensemble_penalty < 0:
-            raise ConfigError(f"ensemble_penalty ({self.ensemble_penalty}) must be >= 0")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError(f"kl_target ({self.kl_target}) must be > 0 or null")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"gamma ({self.gamma}) and lam ({self.lam}) must be in [0, 1]")
-        if self.lora_r < 0:
-            raise ConfigError(f"lora_r ({self.lora_r}) must be >= 0")
-        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
-            raise ConfigError(
-                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
-                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
-            )
         if self.eval_every < 0 or (self.eval_every and not self.eval_prompts_path):
             raise ConfigError(f"eval_every ({self.eval_every}) must be >= 0 and needs eval_prompts_path")
         if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
             raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
-        check_training_dtype(self.dtype)
+        check_policy_config(self)
 
 
 class PolicyWithValue(nn.Module):
@@ -256,19 +236,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
 
 
-def _build_model(cfg: PPOConfig, device: torch.device, compute_dtype: torch.dtype) -> PolicyWithValue:
-    """The policy and value function; every trained weight in float32 (AdamW's updates at PPO's learning
-    rates are below bfloat16's resolution), computed under autocast. With LoRA the frozen base weights
-    are held in ``compute_dtype`` and peft keeps the adapters in float32."""
-    lm = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
-    disable_dropout(lm)
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(
-            lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"),
-            autocast_adapter_dtype=True,
-        )
+def _with_value_function(lm: nn.Module, cfg: PPOConfig, device: torch.device) -> PolicyWithValue:
+    """The policy LM (``load_models``) with its value function, a head on its trunk or on a critic trunk
+    initialised from the PM's; the value function's weights are float32, as every trained weight."""
     critic = None
     if cfg.value_model == "critic":
         critic = load_trunk(cfg.pm_path, device=device, dtype=torch.float32)
@@ -303,16 +273,6 @@ def evaluate_policy(model: PolicyWithValue, reference, pm, test_pm, prompts: Seq
     return out
 
 
-def _prompt_order(n_prompts: int, seed: int, episode: int, count: int) -> list[int]:
-    """Prompt indices for episodes [episode, episode + count): a seeded shuffle per pass over the set."""
-    out = []
-    for e in range(episode, episode + count):
-        epoch, offset = divmod(e, n_prompts)
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
 def run(cfg: PPOConfig) -> StepResult:
     """Train the policy with PPO; resumes from the newest checkpoint under output_dir."""
     cfg.validate()
@@ -322,19 +282,10 @@ def run(cfg: PPOConfig) -> StepResult:
     micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
-        return collect_result(STEP, out, {"policy": final_dir}, done)
-    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
-        check_model_dir(path, what=what)
-    check_model_dir(cfg.pm_path, what="preference model")
-    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
-    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
-    if cfg.test_pm_path:
-        check_model_dir(cfg.test_pm_path, what="test preference model")
-        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
+        return done
+    check_inputs(cfg)
+    device, compute_dtype = setup_machine(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, step=STEP)
 
@@ -346,14 +297,8 @@ def run(cfg: PPOConfig) -> StepResult:
         encode_prompts(tokenizer, load_prompts(cfg.eval_prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
         if cfg.eval_prompts_path else []
     )
-    model = _build_model(cfg, device, compute_dtype)
-    reference = None
-    if not cfg.lora_r:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
-        disable_dropout(reference)
-        reference.requires_grad_(False)
-    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
-    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    lm, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
+    model = _with_value_function(lm, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
     if cfg.kl_target is None:
@@ -364,8 +309,8 @@ def run(cfg: PPOConfig) -> StepResult:
     start_rollout = 0
     checkpoints = out / "checkpoints"
     if (latest := latest_checkpoint(checkpoints)) is not None:
+        check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
         state = load_checkpoint(latest, model=model, optimizer=optimizer)
-        _check_resume(cfg, state)
         start_rollout, kl_ctl.value = state["rollout"], state["kl_coef"]
     metrics = MetricsWriter(out / "metrics.jsonl")
     metrics.rewind(after_step=start_rollout)
@@ -384,7 +329,7 @@ def run(cfg: PPOConfig) -> StepResult:
         started = time.perf_counter()
         model.eval()
         # 1. Sample responses; every token's random number comes from (seed, rollout, row).
-        order = _prompt_order(len(prompt_ids), cfg.seed, k * cfg.rollout_batch_size, cfg.rollout_batch_size)
+        order = prompt_order(len(prompt_ids), cfg.seed, k * cfg.rollout_batch_size, cfg.rollout_batch_size)
         batch_prompts = [prompt_ids[i] for i in order]
         uniforms = torch.stack(
             [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))]
@@ -493,7 +438,7 @@ def run(cfg: PPOConfig) -> StepResult:
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == num_rollouts:
             save_checkpoint(
                 checkpoints, k + 1, model=model, optimizer=optimizer,
-                state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": _comparable(cfg)},
+                state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": to_dict(cfg)},
             )
     bar.close()
     done = latest_checkpoint(checkpoints)
@@ -501,32 +446,9 @@ def run(cfg: PPOConfig) -> StepResult:
     if not finished:
         return collect_result(STEP, out, {}, last, complete=False)
 
-    # 8. Save the policy as an ordinary Hugging Face directory, in float32 (LoRA merged into float32
-    #    base weights: merged into bfloat16 ones, small updates would round away).
-    lm = model.lm.float().merge_and_unload() if cfg.lora_r else model.lm
-    save_model_dir(lm, tokenizer, final_dir)
-    summary = {**read_metrics(out / "metrics.jsonl")[-1], "ppo/rollouts": num_rollouts}
-    summary.pop("step", None)
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return collect_result(STEP, out, {"policy": final_dir}, summary)
-
-
-def _comparable(cfg: PPOConfig) -> dict[str, Any]:
-    data = to_dict(cfg)
-    for name in RUN_ONLY_FIELDS:
-        data.pop(name, None)
-    return data
-
-
-def _check_resume(cfg: PPOConfig, state: dict[str, Any]) -> None:
-    saved, current = state.get("config", {}), _comparable(cfg)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        raise WorkerError(
-            f"the checkpoint under {cfg.output_dir} was written with a different config ({', '.join(changed)} changed); "
-            "use a new output_dir or restore the config"
-        )
+    # 8. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary.
+    save_policy(model.lm, tokenizer, final_dir, lora=bool(cfg.lora_r))
+    return finish(STEP, cfg, {**last_metrics(out), "ppo/rollouts": num_rollouts})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,7 +46,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -61,12 +60,14 @@ from workers.common.checkpoint import latest_checkpoint, read_checkpoint_state, 
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.generation import row_seed, row_uniforms
-from workers.common.metrics import SUMMARY_FILENAME, StepResult, atomic_write_text, collect_result, finished_metrics, write_json
-from workers.common.modeling import check_model_dir, disable_dropout, load_causal_lm, load_tokenizer, save_model_dir
-from workers.common.rollout import check_same_vocabulary, encode_prompts, pm_member_scores, pm_scores, sample_with_kl
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
+from workers.common.metrics import StepResult, atomic_write_text, collect_result
+from workers.common.modeling import load_tokenizer
+from workers.common.policy_step import (
+    check_inputs, check_policy_config, finish, finished_result, load_models, save_policy, setup_machine,
+)
+from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
+from workers.common.runtime import autocast, progress, synchronize
 from workers.common.schedule import DataOrder, adamw
-from workers.common.score import load_pm
 from workers.rl.kl import sqrt_kl
 from workers.sft import Example, collate
 
@@ -154,8 +155,7 @@ class RejectionSamplingConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
-        for name in ("rounds", "prompts_per_round", "response_length", "sft_steps_per_round", "batch_size",
-                     "pm_batch_size", "generation_batch_size", "checkpoint_every"):
+        for name in ("rounds", "prompts_per_round", "sft_steps_per_round", "batch_size", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.n < 2:
@@ -164,25 +164,16 @@ class RejectionSamplingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} ({value}) must be >= 1 or null")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
-        for name in ("weight_decay", "kl_coef", "ensemble_penalty", "lora_r", "seed"):
+        for name in ("weight_decay", "kl_coef", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
         for name in ("min_margin", "missing_eos_penalty"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} ({value}) must be >= 0 or null")
-        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
-            raise ConfigError(
-                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
-                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
-            )
-        check_training_dtype(self.dtype)
+        check_policy_config(self)
 
 
 # -- the fine-tuning loss -------------------------------------------------------------
@@ -234,19 +225,10 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
     episodes_per_round = cfg.prompts_per_round * cfg.n
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
-        return collect_result(STEP, out, {"policy": final_dir}, done)
-    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
-        check_model_dir(path, what=what)
-    check_model_dir(cfg.pm_path, what="preference model")
-    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
-    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
-    if cfg.test_pm_path:
-        check_model_dir(cfg.test_pm_path, what="test preference model")
-        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
+        return done
+    check_inputs(cfg)
+    device, compute_dtype = setup_machine(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, step=STEP)
 
@@ -258,23 +240,7 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
 
     # Float32 master weights (or float32 LoRA adapters on compute_dtype base weights), dropout off so
     # the policy's samples, its log-probs and its loss carry no noise the seed does not fix.
-    model = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
-    disable_dropout(model)
-    reference = None
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM"),
-            autocast_adapter_dtype=True,
-        )
-    else:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
-        disable_dropout(reference)
-        reference.requires_grad_(False)
-        reference.eval()
-    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
-    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    model, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=0.0)
     optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     # Resume: the model, the optimizer, the rounds done and the winners so far.
@@ -419,13 +385,9 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
     ]
     atomic_write_text(out / "winners.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     model.eval()
-    lm = model.float().merge_and_unload() if cfg.lora_r else model
-    save_model_dir(lm, tokenizer, final_dir)
+    save_policy(model, tokenizer, final_dir, lora=bool(cfg.lora_r))
     save_config(cfg, final_dir, step=STEP)
-    summary = {**last, "rs/rounds": cfg.rounds, "rs/winners_total": len(winners)}
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return collect_result(STEP, out, {"policy": final_dir}, summary)
+    return finish(STEP, cfg, {**last, "rs/rounds": cfg.rounds, "rs/winners_total": len(winners)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,6 @@ killed and resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -56,21 +55,17 @@ from typing import Any, Literal
 import torch
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms
-from workers.common.metrics import SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json
-from workers.common.modeling import (
-    causal_mask_4d,
-    check_model_dir,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    save_model_dir,
+from workers.common.metrics import MetricsWriter, StepResult, collect_result
+from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer
+from workers.common.policy_step import (
+    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
+    prompt_order, save_policy, setup_machine,
 )
 from workers.common.rollout import (
     Rollout,
-    check_same_vocabulary,
     encode_prompts,
     entropy_of,
     pm_member_scores,
@@ -78,8 +73,7 @@ from workers.common.rollout import (
     reference_logprobs,
     response_logprobs,
 )
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads
-from workers.common.score import load_pm
+from workers.common.runtime import autocast, progress, seed_everything
 from workers.rl.advantages import masked_mean
 from workers.rl.group import grpo_advantages, rloo_advantages
 from workers.rl.losses import grpo_loss
@@ -180,7 +174,7 @@ class RLOOConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
         for name in ("total_episodes", "prompts_per_rollout", "mini_batch_size", "gradient_accumulation_steps",
-                     "epochs", "response_length", "pm_batch_size", "checkpoint_every"):
+                     "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.k < 2:
@@ -202,29 +196,18 @@ class RLOOConfig:
                 f"mini_batch_size ({self.mini_batch_size}) must be divisible by "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
         if not self.clip_coef > 0:
             raise ConfigError(f"clip_coef ({self.clip_coef}) must be > 0")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature ({self.temperature}) must be > 0")
-        for name in ("kl_coef", "ensemble_penalty", "weight_decay"):
+        for name in ("kl_coef", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
-        if self.lora_r < 0:
-            raise ConfigError(f"lora_r ({self.lora_r}) must be >= 0")
-        if self.lora_r and Path(self.reference_path).resolve() != Path(self.policy_path).resolve():
-            raise ConfigError(
-                f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
-                f"reference_path ({self.reference_path}) must be policy_path ({self.policy_path})"
-            )
         for name in ("max_rollouts_this_run", "max_prompt_tokens", "num_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} ({value}) must be >= 1 or null")
-        check_training_dtype(self.dtype)
+        check_policy_config(self)
 
 
 def group_advantages(rewards: torch.Tensor, estimator: Estimator) -> torch.Tensor:
@@ -234,22 +217,6 @@ def group_advantages(rewards: torch.Tensor, estimator: Estimator) -> torch.Tenso
     return grpo_advantages(rewards, scale=estimator == "grpo")
 
 
-def _build_policy(cfg: RLOOConfig, device: torch.device, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """The policy LM with every trained weight in float32 (AdamW's updates at RL learning rates are below
-    bfloat16's resolution), computed under autocast. With LoRA the frozen base weights are held in
-    ``compute_dtype`` and peft keeps the adapters in float32, initialised from the seeded global generator."""
-    lm = load_causal_lm(cfg.policy_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
-    disable_dropout(lm)
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(
-            lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"),
-            autocast_adapter_dtype=True,
-        )
-    return lm
-
-
 def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
     """The policy's logits [b, p + r, vocab] over the rollout's rows ``idx`` (all when None)."""
     ids, attention, positions = rollout.query_responses, rollout.attention_mask, rollout.position_ids
@@ -257,16 +224,6 @@ def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = No
         ids, attention, positions = ids[idx], attention[idx], positions[idx]
     out = lm(input_ids=ids, attention_mask=causal_mask_4d(attention, lm), position_ids=positions, use_cache=False)
     return out.logits
-
-
-def _prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
-    """Prompt indices for prompt slots [start, start + count): a seeded shuffle per pass over the set."""
-    out = []
-    for slot in range(start, start + count):
-        epoch, offset = divmod(slot, n_prompts)
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
 
 
 def run(cfg: RLOOConfig) -> StepResult:
@@ -280,47 +237,26 @@ def run(cfg: RLOOConfig) -> StepResult:
     loss_kl_coef = 0.0 if cfg.kl_in_reward else cfg.kl_coef
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if final_dir.is_dir() and (done := finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)) is not None:
-        return collect_result(STEP, out, {"policy": final_dir}, done)
-    for path, what in ((cfg.policy_path, "policy"), (cfg.reference_path, "reference policy")):
-        check_model_dir(path, what=what)
-    check_model_dir(cfg.pm_path, what="preference model")
-    check_same_vocabulary(cfg.policy_path, cfg.reference_path, "reference policy")
-    check_same_vocabulary(cfg.policy_path, cfg.pm_path, "preference model")
-    if cfg.test_pm_path:
-        check_model_dir(cfg.test_pm_path, what="test preference model")
-        check_same_vocabulary(cfg.policy_path, cfg.test_pm_path, "test preference model")
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
+        return done
+    check_inputs(cfg)
+    device, compute_dtype = setup_machine(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out, step=STEP)
 
     tokenizer = load_tokenizer(cfg.policy_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
-    seed_everything(cfg.seed)
-    policy = _build_policy(cfg, device, compute_dtype)
-    reference = None
-    if not cfg.lora_r:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
-        disable_dropout(reference)
-        reference.requires_grad_(False)
-    pm = load_pm(cfg.pm_path, device=cfg.device, dtype=cfg.dtype)
-    test_pm = load_pm(cfg.test_pm_path, device=cfg.device, dtype=cfg.dtype) if cfg.test_pm_path else None
+    seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
+    policy, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
 
     start_rollout = 0
     checkpoints = out / "checkpoints"
     if (latest := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(latest, model=policy, optimizer=optimizer)
-        if diffs := diff_configs(state.get("config", {}), to_dict(cfg), ignore=RUN_ONLY_FIELDS):
-            raise WorkerError(
-                f"the checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
-                "use a new output_dir or restore the config"
-            )
-        start_rollout = state["rollout"]
+        check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
+        start_rollout = load_checkpoint(latest, model=policy, optimizer=optimizer)["rollout"]
     metrics = MetricsWriter(out / "metrics.jsonl")
     metrics.rewind(after_step=start_rollout)
 
@@ -334,7 +270,7 @@ def run(cfg: RLOOConfig) -> StepResult:
         policy.eval()
         # 1. k responses to each prompt, grouped by prompt (row j * k + s is sample s of prompt slot j);
         #    every token's random number comes from (seed, rollout, prompt slot, sample).
-        order = _prompt_order(len(prompt_ids), cfg.seed, rollout_idx * cfg.prompts_per_rollout, cfg.prompts_per_rollout)
+        order = prompt_order(len(prompt_ids), cfg.seed, rollout_idx * cfg.prompts_per_rollout, cfg.prompts_per_rollout)
         batch_prompts = [prompt_ids[i] for i in order for _ in range(cfg.k)]
         uniforms = torch.stack([
             row_uniforms(row_seed(cfg.seed, STEP, [rollout_idx, slot], sample), cfg.response_length)
@@ -444,15 +380,9 @@ def run(cfg: RLOOConfig) -> StepResult:
     if not finished:
         return collect_result(STEP, out, {}, last, complete=False)
 
-    # 6. Save the policy as an ordinary Hugging Face directory, in float32 (LoRA merged into float32
-    #    base weights: merged into bfloat16 ones, small updates would round away).
-    lm = policy.float().merge_and_unload() if cfg.lora_r else policy
-    save_model_dir(lm, tokenizer, final_dir)
-    summary = {**read_metrics(out / "metrics.jsonl")[-1], "rloo/rollouts": num_rollouts}
-    summary.pop("step", None)
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": summary})
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return collect_result(STEP, out, {"policy": final_dir}, summary)
+    # 6. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary.
+    save_policy(policy, tokenizer, final_dir, lora=bool(cfg.lora_r))
+    return finish(STEP, cfg, {**last_metrics(out), "rloo/rollouts": num_rollouts})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
