@@ -59,7 +59,7 @@ from workers.common.rollout import (
     response_logprobs,
     sample_with_kl,
 )
-from workers.common.runtime import autocast, progress
+from workers.common.runtime import autocast, progress, seed_everything
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
 from workers.rl.losses import ppo_loss
@@ -297,6 +297,7 @@ def run(cfg: PPOConfig) -> StepResult:
         encode_prompts(tokenizer, load_prompts(cfg.eval_prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
         if cfg.eval_prompts_path else []
     )
+    seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
     lm, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
     model = _with_value_function(lm, cfg, device)
     trainable = [p for p in model.parameters() if p.requires_grad]

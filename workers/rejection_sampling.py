@@ -66,7 +66,7 @@ from workers.common.policy_step import (
     check_inputs, check_policy_config, finish, finished_result, load_models, save_policy, setup_machine,
 )
 from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
-from workers.common.runtime import autocast, progress, synchronize
+from workers.common.runtime import autocast, progress, seed_everything, synchronize
 from workers.common.schedule import DataOrder, adamw
 from workers.rl.kl import sqrt_kl
 from workers.sft import Example, collate
@@ -240,6 +240,7 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
 
     # Float32 master weights (or float32 LoRA adapters on compute_dtype base weights), dropout off so
     # the policy's samples, its log-probs and its loss carry no noise the seed does not fix.
+    seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
     model, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=0.0)
     optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
