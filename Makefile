@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/ratchet demo --cycles 3
 
+# Two test processes, one torch thread each: the two cores of the machine the suite is sized for.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .ratchet .pytest_cache
