@@ -96,9 +96,12 @@ def test_each_method_raises_the_gold_of_the_deployed_policy_over_three_cycles(pg
     with StoreLabeler(pg_db, rater="careful", judge=gold_judge(seed=0)):
         for week in WEEKS:
             rows.append(run_cycle(env, week))
-    golds = [(r["gold_baseline"], r["gold_candidate"], r["deployed"], r["pm_accuracy"], r["human_win_rate"], r["gate_reasons"]) for r in rows]
-    print(f"{method}: {time.perf_counter() - started:.0f} s; (deployed gold, candidate gold, deployed): {golds}")
+    golds = [(r["gold_baseline"], r["gold_candidate"], r["deployed"], r["gate_reasons"]) for r in rows]
+    print(f"{method}: {time.perf_counter() - started:.0f} s; (deployed gold, candidate gold, deployed, why not): "
+          f"{golds}")
     assert all(r["status"] == "succeeded" for r in rows), [r["reason"] for r in rows]
+    # Measured (seed 0, these weeks, one train PM): P0 0.085; the deployed policy ends at 0.34 (grpo) to 0.52
+    # (rloo), after one or two deploys.
     p0_gold, final = rows[0]["gold_baseline"], rows[-1]["gold_score"]
     assert final > p0_gold + 0.05, golds
     for r in rows:
