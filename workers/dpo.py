@@ -39,6 +39,7 @@ import torch
 
 from workers.common.checkpoint import resume_or_start, save_step_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.common.distributed import refuse_distributed
 from workers.common.data import Comparison, load_comparisons, split_comparisons
 from workers.common.metrics import SUMMARY_FILENAME, StepResult, collect_result, finished_metrics, write_json
 from workers.common.modeling import (
@@ -298,6 +299,7 @@ def _number(value: torch.Tensor) -> float | None:
 def run(cfg: DPOConfig) -> StepResult:
     """Train ``model_path`` by DPO on ``dataset_path``; write policy/ and return its checksums and metrics."""
     # 1. Setup: validate, machine, a finished earlier run, data.
+    refuse_distributed(STEP)  # one process only: see workers.common.distributed
     cfg.validate()
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)

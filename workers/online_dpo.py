@@ -57,6 +57,7 @@ import torch
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.common.distributed import refuse_distributed
 from workers.common.data import load_prompts
 from workers.common.generation import row_seed, row_uniforms
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
@@ -216,6 +217,7 @@ def label_pairs(score_a: torch.Tensor, score_b: torch.Tensor, identical: torch.T
 def run(cfg: OnlineDPOConfig) -> StepResult:
     """Train the policy by online DPO against the PM; resumes from the newest checkpoint under output_dir."""
     # 0. Setup: validate, a finished earlier run, inputs, machine.
+    refuse_distributed(STEP)  # one process only: see workers.common.distributed
     cfg.validate()
     out = Path(cfg.output_dir)
     final_dir = out / "policy"

@@ -24,6 +24,15 @@ Checkpoints (policy, value head, optimizer, KL coefficient, data position) are
 written every ``checkpoint_every`` rollouts; every random draw is seeded from
 (seed, rollout, ...), so a killed and resumed run computes the same losses as
 an uninterrupted one.
+
+Under ``torchrun --nproc_per_node N -m workers.ppo`` (DDP, or FSDP2 without
+LoRA; see ``workers.common.distributed``) each process samples and scores an
+equal share of every rollout (its rows' random numbers are the rows' own, so
+the responses are those one process would sample); the shares are gathered,
+so every process computes the same rewards, advantages and whitening, and
+each trains on its share of every micro-batch, normalised by the whole
+micro-batch's token count. The result is one process's run, within float
+rounding. The frozen reference and PMs are held whole by every process.
 """
 
 from __future__ import annotations
@@ -42,12 +51,16 @@ from torch import nn
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
+from workers.common.distributed import (
+    World, accumulate, check_divisible, check_strategy, full_state_dict, gathered, grad_norm_value, init_world,
+    launched_world_size, shutdown, wrap,
+)
 from workers.common.generation import generate, row_seed, row_uniforms
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
-from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer, load_trunk
+from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer, load_trunk, save_model_dir
 from workers.common.policy_step import (
     check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
-    prompt_order, save_policy, setup_machine,
+    prompt_order, save_policy,
 )
 from workers.common.rollout import (
     Rollout,
@@ -59,7 +72,7 @@ from workers.common.rollout import (
     response_logprobs,
     sample_with_kl,
 )
-from workers.common.runtime import autocast, progress, seed_everything
+from workers.common.runtime import autocast, progress, resolve_dtype, seed_everything, set_threads
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
 from workers.rl.losses import ppo_loss
@@ -153,11 +166,16 @@ class PPOConfig:
     seed: int = 0
     """seed of sampling, mini-batch order and the value head's initialisation"""
     device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    """auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: auto, cuda or cpu; each process takes
+    cuda:LOCAL_RANK)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Trained weights (the policy,
     or its LoRA adapters, and the value function) stay float32 and are saved so; the frozen reference, PMs and a
     LoRA policy's base weights are held in this dtype"""
+    parallel: str = "ddp"
+    """under torchrun: ddp (each process holds the policy) or fsdp (FSDP2: the policy and value function's
+    parameters, gradients and optimizer state sharded over the processes, gathered whole while sampling; not
+    with LoRA); one process ignores it"""
     num_threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     progress: bool = True
@@ -199,6 +217,17 @@ class PPOConfig:
         if self.max_rollouts_this_run is not None and self.max_rollouts_this_run < 1:
             raise ConfigError(f"max_rollouts_this_run ({self.max_rollouts_this_run}) must be >= 1 or null")
         check_policy_config(self)
+        check_strategy(self.parallel)
+        if (world_size := launched_world_size()) > 1:
+            check_divisible("rollout_batch_size", self.rollout_batch_size, world_size)
+            check_divisible("mini_batch_size / gradient_accumulation_steps",
+                            self.mini_batch_size // self.gradient_accumulation_steps, world_size)
+            if self.parallel == "fsdp" and self.lora_r:
+                raise ConfigError(
+                    f"parallel fsdp with LoRA (lora_r={self.lora_r}) is not supported: FSDP2 shards float32 adapters "
+                    "and frozen base weights of another dtype in one unit; use parallel ddp (the adapters are small, "
+                    "each process holds the frozen base)"
+                )
 
 
 class PolicyWithValue(nn.Module):
@@ -276,18 +305,29 @@ def evaluate_policy(model: PolicyWithValue, reference, pm, test_pm, prompts: Seq
 def run(cfg: PPOConfig) -> StepResult:
     """Train the policy with PPO; resumes from the newest checkpoint under output_dir."""
     cfg.validate()
+    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
+        return done
+    check_inputs(cfg)
+    set_threads(cfg.num_threads)
+    world, device = init_world(cfg.parallel, cfg.device)
+    try:
+        return _train(cfg, world, device)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
+    """The run of one process: its share of every rollout (all of it alone)."""
     # 0. Setup: derived sizes, device, models, data.
     num_rollouts = cfg.total_episodes // cfg.rollout_batch_size
     num_mini_batches = cfg.rollout_batch_size // cfg.mini_batch_size
     micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
-        return done
-    check_inputs(cfg)
-    device, compute_dtype = setup_machine(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out, step=STEP)
 
     tokenizer = load_tokenizer(cfg.policy_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -300,6 +340,7 @@ def run(cfg: PPOConfig) -> StepResult:
     seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
     lm, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
     model = _with_value_function(lm, cfg, device)
+    trained = wrap(model, world, device, compute_dtype=compute_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
     if cfg.kl_target is None:
@@ -311,12 +352,13 @@ def run(cfg: PPOConfig) -> StepResult:
     checkpoints = out / "checkpoints"
     if (latest := latest_checkpoint(checkpoints)) is not None:
         check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
-        state = load_checkpoint(latest, model=model, optimizer=optimizer)
+        state = load_checkpoint(latest, model=model, optimizer=optimizer, world=world)
         start_rollout, kl_ctl.value = state["rollout"], state["kl_coef"]
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=world.main)
     metrics.rewind(after_step=start_rollout)
 
-    bar = progress(num_rollouts, desc="ppo", enabled=cfg.progress, initial=start_rollout, unit="rollout")
+    bar = progress(num_rollouts, desc="ppo", enabled=cfg.progress and world.main, initial=start_rollout,
+                   unit="rollout")
     last: dict[str, Any] = {}
     rollouts_this_run = 0
     for k in range(start_rollout, num_rollouts):
@@ -325,38 +367,51 @@ def run(cfg: PPOConfig) -> StepResult:
         # 0. On schedule, score the fixed held-out prompts before this rollout's update.
         evaluation = {}
         if cfg.eval_every and k % cfg.eval_every == 0:
-            with autocast(device, compute_dtype):
+            with autocast(device, compute_dtype), gathered(model, world):
                 evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id)
         started = time.perf_counter()
         model.eval()
-        # 1. Sample responses; every token's random number comes from (seed, rollout, row).
+        # 1. Sample responses, each process its share of the rows; every token's random number comes from
+        #    (seed, rollout, row), so a row's response does not depend on which process samples it.
         order = prompt_order(len(prompt_ids), cfg.seed, k * cfg.rollout_batch_size, cfg.rollout_batch_size)
         batch_prompts = [prompt_ids[i] for i in order]
+        share = world.share(cfg.rollout_batch_size)
         uniforms = torch.stack(
-            [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))]
+            [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))[share]]
         )
-        with torch.no_grad(), autocast(device, compute_dtype):
+        with torch.no_grad(), autocast(device, compute_dtype), gathered(model, world):
             generations = generate(
-                model.lm, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
+                model.lm, batch_prompts[share], uniforms=uniforms, max_new_tokens=cfg.response_length,
                 temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
             )
-        responses = [g.tokens for g in generations]
-        ended = torch.tensor([g.finish_reason == "eos" for g in generations])
+        share_responses = [g.tokens for g in generations]
+        responses = world.gather_lists(share_responses)
+        ended = world.gather(torch.tensor([g.finish_reason == "eos" for g in generations]))
         rollout = Rollout(batch_prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
         ctx, mask = rollout.context_length, rollout.response_mask
 
-        # 2. Log-probs and values of the policy, log-probs of the reference, PM scores.
-        with torch.no_grad(), autocast(device, compute_dtype):
-            logits, all_values = model(rollout.query_responses, rollout.attention_mask, rollout.position_ids)
-            logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
-            values = all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
-            entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
+        # 2. Log-probs and values of the policy, log-probs of the reference, PM scores: each process its
+        #    share of the rows, gathered, so every process holds the whole rollout's.
+        with torch.no_grad(), autocast(device, compute_dtype), gathered(model, world):
+            own = rollout if not world.distributed else Rollout(
+                batch_prompts[share], share_responses, response_length=cfg.response_length, pad_id=pad_id
+            ).to(device)
+            own_ctx = own.context_length
+            logits, all_values = model(own.query_responses, own.attention_mask, own.position_ids)
+            logprobs = world.gather(response_logprobs(logits, own.query_responses, own_ctx, cfg.temperature))
+            values = world.gather(all_values[:, own_ctx - 1 : own_ctx - 1 + cfg.response_length])
+            entropy = masked_mean(world.gather(entropy_of(logits, own_ctx, cfg.response_length, cfg.temperature)), mask)
             del logits
-            ref_logprobs = reference_logprobs(model.lm, reference, rollout, cfg.temperature)
-            members = pm_member_scores(pm, batch_prompts, responses, cfg.pm_batch_size)  # [K, b]
+            ref_logprobs = world.gather(reference_logprobs(model.lm, reference, own, cfg.temperature))
+            members = world.gather(
+                pm_member_scores(pm, batch_prompts[share], share_responses, cfg.pm_batch_size).T
+            ).T  # [K, b]
             scores = members.mean(0)
             spread = members.std(0, unbiased=False)  # 0 for a single PM
-            test_scores = pm_scores(test_pm, batch_prompts, responses, cfg.pm_batch_size) if test_pm else None
+            test_scores = (
+                world.gather(pm_scores(test_pm, batch_prompts[share], share_responses, cfg.pm_batch_size))
+                if test_pm else None
+            )
             # The conservative reward: where the members disagree, the policy is off the PM's data (Coste et al. 2023).
             penalised = scores - cfg.ensemble_penalty * spread
             if cfg.missing_eos_penalty is not None:
@@ -372,7 +427,9 @@ def run(cfg: PPOConfig) -> StepResult:
             advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
             advantages = whiten(advantages, mask)
 
-        # 5. Several epochs of clipped-PPO mini-batch updates.
+        # 5. Several epochs of clipped-PPO mini-batch updates; each process trains on its share of every
+        #    micro-batch, its token means over the whole micro-batch's count (so averaged gradients are one
+        #    process's).
         model.train()
         disable_dropout(model)
         stats: list = []
@@ -384,21 +441,26 @@ def run(cfg: PPOConfig) -> StepResult:
                 mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 for a in range(cfg.gradient_accumulation_steps):
-                    idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
-                    with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
-                        new_logits, new_all_values = model(
-                            rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
-                        )
-                        new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
-                        new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
-                        loss, loss_stats = ppo_loss(
-                            logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
-                            values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
-                            clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                        )
-                    (loss / cfg.gradient_accumulation_steps).backward()
+                    micro = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
+                    idx = micro[world.share(micro_batch_size)]
+                    token_count = mask[micro].sum().clamp(min=1) / world.size if world.distributed else None
+                    with accumulate(trained, world, sync=a == cfg.gradient_accumulation_steps - 1):
+                        with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                            new_logits, new_all_values = trained(
+                                rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
+                            )
+                            new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx,
+                                                             cfg.temperature)
+                            new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
+                            loss, loss_stats = ppo_loss(
+                                logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
+                                values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
+                                clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                                token_count=token_count,
+                            )
+                        (loss / cfg.gradient_accumulation_steps).backward()
                     stats.append(loss_stats)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
                 optimizer.step()
 
         # 6. The KL controller sees this rollout's mean per-response KL.
@@ -407,7 +469,9 @@ def run(cfg: PPOConfig) -> StepResult:
         beta = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
 
-        # 7. Metrics (namespaced, as cleanrl) and a checkpoint.
+        # 7. Metrics (namespaced, as cleanrl) and a checkpoint; a process's loss stats are partial means of the
+        #    whole micro-batch's, averaged over the processes.
+        stats = [type(s)(*world.mean(torch.stack(list(s)))) for s in stats] if world.distributed else stats
         elapsed = time.perf_counter() - started
         last = {
             "ppo/reward": float(scores.mean()),
@@ -439,7 +503,7 @@ def run(cfg: PPOConfig) -> StepResult:
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == num_rollouts:
             save_checkpoint(
                 checkpoints, k + 1, model=model, optimizer=optimizer,
-                state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": to_dict(cfg)},
+                state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": to_dict(cfg)}, world=world,
             )
     bar.close()
     done = latest_checkpoint(checkpoints)
@@ -447,9 +511,21 @@ def run(cfg: PPOConfig) -> StepResult:
     if not finished:
         return collect_result(STEP, out, {}, last, complete=False)
 
-    # 8. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary.
-    save_policy(model.lm, tokenizer, final_dir, lora=bool(cfg.lora_r))
-    return finish(STEP, cfg, {**last_metrics(out), "ppo/rollouts": num_rollouts})
+    # 8. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary
+    #    (rank 0; under fsdp every process gathers the weights first).
+    if world.distributed and world.strategy == "fsdp":
+        state = full_state_dict(model, world)
+        if world.main:
+            save_model_dir(model.lm, tokenizer, final_dir,
+                           state_dict={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
+    elif world.main:
+        save_policy(model.lm, tokenizer, final_dir, lora=bool(cfg.lora_r))
+    if not world.main:
+        world.barrier()  # rank 0 writes the summary
+        return finished_result(STEP, cfg, RUN_ONLY_FIELDS)
+    result = finish(STEP, cfg, {**last_metrics(out), "ppo/rollouts": num_rollouts})
+    world.barrier()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

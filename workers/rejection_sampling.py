@@ -58,6 +58,7 @@ import torch
 from workers.best_of_n import pick_best
 from workers.common.checkpoint import latest_checkpoint, read_checkpoint_state, resume_or_start, save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
+from workers.common.distributed import refuse_distributed
 from workers.common.data import load_prompts
 from workers.common.generation import row_seed, row_uniforms
 from workers.common.metrics import StepResult, atomic_write_text, collect_result
@@ -220,6 +221,7 @@ def anchored_sft_loss(
 
 def run(cfg: RejectionSamplingConfig) -> StepResult:
     """Rounds of best-of-n selection under the PM and fine-tuning on the winners; resumes from the newest checkpoint."""
+    refuse_distributed(STEP)  # one process only: see workers.common.distributed
     cfg.validate()
     # 0. Setup: derived sizes, a finished earlier run, device, models, data.
     episodes_per_round = cfg.prompts_per_round * cfg.n

@@ -56,6 +56,7 @@ import torch
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
+from workers.common.distributed import refuse_distributed
 from workers.common.data import load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
@@ -228,6 +229,7 @@ def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = No
 
 def run(cfg: RLOOConfig) -> StepResult:
     """Train the policy with RLOO or GRPO; resumes from the newest checkpoint under output_dir."""
+    refuse_distributed(STEP)  # one process only: see workers.common.distributed
     cfg.validate()
     # 0. Setup: derived sizes, device, models, data.
     batch_size = cfg.rollout_batch_size

@@ -19,6 +19,11 @@ Outputs under ``output_dir``:
 
 A killed run resumes from its newest checkpoint and ends with the same
 weights as an uninterrupted one.
+
+Under ``torchrun --nproc_per_node N -m workers.sft`` each process takes an
+equal share of every batch (``batch_size`` a multiple of N) with DDP or
+FSDP2 (``parallel``; see ``workers.common.distributed``): the same steps as
+one process, within float rounding; rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ import torch
 from workers.common.checkpoint import resume_or_start, save_step_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.data import read_jsonl
+from workers.common.distributed import (
+    World, check_divisible, check_strategy, grad_norm_value, init_world, launched_world_size, save_hf_dir, shutdown,
+    wrap,
+)
 from workers.common.metrics import SUMMARY_FILENAME, StepResult, collect_result, finished_metrics, write_json
 from workers.common.modeling import (
     resolve_max_length,
@@ -43,10 +52,9 @@ from workers.common.modeling import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
-    save_model_dir,
 )
 from workers.common.pm import special_prefix
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
 
 STEP = "sft"
@@ -110,9 +118,13 @@ class SFTConfig:
     resume: bool = True
     """resume from the newest checkpoint in output_dir (False: discard checkpoints and start over)"""
     device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    """auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: auto, cuda or cpu; each process takes
+    cuda:LOCAL_RANK)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (weights stay float32)"""
+    parallel: str = "ddp"
+    """under torchrun: ddp (each process holds the model) or fsdp (FSDP2: parameters, gradients and optimizer
+    state sharded over the processes); one process ignores it"""
     num_threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     log_every: int = 10
@@ -143,6 +155,8 @@ class SFTConfig:
         if self.max_length is not None and self.max_length < 4:
             raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
         check_training_dtype(self.dtype)
+        check_strategy(self.parallel)
+        check_divisible("batch_size", self.batch_size, launched_world_size())
 
 
 # -- data ---------------------------------------------------------------------------
@@ -219,80 +233,96 @@ def run(cfg: SFTConfig) -> StepResult:
     # 1. Setup: validate, machine, a finished earlier run, data.
     cfg.validate()
     set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
     check_model_dir(cfg.model_path, what="base model")
     max_length = resolve_max_length(cfg.max_length, cfg.model_path)
     finished = _finished_result(cfg, out)
     if finished is not None:
         return finished
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
+    world, device = init_world(cfg.parallel, cfg.device)
+    try:
+        return _train(cfg, out, world, device, max_length)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: SFTConfig, out: Path, world: World, device: torch.device, max_length: int) -> StepResult:
+    """The run of one process: its share of every batch (all of it alone)."""
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out, step=STEP)
     tokenizer = load_tokenizer(cfg.model_path)
     examples, cut = load_examples(cfg.dataset_path, tokenizer, max_length=max_length, loss_on_prompt=cfg.loss_on_prompt)
     # Derived sizes, computed once.
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(examples) / cfg.batch_size))
     order = DataOrder(len(examples), seed=cfg.seed)
 
-    # 2. Model and optimizer (float32 master weights).
+    # 2. Model and optimizer (float32 master weights; under torchrun wrapped for DDP or sharded by FSDP2 first).
     model = load_causal_lm(cfg.model_path, device=device, dtype=torch.float32)
     if cfg.disable_dropout:
         disable_dropout(model)
     model.train()
+    trained = wrap(model, world, device, compute_dtype=compute_dtype)
     optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     # 3. Resume from the newest checkpoint, or start clean.
     ckpt_root = out / "checkpoints"
     writer, start_step = resume_or_start(cfg, out, model=model, optimizer=optimizer,
-                                         run_only_fields=RUN_ONLY_FIELDS)
+                                         run_only_fields=RUN_ONLY_FIELDS, world=world)
 
-    # 4. The loop: one optimizer step per batch.
-    bar = progress(total_steps, desc="sft", enabled=cfg.progress, initial=start_step)
+    # 4. The loop: one optimizer step per batch, each process on its share of it.
+    bar = progress(total_steps, desc="sft", enabled=cfg.progress and world.main, initial=start_step)
     train_seconds, tokens, loss_value, steps_this_run = 0.0, 0, float("nan"), 0
     for step in range(start_step, total_steps):
         if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            save_step_checkpoint(cfg, step, model=model, optimizer=optimizer)
+            save_step_checkpoint(cfg, step, model=model, optimizer=optimizer, world=world)
             bar.close()
             return collect_result(STEP, out, {}, {"steps_done": step, "steps": total_steps}, complete=False)
         t0 = time.perf_counter()
         lr = lr_at(step, base=cfg.learning_rate, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids, mask, labels = collate([examples[i] for i in order.batch(step, cfg.batch_size)], pad_id=tokenizer.pad_token_id)
+        batch = order.batch(step, cfg.batch_size)[world.share(cfg.batch_size)]
+        ids, mask, labels = collate([examples[i] for i in batch], pad_id=tokenizer.pad_token_id)
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         with autocast(device, compute_dtype):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = trained(input_ids=ids, attention_mask=mask).logits
         loss_sum, n_tokens = token_loss(logits, labels)
-        loss = loss_sum / n_tokens.clamp(min=1)
-        loss.backward()
+        # The mean over the whole batch's loss tokens: the processes' gradients are averaged, so each
+        # divides its sum by the global count over the number of processes.
+        global_tokens = world.sum(n_tokens.float()).clamp(min=1).to(device)
+        (loss_sum / (global_tokens / world.size)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         train_seconds += time.perf_counter() - t0
-        tokens += int(n_tokens)
+        tokens += int(global_tokens)
         steps_this_run += 1
-        loss_value = loss.item()
+        loss_value = float(world.sum(loss_sum.detach().double()) / global_tokens.double())
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             writer.log({
                 "step": done,
                 "losses/nll": loss_value,
                 "optim/lr": lr,
-                "optim/grad_norm": float(grad_norm),
+                "optim/grad_norm": grad_norm_value(grad_norm),
                 "data/epoch": order.epoch_of(done, cfg.batch_size),
                 "perf/tokens_per_s": tokens / train_seconds if train_seconds else None,
             })
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_step_checkpoint(cfg, done, model=model, optimizer=optimizer)
+            save_step_checkpoint(cfg, done, model=model, optimizer=optimizer, world=world)
     bar.close()
 
-    # 5. The policy directory (the durable output), then the summary that marks the run finished.
+    # 5. The policy directory (the durable output, rank 0), then the summary that marks the run finished.
     model.eval()
-    policy_dir = save_model_dir(model, tokenizer, out / POLICY_DIRNAME)
+    policy_dir = save_hf_dir(model, tokenizer, out / POLICY_DIRNAME, world)
+    if not world.main:
+        world.barrier()  # rank 0 writes the summary
+        return collect_result(STEP, out, {"policy": policy_dir}, finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS))
     save_config(cfg, policy_dir, step=STEP)
     metrics: dict[str, Any] = {
         "train/loss_last": loss_value,
@@ -304,6 +334,7 @@ def run(cfg: SFTConfig) -> StepResult:
     }
     write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
     shutil.rmtree(ckpt_root, ignore_errors=True)
+    world.barrier()
     return collect_result(STEP, out, {"policy": policy_dir}, metrics)
 
 

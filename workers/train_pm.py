@@ -38,6 +38,14 @@ Outputs under ``output_dir``:
 
 A killed run resumes from its newest checkpoint (and the best weights it
 knew of) and ends with the same weights as an uninterrupted one.
+
+Under ``torchrun --nproc_per_node N -m workers.train_pm`` each process takes
+an equal share of every micro-batch (``micro_batch_size``, or ``batch_size``,
+a multiple of N) with DDP or FSDP2 (``parallel``; see
+``workers.common.distributed``): the same steps as one process, within float
+rounding. Validation and held-out scoring are not split (every process scores
+the whole, small, set); rank 0 writes the outputs. The PMs of one run train
+one after another there (``parallel_pms`` 1).
 """
 
 from __future__ import annotations
@@ -57,11 +65,15 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
 from workers.common.data import Comparison, half_of, is_heldout, load_comparisons, split_comparisons
+from workers.common.distributed import (
+    World, accumulate, check_divisible, check_strategy, full_state_dict, grad_norm_value, init_world,
+    launched_world_size, load_full_state_dict, shutdown, unwrap, wrap,
+)
 from workers.common.metrics import (
     SUMMARY_FILENAME,
     finished_metrics,
@@ -89,7 +101,7 @@ from workers.common.pm import (
     pack_pairs,
     pad_sequences,
 )
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.common.runtime import autocast, check_training_dtype, progress, resolve_dtype, seed_everything, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
 from workers.common.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
 
@@ -213,9 +225,13 @@ class TrainPMConfig:
     calibration_bins: int = 10
     """equal-width bins of the reliability diagram and ECE"""
     device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N"""
+    """auto (CUDA when present), cpu, cuda or cuda:N (under torchrun: auto, cuda or cpu; each process takes
+    cuda:LOCAL_RANK)"""
     dtype: str = "auto"
     """compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (weights stay float32)"""
+    parallel: str = "ddp"
+    """under torchrun: ddp (each process holds the PM) or fsdp (FSDP2: parameters, gradients and optimizer state
+    sharded over the processes); one process ignores it"""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """attention kernel of the trunk (both accept the packed comparison mask)"""
     num_threads: int | None = None
@@ -292,6 +308,15 @@ class TrainPMConfig:
         if self.head_init_std is not None and not self.head_init_std > 0:
             raise ConfigError(f"head_init_std ({self.head_init_std}) must be > 0 or null")
         check_training_dtype(self.dtype)
+        check_strategy(self.parallel)
+        if (world_size := launched_world_size()) > 1:
+            check_divisible("micro_batch_size" if self.micro_batch_size else "batch_size",
+                            self.micro_batch_size or self.batch_size, world_size)
+            if self.parallel_pms > 1:
+                raise ConfigError(
+                    f"parallel_pms ({self.parallel_pms}) trains PMs in threads of one process; under torchrun "
+                    f"({world_size} processes) the PMs train one after another: set parallel_pms to 1"
+                )
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation ({self.attn_implementation!r}) must be one of {ATTN_IMPLEMENTATIONS}")
 
@@ -358,8 +383,6 @@ def run(cfg: TrainPMConfig) -> StepResult:
     # 1. Setup: validate, resolve the machine, read the data.
     cfg.validate()
     set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
     source_dir = Path(cfg.warm_start_path or cfg.model_path)
     check_model_dir(cfg.model_path, what="base model")
@@ -371,8 +394,20 @@ def run(cfg: TrainPMConfig) -> StepResult:
     finished = _finished_result(cfg, out)
     if finished is not None:
         return finished
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
+    world, device = init_world(cfg.parallel, cfg.device)
+    try:
+        return _train_all(cfg, out, world, device, source_dir, max_length)
+    finally:
+        shutdown(world)
+
+
+def _train_all(cfg: TrainPMConfig, out: Path, world: World, device: torch.device, source_dir: Path,
+               max_length: int) -> StepResult:
+    """The run of one process: every PM of the config in turn (or parallel_pms at once), then the outputs."""
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out, step=STEP)
 
     comps = load_comparisons(cfg.dataset_path)
     if not comps:
@@ -382,7 +417,7 @@ def run(cfg: TrainPMConfig) -> StepResult:
 
     tokenizer = load_tokenizer(source_dir)
     layout = TokenLayout(tokenizer, max_length=max_length, append_eos=cfg.append_eos)
-    writer = MetricsWriter(out / "metrics.jsonl")
+    writer = MetricsWriter(out / "metrics.jsonl", enabled=world.main)
 
     # 2. Train each PM (one, or the train/test pair) and each of its members, skipping what is already written;
     #    parallel_pms of them at once.
@@ -398,7 +433,7 @@ def run(cfg: TrainPMConfig) -> StepResult:
     def train(index_job: tuple[int, _Job]) -> dict[str, Any] | None:
         index, job = index_job
         return _train_one(cfg, job, targets[job.label], layout=layout, device=device, compute_dtype=compute_dtype,
-                          writer=writer, check_packing=index == 0)
+                          writer=writer, check_packing=index == 0, world=world)
 
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="train_pm") as pool:
@@ -412,6 +447,9 @@ def run(cfg: TrainPMConfig) -> StepResult:
     stopped = [job.label for job, result in zip(todo, trained) if result is None]
     if stopped:  # stopped early by max_steps_this_run
         return collect_result(STEP, out, {}, {"stopped_in": stopped[0]}, complete=False)
+    if not world.main:
+        world.barrier()  # rank 0 writes the ensembles and the summary
+        return _finished_result(cfg, out)
 
     outputs: dict[str, Path] = {}
     metrics: dict[str, Any] = {}
@@ -430,6 +468,7 @@ def run(cfg: TrainPMConfig) -> StepResult:
     # 3. The summary marks the run finished; a re-run with the same config returns it.
     write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    world.barrier()
     return collect_result(STEP, out, outputs, metrics)
 
 
@@ -587,16 +626,17 @@ def _optimizer(cfg: TrainPMConfig, pm: PreferenceModel) -> torch.optim.Optimizer
     return optimizer
 
 
-def _forward(pm: PreferenceModel, items: Sequence[EncodedPair], *, pair_mode: str, pad_id: int):
-    """(r_A, r_B, real tokens, padded tokens) of a micro-batch."""
+def _forward(pm: PreferenceModel, items: Sequence[EncodedPair], *, pair_mode: str, pad_id: int, scorer=None):
+    """(r_A, r_B, real tokens, padded tokens) of a micro-batch; ``scorer`` is the training pass of a wrapped
+    PM (``wrap``: the method for the pair mode, through DDP), None the PM's own method."""
     if pair_mode == "packed":
         batch = pack_pairs([(it.prompt, it.response_a, it.response_b) for it in items], pad_id=pad_id)
-        r_a, r_b = pm.score_pairs(batch)
+        r_a, r_b = (scorer or pm.score_pairs)(batch)
         real = int((batch.segments >= 0).sum())
         return r_a, r_b, real, batch.input_ids.numel()
     seqs = [it.prompt + it.response_a for it in items] + [it.prompt + it.response_b for it in items]
     batch = pad_sequences(seqs, pad_id=pad_id)
-    scores = pm.score_sequences(batch)
+    scores = (scorer or pm.score_sequences)(batch)
     return scores[: len(items)], scores[len(items) :], int(batch.attention_mask.sum()), batch.input_ids.numel()
 
 
@@ -610,6 +650,7 @@ def _train_one(
     compute_dtype: torch.dtype,
     writer: MetricsWriter,
     check_packing: bool = True,
+    world: World,
 ) -> dict[str, Any] | None:
     """Train, select, evaluate and save one PM (or member) at ``target``; None when stopped by max_steps_this_run.
 
@@ -645,6 +686,8 @@ def _train_one(
         except ValueError as exc:
             raise WorkerError(str(exc)) from None
     pm.train()
+    method = "score_pairs" if cfg.pair_mode == "packed" else "score_sequences"
+    scorer = wrap(pm, world, device, compute_dtype=compute_dtype, method=method)
     optimizer = _optimizer(cfg, pm)
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -653,8 +696,9 @@ def _train_one(
     start_step = 0
     best = Best()
     latest = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume:
+    if not cfg.resume and world.main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
+    world.barrier()
     if latest is not None:
         saved = read_checkpoint_state(latest).get("config", {})
         diffs = diff_configs(saved, to_dict(cfg), ignore=RUN_ONLY_FIELDS)
@@ -663,7 +707,7 @@ def _train_one(
                 f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
                 "run with the same config to resume it, or resume=false to start over"
             )
-        state = load_checkpoint(latest, model=pm, optimizer=optimizer)
+        state = load_checkpoint(latest, model=pm, optimizer=optimizer, world=world)
         start_step = state["step"]
         best = Best(**state.get("best", {}))
         writer.rewind(after_step=start_step, where={"pm": job.label})
@@ -674,7 +718,7 @@ def _train_one(
     # 4. The loop: one optimizer step per batch of comparisons; validation every eval_every steps.
     targets_all = torch.tensor([it.target for it in train])
     margins_all = torch.tensor([margin_of(it, cfg) for it in train])
-    bar = progress(total_steps, desc=f"train_pm {job.label}", enabled=cfg.progress, initial=start_step)
+    bar = progress(total_steps, desc=f"train_pm {job.label}", enabled=cfg.progress and world.main, initial=start_step)
     train_seconds = train_cpu_seconds = 0.0
     comparisons = real_tokens = padded_tokens = 0
     loss_value = float("nan")
@@ -684,7 +728,7 @@ def _train_one(
         if best.stale >= (cfg.early_stop_patience or math.inf):
             break  # early stop: no new best in early_stop_patience evaluations
         if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            _checkpoint(cfg, job, step, pm, optimizer, best)
+            _checkpoint(cfg, job, step, pm, optimizer, best, world)
             bar.close()
             return None
         t0, c0 = time.perf_counter(), time.process_time()
@@ -694,13 +738,15 @@ def _train_one(
         indices = order.batch(step, cfg.batch_size)
         sums = defaultdict(float)
         for start in range(0, cfg.batch_size, micro):
-            chunk = indices[start : start + micro]
-            with autocast(device, compute_dtype):
-                r_a, r_b, real, padded = _forward(pm, [train[i] for i in chunk], pair_mode=cfg.pair_mode, pad_id=layout.pad_id)
-            losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device),
-                                               margin=margins_all[chunk].to(device))
-            # Mean over the whole batch, whatever the micro-batching.
-            (losses.sum() / cfg.batch_size).backward()
+            chunk = indices[start : start + micro][world.share(micro)]  # this process's share of the micro-batch
+            with accumulate(scorer, world, sync=start + micro >= cfg.batch_size):
+                with autocast(device, compute_dtype):
+                    r_a, r_b, real, padded = _forward(pm, [train[i] for i in chunk], pair_mode=cfg.pair_mode,
+                                                      pad_id=layout.pad_id, scorer=scorer)
+                losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device),
+                                                   margin=margins_all[chunk].to(device))
+                # Mean over the whole batch, whatever the micro-batching; the processes' gradients are averaged.
+                (losses.sum() * world.size / cfg.batch_size).backward()
             sums["loss"] += losses.detach().sum().item()
             n_dec = stats.num_decisive.item()
             if n_dec:
@@ -714,6 +760,10 @@ def _train_one(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
+        if world.distributed:  # the batch's statistics over every process's share
+            keys = sorted(sums)
+            totals = world.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = defaultdict(float, zip(keys, totals.tolist()))
         train_seconds += time.perf_counter() - t0
         train_cpu_seconds += time.process_time() - c0
         comparisons += cfg.batch_size
@@ -730,9 +780,7 @@ def _train_one(
             record = {"val/loss": val["heldout/log_loss"], "val/accuracy": val["heldout/accuracy"]}
             if val["heldout/log_loss"] < best.loss:
                 best = Best(step=done, loss=val["heldout/log_loss"], stale=0)
-                ckpt_root.mkdir(parents=True, exist_ok=True)
-                save_model(pm, str(_best_path(ckpt_root, done)))
-                _drop_best_files(ckpt_root, keep={done, _checkpointed_best(ckpt_root)})
+                _save_best(pm, ckpt_root, done, world)
             else:
                 best = Best(step=best.step, loss=best.loss, stale=best.stale + 1)
         if done % cfg.log_every == 0 or done == total_steps or record:
@@ -745,7 +793,7 @@ def _train_one(
                     "train/margin": sums["margin"] / sums["decisive"] if sums["decisive"] else None,
                     "train/reward_mean": sums["reward"] / cfg.batch_size,
                     "optim/lr": lr,
-                    "optim/grad_norm": float(grad_norm),
+                    "optim/grad_norm": grad_norm_value(grad_norm),
                     "data/epoch": order.epoch_of(done, cfg.batch_size),
                     "perf/comparisons_per_s": comparisons / train_seconds,
                     **record,
@@ -754,12 +802,15 @@ def _train_one(
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-            _checkpoint(cfg, job, done, pm, optimizer, best)
+            _checkpoint(cfg, job, done, pm, optimizer, best, world)
     bar.close()
 
-    # 5. The selected weights, held-out evaluation, then the PM directory (the durable output).
+    # 5. The selected weights, held-out evaluation, then the PM directory (the durable output, rank 0).
     if cfg.select_by == "val_loss" and best.step:
-        load_model(pm, str(_best_path(ckpt_root, best.step)), device=str(device))
+        if world.distributed and world.strategy == "fsdp":
+            load_full_state_dict(pm, load_file(str(_best_path(ckpt_root, best.step))), world)
+        else:
+            load_model(unwrap(pm), str(_best_path(ckpt_root, best.step)), device=str(device))
     results = heldout_metrics(
         *score_pairs(pm, heldout, layout=layout, batch_size=cfg.eval_batch_size, pair_mode=cfg.pair_mode,
                      device=device, compute_dtype=compute_dtype),
@@ -798,9 +849,12 @@ def _train_one(
     if job.members > 1:
         spec["member"] = job.member
     pm.eval()
-    with _LOADING:
-        save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP)
-    shutil.rmtree(ckpt_root, ignore_errors=True)
+    state = full_state_dict(pm, world) if world.distributed else None
+    if world.main:
+        with _LOADING:
+            save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP, state_dict=state)
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    world.barrier()
     return results
 
 
@@ -832,7 +886,24 @@ def _drop_best_files(ckpt_root: Path, *, keep: set[int | None]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer, best: Best) -> None:
+def _save_best(pm: PreferenceModel, ckpt_root: Path, step: int, world: World) -> None:
+    """The best weights so far beside the checkpoints (rank 0 writes them; under fsdp every process gathers)."""
+    path = _best_path(ckpt_root, step)
+    if world.distributed and world.strategy == "fsdp":
+        state = full_state_dict(pm, world)
+        if world.main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif world.main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        save_model(unwrap(pm), str(path))
+    if world.main:
+        _drop_best_files(ckpt_root, keep={step, _checkpointed_best(ckpt_root)})
+    world.barrier()
+
+
+def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer, best: Best,
+                world: World) -> None:
     root = Path(cfg.output_dir) / "checkpoints" / job.label
     save_checkpoint(
         root,
@@ -842,8 +913,11 @@ def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, o
         state={"config": to_dict(cfg), "pm": job.label, "data_position": step * cfg.batch_size,
                "best": dataclasses.asdict(best)},
         keep=cfg.keep_checkpoints,
+        world=world,
     )
-    _drop_best_files(root, keep={best.step})
+    if world.main:
+        _drop_best_files(root, keep={best.step})
+    world.barrier()
 
 
 @torch.no_grad()

@@ -313,7 +313,7 @@ def usage(cls: type, prog: str, description: str) -> str:
 
 
 def cli(cls: type[C], run: Callable[[C], Any], argv: Sequence[str] | None = None, *, prog: str, description: str) -> int:
-    """Run a step from the command line; print its result as JSON on stdout.
+    """Run a step from the command line; print its result as JSON on stdout (rank 0 only under torchrun).
 
     Exit status 0 on success, 2 for a config error, 1 for any other
     ``WorkerError`` (a bad input); the message goes to stderr.
@@ -351,5 +351,6 @@ def cli(cls: type[C], run: Callable[[C], Any], argv: Sequence[str] | None = None
         sys.stderr.write(f"error: {exc}\n")
         return 1
     payload = result.to_dict() if hasattr(result, "to_dict") else result
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     return 0

@@ -104,16 +104,21 @@ class MetricsWriter:
     """Appends one JSON line per logged step to ``metrics.jsonl``.
 
     On resume, ``rewind`` drops the lines logged after the checkpoint the run
-    restarts from, so the file reads as one uninterrupted history.
+    restarts from, so the file reads as one uninterrupted history. In a
+    distributed run only rank 0's writer is ``enabled``; the others write nothing.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # several PMs of one run may log at once (train_pm parallel_pms)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` (flushed, so a killed run keeps what it logged)."""
+        if not self.enabled:
+            return
         line = json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line)
@@ -121,6 +126,8 @@ class MetricsWriter:
 
     def rewind(self, *, after_step: int, where: Mapping[str, Any] | None = None) -> None:
         """Drop lines whose ``step`` is greater than ``after_step`` (and that match ``where``)."""
+        if not self.enabled:
+            return
         with self._lock:
             self._rewind(after_step, where)
 

@@ -187,12 +187,14 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
-def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, final: str | os.PathLike) -> Path:
-    """``save_pretrained`` (safetensors) of the model and tokenizer into ``final``, atomically."""
+def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, final: str | os.PathLike,
+                   *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """``save_pretrained`` (safetensors) of the model and tokenizer into ``final``, atomically (``state_dict``:
+    these weights instead of the model's own, as a sharded model's gathered ones)."""
     final = Path(final)
     tmp = staging_dir(final)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_dir(tmp, final)

@@ -118,16 +118,21 @@ def save_pm(
     spec: dict[str, Any],
     config: Any | None = None,
     step: str = "train_pm",
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a PM directory (trunk, tokenizer, head, spec, config) atomically."""
+    """Write a PM directory (trunk, tokenizer, head, spec, config) atomically (``state_dict``: the PM's weights
+    instead of the model's own, as a sharded model's gathered ones)."""
     final = Path(final)
     tmp = staging_dir(final)
+    if state_dict is None:
+        state_dict = {k: v.detach() for k, v in model.state_dict().items()}
     try:
-        model.trunk.save_pretrained(tmp, safe_serialization=True)
+        trunk = {k.removeprefix("trunk."): v for k, v in state_dict.items() if k.startswith("trunk.")}
+        model.trunk.save_pretrained(tmp, safe_serialization=True, state_dict=trunk)
         tokenizer.save_pretrained(tmp)
-        head = {"weight": model.head.weight.detach().to("cpu", copy=True).contiguous()}
-        if model.head.bias is not None:
-            head["bias"] = model.head.bias.detach().to("cpu", copy=True).contiguous()
+        head = {"weight": state_dict["head.weight"].to("cpu", copy=True).contiguous()}
+        if "head.bias" in state_dict:
+            head["bias"] = state_dict["head.bias"].to("cpu", copy=True).contiguous()
         save_file(head, str(tmp / PM_HEAD_FILENAME))
         full_spec = {
             "format": PM_FORMAT,

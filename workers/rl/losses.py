@@ -23,6 +23,7 @@ def ppo_loss(
     clip_coef: float = 0.2,
     value_clip: float = 0.2,
     vf_coef: float = 0.1,
+    token_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PPOStats]:
     """PPO-clip (Schulman et al. 2017, eq. 7) plus a clipped value loss.
 
@@ -31,27 +32,36 @@ def ppo_loss(
     v_loss = 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within
     ``value_clip`` of the rollout's value. Returns (loss, detached stats),
     loss = pg_loss + vf_coef * v_loss.
+
+    ``token_count`` is what the token means divide by (None: ``mask.sum()``). A data-parallel process,
+    holding a share of the micro-batch, passes the whole micro-batch's count over the number of
+    processes: the average of the processes' gradients (and of their stats) is then one process's.
     """
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        if token_count is None:
+            return masked_mean(x, mask)
+        return (x * mask.to(x.dtype)).sum() / token_count
+
     logratio = logprobs - old_logprobs
     ratio = torch.exp(logratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-    policy_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    policy_loss = mean(torch.max(pg_loss1, pg_loss2))
 
     v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
     v_loss1 = (values - returns) ** 2
     v_loss2 = (v_clipped - returns) ** 2
-    value_loss = 0.5 * masked_mean(torch.max(v_loss1, v_loss2), mask)
+    value_loss = 0.5 * mean(torch.max(v_loss1, v_loss2))
 
     loss = policy_loss + vf_coef * value_loss
     with torch.no_grad():
         stats = PPOStats(
             policy_loss=policy_loss.detach(),
             value_loss=value_loss.detach(),
-            approx_kl=masked_mean((ratio - 1) - logratio, mask),
-            clipfrac=masked_mean((pg_loss2 > pg_loss1).float(), mask),
-            value_clipfrac=masked_mean((v_loss2 > v_loss1).float(), mask),
-            ratio_mean=masked_mean(ratio, mask),
+            approx_kl=mean((ratio - 1) - logratio),
+            clipfrac=mean((pg_loss2 > pg_loss1).float()),
+            value_clipfrac=mean((v_loss2 > v_loss1).float()),
+            ratio_mean=mean(ratio),
         )
     return loss, stats
 
