@@ -84,7 +84,8 @@ class CycleEnv:
         if self._runner is not None:
             return self._runner
         if settings.runner == "deployment":
-            return DeploymentRunner(self.artifacts, settings.step_deployments, work_pool=settings.work_pool)
+            return DeploymentRunner(self.artifacts, settings.step_deployments, work_pool=settings.work_pool,
+                                    poll_interval_s=settings.step_poll_interval_s)
         return InProcessRunner(self.artifacts, self.work_dir, num_threads=settings.num_threads)
 
 

@@ -210,10 +210,9 @@ class InProcessRunner:
             import torch
 
             torch.set_num_threads(self.num_threads)
-        module = importlib.import_module(_step(request.step)[0])
         cfg = from_dict(config_class(request.step), config, source=f"{request.step} config")
         t0 = time.perf_counter()
-        result = module.run(cfg)
+        result = self.execute(request.step, cfg, key=request.key)
         compute_s = time.perf_counter() - t0
         if not result.complete:
             raise StepFailed(f"{request.step} stopped before finishing ({result.metrics}); run it again to resume")
@@ -224,6 +223,10 @@ class InProcessRunner:
         for name in request.outputs:
             uploaded[name] = self.upload(request, name, Path(result.outputs[name]), result.manifests.get(name))
         return StepOutcome(result=result.to_dict(), outputs=uploaded, compute_s=compute_s)
+
+    def execute(self, step: str, cfg: Any, *, key: str) -> Any:
+        """Run the step on its config here; its ``StepResult`` (``orchestrator.torchrun`` runs some elsewhere)."""
+        return importlib.import_module(_step(step)[0]).run(cfg)
 
     def step_config(self, request: StepRequest) -> dict[str, Any]:
         """The config the step runs with here: its inputs as local paths, its output folder under the work dir."""

@@ -38,7 +38,7 @@ from store.cycles import check_week
 from store.raters import QCPolicy
 from store.errors import InvalidInput
 
-SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments")
+SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments", "step_poll_interval_s")
 """fields a trigger's params may not set (they choose code or machines)"""
 
 
@@ -390,6 +390,8 @@ class CycleSettings(_Section):
         "evaluate": "ratchet-step/evaluate",
     }
     """Prefect deployment of each worker step, "flow/deployment" (server only)"""
+    step_poll_interval_s: float = Field(default=10.0, gt=0)
+    """seconds between checks of a worker step's flow run (runner deployment; server only)"""
     device: str = "auto"
     """device of the worker steps: auto, cpu, cuda, cuda:N"""
     num_threads: int | None = Field(default=None, ge=1)

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     """where in-process worker steps write (one folder per cycle and stage, so a re-run resumes); default ``<home>/work``"""
     cycle_config: Path | None = None
     """JSON file of the weekly cycle's settings (orchestrator.settings.CycleSettings); unset: the built-in defaults"""
+    nproc_per_node: str = Field(default="1", pattern=r"^(auto|[1-9][0-9]*)$")
+    """worker processes per node for the steps that run under torchrun (sft, train_pm, ppo): a number, or auto
+    (one per CUDA device the node's job was given, the GPU pool's ``gpu_count``; 1 without CUDA)"""
+    nnodes: int = Field(default=1, ge=1)
+    """nodes of one step's torchrun (more than 1: a multi-node job, see docs/deploy.md; needs rdzv_endpoint)"""
+    rdzv_endpoint: str | None = None
+    """host:port of torchrun's c10d rendezvous for a multi-node step (the first node's address)"""
     cycle_launcher: Literal["thread", "deployment", "off"] | None = None
     """how ``ratchet api`` starts a cycle for POST /v1/cycles: in a thread of the server, with run_deployment of
     ``cycle_deployment``, or not at all (503); default: thread on the embedded store, deployment otherwise"""

@@ -63,3 +63,25 @@ def test_kubernetes_manifests_and_gpu_pool_template():
     assert {"gpu_count", "image", "env", "node_selector"} <= set(gpu["variables"]["properties"])
     cpu = json.loads((DEPLOY / "kubernetes" / "work-pools" / "cpu.json").read_text())
     assert "nvidia.com/gpu" not in json.dumps(cpu)
+
+
+def test_the_multi_node_job_rendezvouses_its_pods_at_pod_zero_and_runs_a_step_config_the_cycle_writes():
+    from orchestrator.runners import STEPS
+    from orchestrator.torchrun import CONFIG_FILENAME, DISTRIBUTED_STEPS
+
+    service, job = yaml.safe_load_all((DEPLOY / "kubernetes" / "torchrun-multinode.yaml").read_text())
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if a.startswith("--") and "=" in a)
+    assert container["command"] == ["python", "-m", "torch.distributed.run"]
+    assert int(args["nnodes"]) == spec["completions"] and args["rdzv_backend"] == "c10d"
+    assert args["rdzv_endpoint"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29400"
+    assert int(args["nproc_per_node"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    module = container["args"][container["args"].index("-m") + 1]
+    assert module in {STEPS[s][0] for s in DISTRIBUTED_STEPS}
+    assert container["args"][-1].endswith(f".{CONFIG_FILENAME}")
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ratchet-scratch"

@@ -1,0 +1,83 @@
+"""The GPU node's runner: which steps go to torchrun, with what command line, and what a failed launch says.
+
+A real launch through this runner runs in tests/orchestrator/test_production_path.py (train_pm and
+ppo on two processes, started by the Prefect worker of the gpu pool); the equivalence of a two-process
+step with one process is tests/workers/test_distributed.py's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.runners import InProcessRunner, StepFailed
+from orchestrator.torchrun import DISTRIBUTED_STEPS, TorchrunRunner, resolve_nproc, runner_for_node
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from workers.common.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", seed=0)
+
+
+def test_a_single_node_launch_is_standalone_and_a_multi_node_one_meets_at_its_c10d_endpoint(artifacts, tmp_path):
+    one = TorchrunRunner(artifacts, tmp_path, nproc_per_node=4)
+    assert one.command("ppo", Path("/w/ppo.json"), rdzv_id="2026-W49-improve") == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
+        "-m", "workers.ppo", "--config", "/w/ppo.json",
+    ]
+    many = TorchrunRunner(artifacts, tmp_path, nproc_per_node=8, nnodes=2, rdzv_endpoint="step-0.steps:29400")
+    assert many.world_size == 16
+    assert many.command("train_pm", Path("/w/pm.json"), rdzv_id="2026-W49-train_pm")[3:8] == [
+        "--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=step-0.steps:29400",
+        "--rdzv_id=2026-W49-train_pm",
+    ]
+    with pytest.raises(ValueError, match="rendezvous endpoint"):
+        TorchrunRunner(artifacts, tmp_path, nproc_per_node=8, nnodes=2)
+
+
+def test_steps_without_a_distributed_loop_run_in_this_process(artifacts, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(InProcessRunner, "execute", lambda self, step, cfg, *, key: ran.append(step) or "result")
+    runner = TorchrunRunner(artifacts, tmp_path, nproc_per_node=2)
+    for step in ("sample", "evaluate", "dpo", "rloo", "online_dpo", "rejection_sampling"):
+        assert step not in DISTRIBUTED_STEPS
+        assert runner.execute(step, object(), key=f"2026-W49:{step}") == "result"
+    assert ran == ["sample", "evaluate", "dpo", "rloo", "online_dpo", "rejection_sampling"]
+    assert DISTRIBUTED_STEPS == {"sft", "train_pm", "ppo"}
+
+
+def test_a_launch_that_fails_fails_the_step_with_what_the_processes_said(artifacts, tmp_path, monkeypatch, tiny_model):
+    from workers.sft import SFTConfig
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    # 7 rows cannot split over 2 processes: every process refuses the config before any work.
+    cfg = SFTConfig(model_path=str(tiny_model), dataset_path=str(data), output_dir=str(tmp_path / "out"),
+                    batch_size=7, max_steps=1, device="cpu", progress=False)
+    runner = TorchrunRunner(artifacts, tmp_path, nproc_per_node=2)
+    with pytest.raises(StepFailed, match=r"(?s)sft under torchrun \(2 processes\) exited .*batch_size \(7\) must be a "
+                                         r"multiple of the number of processes \(2\)"):
+        runner.execute("sft", cfg, key="2026-W49:sft")
+
+
+def test_the_node_settings_choose_the_runner(artifacts, tmp_path, monkeypatch):
+    from store.settings import get_settings
+
+    monkeypatch.setenv("RATCHET_NPROC_PER_NODE", "auto")
+    get_settings.cache_clear()
+    assert resolve_nproc("auto") >= 1
+    runner = runner_for_node(artifacts, tmp_path)
+    assert type(runner) is (InProcessRunner if resolve_nproc("auto") == 1 else TorchrunRunner)
+    monkeypatch.setenv("RATCHET_NPROC_PER_NODE", "3")
+    get_settings.cache_clear()
+    runner = runner_for_node(artifacts, tmp_path)
+    assert isinstance(runner, TorchrunRunner) and runner.world_size == 3
+    monkeypatch.setenv("RATCHET_NPROC_PER_NODE", "0")
+    get_settings.cache_clear()
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        get_settings()
+    get_settings.cache_clear()
