@@ -2,6 +2,7 @@
 
     python bench/cuda_check.py --require-cuda            # on a CUDA machine (expected ~2-3 min on one H200)
     python bench/cuda_check.py --device cpu --quick      # the same checks at tiny sizes on a CPU (10-30 s)
+    python bench/cuda_check.py --require-cuda --scale    # and train_pm + ppo on a 0.53B Llama-shaped model
 
 The worker steps are tested on CPU in float32; this runs the other path
 (``device=auto`` is CUDA when present, ``dtype=auto`` bfloat16 there) in
@@ -34,6 +35,34 @@ one process, with models built here (no downloads):
    against a per-prompt ``model.generate`` loop (``bench/sampling.py``'s
    peer, same device and dtype), median of alternating repeats after a
    warm-up; and PPO episodes/s (median over rollouts after the first).
+
+5. Scale (``--scale``, off by default; ``--scale-only`` skips sections 2-4):
+   train_pm and ppo on a randomly initialised Llama-shaped model
+   (``LlamaConfig``: 20 layers x 1536, 12 heads, 4 key/value heads (GQA),
+   intermediate 4096, the tokenizer above: 0.53B parameters; ``--scale-size``
+   sets it), written in bfloat16 with save_pretrained and loaded by the steps
+   like a user's model, with ``dtype=bfloat16`` (float32 master weights,
+   bfloat16 autocast; PPO's reference and PM held in bfloat16). train_pm's
+   PM is PPO's PM. Per step: tokens/s, model FLOPs utilisation and peak CUDA
+   memory. Tokens are real ones (no padding), counted in the timed part only:
+   train_pm runs a short warm-up run first, then the timed run, whose
+   ``perf/tokens_per_s`` counts the packed ``[prompt | A | B]`` tokens of its
+   optimizer steps (validation and saving excluded); ppo's first rollout is
+   the warm-up, and each later rollout counts its prompts' and responses'
+   tokens over its own wall time (``charts/episodes_per_s``). The PPO run
+   stops one rollout short of its total, so it writes neither a checkpoint nor
+   the policy (gigabytes of optimizer state; disk time is not what this
+   measures). MFU is model FLOPs per second over the device's peak dense
+   bfloat16 FLOP/s (``PEAK_BF16_FLOPS`` by device name, or ``--peak-tflops``):
+   training forward + backward costs 6 N per token, an inference-only pass
+   2 N per token (Kaplan et al. 2020, sec. 2.1; attention's score FLOPs and
+   the input embedding lookup left out, so N counts every parameter but the
+   input embedding: the policy's LM head is in, a PM has none). Per real token
+   T of a rollout PPO does: generation (2 N_policy; prefill and decode), the
+   policy's and value head's scoring pass (2 N_policy), the reference
+   (2 N_policy), the PM (2 N_pm) and ``ppo_epochs`` training passes
+   (6 N_policy each); train_pm does 6 N_pm per packed token. Without a known
+   peak, MFU is null and the model FLOP/s are still reported.
 
 Progress lines go to stdout; the last line is one JSON object with an
 ``ok`` flag per step and overall, the numbers, torch/transformers versions
@@ -77,6 +106,8 @@ SIZES = {
         "new_tokens": 48, "ppo_rollouts": 4, "rollout": 32, "mini": 8, "eval_prompts": 32,
         "resume_pm_steps": 12, "resume_pm_stop": 5,
         "tp_prompts": 16, "tp_new_tokens": 64, "tp_repeats": 2, "tp_ppo_rollouts": 4, "tp_rollout": 64, "tp_mini": 16,
+        "scale_model": "20x1536x12x4x4096", "scale_max_length": 512, "scale_pm_batch": 32, "scale_pm_warmup": 2,
+        "scale_pm_steps": 20, "scale_rollout": 64, "scale_mini": 16, "scale_rollouts": 3, "scale_new_tokens": 64,
     },
     "quick": {
         "vocab": 1024, "step": (2, 64, 2), "throughput": (2, 128, 2), "prompts": 8, "comparisons": 120,
@@ -84,9 +115,18 @@ SIZES = {
         "new_tokens": 8, "ppo_rollouts": 2, "rollout": 8, "mini": 4, "eval_prompts": 8,
         "resume_pm_steps": 6, "resume_pm_stop": 2,
         "tp_prompts": 4, "tp_new_tokens": 16, "tp_repeats": 2, "tp_ppo_rollouts": 2, "tp_rollout": 8, "tp_mini": 4,
+        "scale_model": "2x64x4x2", "scale_max_length": 128, "scale_pm_batch": 8, "scale_pm_warmup": 1,
+        "scale_pm_steps": 3, "scale_rollout": 8, "scale_mini": 4, "scale_rollouts": 1, "scale_new_tokens": 16,
     },
 }
 GOLD = "workers.demo_world:gold_score"
+PEAK_BF16_FLOPS = (
+    # Dense bfloat16 tensor-core peaks from the vendors' data sheets, matched in this order against
+    # torch.cuda.get_device_name (so "H100 PCIe" before "H100", "L40S" and "L40" before "L4").
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12),
+)
 
 
 # -- bookkeeping ---------------------------------------------------------------------
@@ -99,7 +139,7 @@ class Check:
         self.start = time.perf_counter()
         self.out_path = out_path
         self.budget_s = budget_s
-        self.report: dict[str, Any] = {"ok": False, "steps": {}, "resume": {}, "throughput": {}}
+        self.report: dict[str, Any] = {"ok": False, "steps": {}, "resume": {}, "throughput": {}, "scale": {}}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -112,7 +152,8 @@ class Check:
 
     def save(self) -> None:
         self.report["wall_s"] = round(self.elapsed(), 1)
-        checks = [*self.report["steps"].values(), *self.report["resume"].values(), *self.report["throughput"].values()]
+        checks = [*self.report["steps"].values(), *self.report["resume"].values(), *self.report["throughput"].values(),
+                  *self.report["scale"].values()]
         self.report["ok"] = bool(checks) and all(c.get("ok") for c in checks) and "error" not in self.report
         if self.out_path is not None:
             self.out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -381,6 +422,14 @@ def main() -> int:
                              "(more is allowed up to 3x the difference between two uninterrupted runs)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="throughput repeats per side (default 2)")
+    parser.add_argument("--scale", action="store_true",
+                        help="also train_pm and ppo on a Llama-shaped model: tokens/s, MFU, peak memory")
+    parser.add_argument("--scale-only", action="store_true", help="the scale section alone (implies --scale)")
+    parser.add_argument("--scale-size", default=None,
+                        help="the scale model as LAYERSxHIDDEN[xHEADS[xKV_HEADS[xINTERMEDIATE]]] "
+                             "(default 20x1536x12x4x4096; with --quick 2x64x4x2)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak dense bfloat16 TFLOP/s for MFU (default: looked up by device name)")
     args = parser.parse_args()
     out_path = Path(os.environ["OUT"]) / "cuda_check.json" if os.environ.get("OUT") else None
     check = Check(out_path, args.budget_s)
@@ -420,6 +469,9 @@ def _main(args, check: Check) -> int:
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.repeats is not None:
         size["tp_repeats"] = args.repeats
+    if args.scale_size is not None:
+        size["scale_model"] = args.scale_size
+    scale_shape(size["scale_model"])  # a malformed --scale-size stops here, before any work
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -437,12 +489,17 @@ def _main(args, check: Check) -> int:
     common = {"device": args.device, "dtype": args.dtype, "progress": False}
     state: dict[str, str] = {}
 
-    steps(check, recorder, args, size, inputs, policy, common, state, device, dtype)
-    resume(check, recorder, args, size, inputs, policy, common, state, device, dtype)
-    if args.skip_throughput:
-        check.report["throughput"]["skipped"] = {"ok": True, "skipped": "--skip-throughput"}
+    if args.scale_only:
+        check.say("--scale-only: sections 2-4 skipped")
     else:
-        throughput(check, recorder, args, size, inputs, common, state, device, dtype, sampling)
+        steps(check, recorder, args, size, inputs, policy, common, state, device, dtype)
+        resume(check, recorder, args, size, inputs, policy, common, state, device, dtype)
+        if args.skip_throughput:
+            check.report["throughput"]["skipped"] = {"ok": True, "skipped": "--skip-throughput"}
+        else:
+            throughput(check, recorder, args, size, inputs, common, state, device, dtype, sampling)
+    if args.scale or args.scale_only:
+        scale(check, recorder, args, size, inputs, device)
     check.save()
     check.say("all checks passed" if check.report["ok"] else "SOME CHECKS FAILED")
     return 0 if check.report["ok"] else 1
@@ -694,6 +751,208 @@ def throughput(check, recorder, args, size, inputs, common, state, device, dtype
 
     run_step(check, recorder, "sampling", sampling_fn, device=device, dtype=dtype, section="throughput")
     run_step(check, recorder, "ppo", ppo_fn, device=device, dtype=dtype, frozen_in_dtype=True, section="throughput")
+
+
+# -- scale ---------------------------------------------------------------------------------
+
+
+def scale_shape(spec: str) -> dict[str, int]:
+    """``LAYERSxHIDDEN[xHEADS[xKV_HEADS[xINTERMEDIATE]]]`` as LlamaConfig sizes.
+
+    Left out: heads of 128 dimensions (at least 2), 4 key/value heads where 4 divides the heads (else
+    as many as heads), and an intermediate size of 8/3 hidden rounded up to a multiple of 256 (Llama's rule).
+    """
+    try:
+        parts = [int(x) for x in spec.lower().split("x")]
+    except ValueError:
+        parts = []
+    if not 2 <= len(parts) <= 5 or min(parts) < 1:
+        raise ValueError(f"--scale-size ({spec!r}) must be LAYERSxHIDDEN[xHEADS[xKV_HEADS[xINTERMEDIATE]]], "
+                         "positive integers")
+    layers, hidden = parts[:2]
+    heads = parts[2] if len(parts) > 2 else max(2, hidden // 128)
+    kv_heads = parts[3] if len(parts) > 3 else (4 if heads % 4 == 0 else heads)
+    intermediate = parts[4] if len(parts) > 4 else 256 * math.ceil(8 * hidden / 3 / 256)
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"--scale-size ({spec!r}): hidden ({hidden}) must be divisible by heads ({heads}) "
+                         f"and heads by key/value heads ({kv_heads})")
+    return {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate}
+
+
+def peak_flops(device, device_name: str, override_tflops: float | None) -> tuple[float | None, str]:
+    """The device's peak dense bfloat16 FLOP/s and where the number comes from (None when unknown)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}; pass --peak-tflops"
+    for key, value in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return value, f"PEAK_BF16_FLOPS[{key!r}]"
+    return None, f"{device_name!r} is not in PEAK_BF16_FLOPS; pass --peak-tflops"
+
+
+def build_scale_model(out: Path, shape: dict[str, int], tokenizer_dir: str, device) -> dict[str, Any]:
+    """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (untied LM head, the script's tokenizer), saved
+    in bfloat16 as Hugging Face checkpoints of this size are. Initialised on ``device`` (seconds on a GPU
+    for what takes minutes on a CPU). Returns its parameter counts: all, and N of the FLOP formulas."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.common.modeling import load_tokenizer
+    from workers.common.testing import count_parameters
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=2048, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    total = count_parameters(model)
+    embedding = model.get_input_embeddings().weight.numel()
+    lm_head = model.get_output_embeddings().weight.numel()
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # N of 2N / 6N per token: every weight a token's matmuls use. The input embedding is a lookup; a PM
+    # is the trunk without the LM head (its scalar head's hidden_size weights are left out too).
+    return {"path": str(out), "parameters": total, "vocab": len(tokenizer),
+            "n_policy": total - embedding, "n_pm": total - embedding - lm_head}
+
+
+def _mfu(flops_per_s: float, peak: float | None) -> float | None:
+    return _round(flops_per_s / peak) if peak else None
+
+
+def scale(check, recorder, args, size, inputs, device) -> None:
+    """Section 5: train_pm and ppo on a Llama-shaped model in bfloat16: tokens/s, MFU, peak memory."""
+    from workers.common.runtime import resolve_dtype
+
+    work = Path(args.work) / "scale"
+    work.mkdir(parents=True, exist_ok=True)
+    dtype_name = "bfloat16" if args.dtype == "auto" else args.dtype
+    dtype = resolve_dtype(dtype_name, device)
+    shape = scale_shape(size["scale_model"])
+    peak, peak_source = peak_flops(device, check.report["env"]["device_name"], args.peak_tflops)
+    common = {"device": args.device, "dtype": dtype_name, "progress": False}
+    model: dict[str, Any] = {}
+    state: dict[str, str] = {}
+    check.report["scale_model"] = {**shape, "dtype": dtype_name, "peak_flops": peak, "peak_source": peak_source}
+
+    def setup():
+        model.update(build_scale_model(work / "policy", shape, inputs["models"]["step"]["path"], device))
+        check.report["scale_model"].update({k: v for k, v in model.items() if k != "path"})
+        check.say(f"scale model: {shape['layers']} x {shape['hidden']}, {shape['heads']} heads "
+                  f"({shape['kv_heads']} key/value), intermediate {shape['intermediate']}, vocab {model['vocab']}: "
+                  f"{model['parameters'] / 1e6:.1f}M parameters; peak {peak} ({peak_source})")
+        return {"ok": True, "parameters": model["parameters"]}
+
+    def train_pm():
+        from workers.train_pm import TrainPMConfig, run
+
+        def cfg(out: str, steps: int) -> TrainPMConfig:
+            # select_by="last": no validation passes, and no best-weights file written (gigabytes at this size)
+            return TrainPMConfig(model_path=model["path"], dataset_path=inputs["comparisons"],
+                                 output_dir=str(work / out), heldout_fraction=0.1, select_by="last",
+                                 batch_size=size["scale_pm_batch"], eval_batch_size=size["scale_pm_batch"],
+                                 learning_rate=1e-5, max_steps=steps, max_length=size["scale_max_length"],
+                                 checkpoint_every=0, **common)
+
+        # A warm-up run (kernels, cuBLAS handles, the allocator's pools), then the timed one.
+        run(cfg("pm-warmup", size["scale_pm_warmup"]))
+        shutil.rmtree(work / "pm-warmup", ignore_errors=True)
+        result = run(cfg("pm", size["scale_pm_steps"]))
+        state["pm"] = result.outputs["pm"]
+        m = result.metrics
+        out = summary(m, ["train/loss_last", "heldout/accuracy", "perf/tokens_per_s", "perf/comparisons_per_s"])
+        if not out["ok"]:
+            return out
+        flops_per_s = 6 * model["n_pm"] * m["perf/tokens_per_s"]
+        out.update(tokens_per_s=round(m["perf/tokens_per_s"], 1),
+                   comparisons_per_s=round(m["perf/comparisons_per_s"], 2),
+                   model_flops_per_s=_round(flops_per_s), mfu=_mfu(flops_per_s, peak),
+                   pad_fraction=_round(m["perf/pad_fraction"]), train_seconds=_round(m["perf/train_seconds"]),
+                   timed_steps=size["scale_pm_steps"], warmup_steps=size["scale_pm_warmup"],
+                   batch_size=size["scale_pm_batch"], max_length=size["scale_max_length"],
+                   flops_per_token=6 * model["n_pm"])
+        check.say(f"  scale train_pm: {out['tokens_per_s']:.0f} tokens/s, MFU {out['mfu']}")
+        return out
+
+    def ppo():
+        from workers.common.data import load_prompts
+        from workers.common.metrics import read_metrics
+        from workers.common.modeling import load_tokenizer
+        from workers.common.policy_step import prompt_order
+        from workers.common.rollout import encode_prompts
+        from workers.ppo import PPOConfig, run
+
+        timed, batch, epochs = size["scale_rollouts"], size["scale_rollout"], 4
+        # Rollout 1 is the warm-up; the run stops before its last rollout (total), and checkpoint_every=total
+        # is never reached, so no checkpoint or policy is written.
+        total = timed + 2
+        cfg = PPOConfig(policy_path=model["path"], reference_path=model["path"], pm_path=state["pm"],
+                        prompts_path=inputs["prompts"], output_dir=str(work / "ppo"), total_episodes=total * batch,
+                        rollout_batch_size=batch, mini_batch_size=size["scale_mini"], ppo_epochs=epochs,
+                        response_length=size["scale_new_tokens"], max_prompt_tokens=size["max_prompt_tokens"],
+                        kl_coef=0.05, learning_rate=1e-6, checkpoint_every=total, max_rollouts_this_run=timed + 1,
+                        seed=0, **common)
+        result = run(cfg)
+        rows = read_metrics(work / "ppo" / "metrics.jsonl")
+        out = summary(result.metrics, ["ppo/reward", "ppo/kl", "losses/policy", "losses/value"])
+        if len(rows) != timed + 1 or result.complete:
+            return {**out, "ok": False, "error": f"{len(rows)} rollouts logged (complete={result.complete}), "
+                                                 f"expected {timed + 1} of {total}"}
+        prompt_ids = encode_prompts(load_tokenizer(model["path"]), load_prompts(inputs["prompts"]),
+                                    max_prompt_tokens=cfg.max_prompt_tokens)
+        # Per real token: generation, the policy's scoring pass and the reference at 2 N_policy, the PM at
+        # 2 N_pm, and ppo_epochs training passes at 6 N_policy.
+        n_policy, n_pm = model["n_policy"], model["n_pm"]
+        shares = {"generation": 2 * n_policy, "scoring": 2 * n_policy + 2 * n_policy + 2 * n_pm,
+                  "training": 6 * n_policy * epochs}
+        flops_per_token = sum(shares.values())
+        tokens = responses = seconds = 0.0
+        per_rollout = []
+        for row in rows[1:]:
+            k = row["step"] - 1  # the rollout's index; its prompts are prompt_order's slots for it
+            order = prompt_order(len(prompt_ids), cfg.seed, k * batch, batch)
+            prompt_tokens = sum(len(prompt_ids[i]) for i in order)
+            response_tokens = round(row["ppo/response_length"] * batch)
+            rollout_s = batch / row["charts/episodes_per_s"]
+            tokens += prompt_tokens + response_tokens
+            responses += response_tokens
+            seconds += rollout_s
+            per_rollout.append(round((prompt_tokens + response_tokens) / rollout_s, 1))
+        flops_per_s = flops_per_token * tokens / seconds
+        out.update(tokens_per_s=round(tokens / seconds, 1), response_tokens_per_s=round(responses / seconds, 1),
+                   episodes_per_s=round(timed * batch / seconds, 2), model_flops_per_s=_round(flops_per_s),
+                   mfu=_mfu(flops_per_s, peak), tokens_per_s_per_rollout=per_rollout,
+                   flops_share={k: round(v / flops_per_token, 3) for k, v in shares.items()},
+                   flops_per_token=flops_per_token, timed_rollouts=timed, warmup_rollouts=1,
+                   rollout_batch_size=batch, mini_batch_size=size["scale_mini"], ppo_epochs=epochs,
+                   response_length=size["scale_new_tokens"], timed_seconds=_round(seconds))
+        check.say(f"  scale ppo: {out['tokens_per_s']:.0f} tokens/s ({out['episodes_per_s']} episodes/s), "
+                  f"MFU {out['mfu']}")
+        return out
+
+    if run_step(check, recorder, "setup", setup, device=device, dtype=dtype, section="scale") is None \
+            or not check.report["scale"]["setup"]["ok"]:
+        return
+    run_step(check, recorder, "train_pm", train_pm, device=device, dtype=dtype, master_weights=True, section="scale")
+    if "pm" not in state:  # PPO still runs, against a PM with a random head
+        state["pm"] = random_pm(model["path"], work / "random-pm")
+        check.say("scale train_pm failed: scale ppo uses a PM with a random head")
+    run_step(check, recorder, "ppo", ppo, device=device, dtype=dtype, frozen_in_dtype=True, section="scale")
 
 
 if __name__ == "__main__":
