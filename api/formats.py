@@ -1,6 +1,6 @@
-"""Preference-data line formats for import and export: HH-RLHF and TRL.
+"""Preference-data line formats for import and export: HH-RLHF and TRL (standard and conversational).
 
-Both are JSON Lines, one preference pair a line:
+All are JSON Lines, one preference pair a line:
 
 - ``hh-rlhf`` (Anthropic's HH-RLHF, Bai et al. 2022):
   ``{"chosen": str, "rejected": str}``, each a whole dialogue with turns
@@ -8,8 +8,22 @@ Both are JSON Lines, one preference pair a line:
   the last Assistant reply.
 - ``trl`` (TRL's "standard" preference format with an explicit prompt):
   ``{"prompt": str, "chosen": str, "rejected": str}``.
+- ``trl-conversational`` (TRL's "conversational" preference format): lists
+  of ``{"role", "content"}`` messages, with an explicit prompt,
+  ``{"prompt": [messages], "chosen": [{"role": "assistant", "content": str}],
+  "rejected": [...]}``, or an implicit one, ``{"chosen": [messages],
+  "rejected": [messages]}``: two whole conversations that share every
+  message but the last, an assistant turn.
 
-A line of either format may carry ``"strength"``: how much better the chosen
+A conversational pair is stored as any other: its prompt as the HH-RLHF text
+of its messages (what labelers read), the responses as the assistant
+messages' contents, and the messages in the comparison's metadata
+(``messages``), where snapshots and the chat-template encoding of the
+workers find them (the rules and the text are ``workers.common.chat``'s). A
+conversational export writes a comparison's messages, or, for a plain-text
+comparison, the messages read back out of its HH-RLHF prompt.
+
+A line of any format may carry ``"strength"``: how much better the chosen
 response is, a number above 0 and up to 10 on the labeling scale (the rule of
 ``store.feedback.strength_problem``; 1 slightly, 2 better, 3 much better by
 default). It is read when present and written when a comparison has one.
@@ -25,13 +39,18 @@ import codecs
 import json
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from store.feedback import strength_problem
+from workers.common.chat import Messages, as_messages, hh_messages, hh_text, message_problems
 
-FORMATS = ("hh-rlhf", "trl")
+FORMATS = ("hh-rlhf", "trl", "trl-conversational")
 """The line formats known to import and export (see the module docstring)."""
+
+FormatName = Literal["hh-rlhf", "trl", "trl-conversational"]
+"""``FORMATS`` as a type, for the routes' ``format`` parameter"""
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 """Where an HH-RLHF prompt ends; the response keeps the space that follows it."""
@@ -67,6 +86,18 @@ class ParsedLine:
     """Why the line was rejected; None means the line is ok."""
     strength: float | None = None
     """How much better ``chosen`` is (the line's optional ``"strength"``); None when absent or ``error`` is set."""
+    messages: Messages | None = None
+    """The prompt's messages of a ``trl-conversational`` line (``prompt`` is their HH-RLHF text); else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceRecord:
+    """One line read as a preference pair: the texts as stored, and the prompt's messages when it had them."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    messages: Messages | None = None
 
 
 def _check_format(fmt: str) -> None:
@@ -126,22 +157,31 @@ def _string_field(obj: dict, name: str) -> str:
 
 
 def parse_record(fmt: str, obj: object, *, max_text_chars: int | None = None) -> tuple[str, str, str]:
-    """Read one decoded JSON line as ``(prompt, chosen_response, rejected_response)``.
+    """Read one decoded JSON line as ``(prompt, chosen_response, rejected_response)`` (``parse_preference``
+    without the messages)."""
+    record = parse_preference(fmt, obj, max_text_chars=max_text_chars)
+    return record.prompt, record.chosen, record.rejected
+
+
+def parse_preference(fmt: str, obj: object, *, max_text_chars: int | None = None) -> PreferenceRecord:
+    """Read one decoded JSON line as a ``PreferenceRecord``.
 
     ``hh-rlhf`` lines are ``{"chosen": str, "rejected": str}`` (split with
     ``split_hh_dialogue``); ``trl`` lines are
-    ``{"prompt": str, "chosen": str, "rejected": str}``. Other fields are
+    ``{"prompt": str, "chosen": str, "rejected": str}``; ``trl-conversational``
+    lines hold message lists (``parse_conversation``). Other fields are
     ignored here (``parse_strength`` reads ``"strength"``). Raises
     ``FormatError`` naming the missing or wrong field, or the text longer than
     ``max_text_chars`` (prompt and responses as they would be stored), and
     ``ValueError`` for an unknown ``fmt``.
     """
-    texts = _record_texts(fmt, obj)
+    record = _record(fmt, obj)
     if max_text_chars is not None:
-        for name, value in zip(("prompt", "chosen", "rejected"), texts, strict=True):
+        for name in ("prompt", "chosen", "rejected"):
+            value = getattr(record, name)
             if len(value) > max_text_chars:
                 raise FormatError(f"{name} is {len(value)} characters long, over the limit of {max_text_chars}")
-    return texts
+    return record
 
 
 def parse_strength(obj: dict) -> float | None:
@@ -166,16 +206,19 @@ def parse_strength(obj: dict) -> float | None:
     return strength
 
 
-def _record_texts(fmt: str, obj: object) -> tuple[str, str, str]:
+def _record(fmt: str, obj: object) -> PreferenceRecord:
     _check_format(fmt)
     if not isinstance(obj, dict):
         raise FormatError("line is not a JSON object")
     if fmt == "hh-rlhf":
-        return split_hh_dialogue(_string_field(obj, "chosen"), _string_field(obj, "rejected"))
+        return PreferenceRecord(*split_hh_dialogue(_string_field(obj, "chosen"), _string_field(obj, "rejected")))
+    if fmt == "trl-conversational":
+        messages, chosen, rejected = parse_conversation(obj)
+        return PreferenceRecord(hh_text(messages), chosen, rejected, messages)
     if any(isinstance(obj.get(name), list) for name in ("prompt", "chosen", "rejected")):
         raise FormatError(
-            "TRL's conversational format (lists of {role, content} messages) is not supported;"
-            " use the standard form with string 'prompt', 'chosen' and 'rejected'"
+            "TRL's conversational format (lists of {role, content} messages) is format 'trl-conversational';"
+            " with format 'trl' use the standard form with string 'prompt', 'chosen' and 'rejected'"
         )
     prompt = _string_field(obj, "prompt")
     chosen = _string_field(obj, "chosen")
@@ -184,7 +227,60 @@ def _record_texts(fmt: str, obj: object) -> tuple[str, str, str]:
         raise FormatError("field 'prompt' is empty")
     if chosen == rejected:
         raise FormatError("chosen and rejected responses are identical")
-    return prompt, chosen, rejected
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
+def parse_conversation(obj: dict[str, Any]) -> tuple[Messages, str, str]:
+    """``(prompt messages, chosen response, rejected response)`` of a ``trl-conversational`` line.
+
+    With ``"prompt"`` (a message list ending in a user turn), ``chosen`` and
+    ``rejected`` are one assistant message each; without it they are whole
+    conversations that share every message but their last, an assistant
+    message, and the shared messages are the prompt. Raises ``FormatError``
+    naming the field and the message at fault.
+    """
+    for name in ("chosen", "rejected"):
+        if name not in obj:
+            raise FormatError(f"field {name!r} is missing")
+        if not isinstance(obj[name], list):
+            raise FormatError(
+                f"field {name!r} must be a list of {{role, content}} messages, got {_type_name(obj[name])}"
+                " (the standard form with strings is format 'trl')"
+            )
+        _check_messages(obj[name], field=name, prompt=False)
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if obj.get("prompt") is not None:
+        _check_messages(obj["prompt"], field="prompt", prompt=True)
+        prompt = obj["prompt"]
+        for name, messages in (("chosen", chosen), ("rejected", rejected)):
+            if len(messages) != 1:
+                raise FormatError(f"field {name!r} must be one assistant message after an explicit prompt, "
+                                  f"got {len(messages)} messages")
+    else:
+        prompt = chosen[:-1]
+        if chosen[:-1] != rejected[:-1]:
+            first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                         min(len(chosen), len(rejected)) - 1)
+            raise FormatError("chosen and rejected differ before their last assistant turn "
+                              f"(first difference at message {first})")
+        if not prompt:
+            raise FormatError("field 'chosen' has no prompt: without 'prompt' it is the whole conversation, the prompt's "
+                              "turns and then the assistant's response")
+        _check_messages(prompt, field="chosen", prompt=True)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise FormatError(f"{name}[{len(messages) - 1}] is not an assistant message "
+                              f"(role {messages[-1]['role']!r}); the response must be one")
+    chosen_response, rejected_response = chosen[-1]["content"], rejected[-1]["content"]
+    if chosen_response == rejected_response:
+        raise FormatError("chosen and rejected responses are identical")
+    return as_messages(prompt), chosen_response, rejected_response
+
+
+def _check_messages(value: object, *, field: str, prompt: bool) -> None:
+    problems = message_problems(value, field=field, prompt=prompt)
+    if problems:
+        raise FormatError("; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
 
 
 class JsonlImportParser:
@@ -328,26 +424,44 @@ class JsonlImportParser:
         except RecursionError:  # the decoder recurses once per level of arrays and objects
             return self._error("invalid JSON: nested too deeply")
         try:
-            prompt, chosen, rejected = parse_record(self.fmt, obj, max_text_chars=self.max_text_chars)
+            record = parse_preference(self.fmt, obj, max_text_chars=self.max_text_chars)
             strength = parse_strength(obj)
         except FormatError as exc:
             return self._error(str(exc))
-        return ParsedLine(self._line, prompt, chosen, rejected, None, strength)
+        return ParsedLine(self._line, record.prompt, record.chosen, record.rejected, None, strength, record.messages)
 
     def _error(self, reason: str) -> ParsedLine:
         return ParsedLine(self._line, None, None, None, reason)
 
 
-def export_record(fmt: str, *, prompt: str, chosen: str, rejected: str, strength: float | None = None) -> bytes:
+def export_record(
+    fmt: str,
+    *,
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    strength: float | None = None,
+    messages: Sequence[dict[str, str]] | None = None,
+) -> bytes:
     """One JSON line (UTF-8, ending in a newline) for a preference pair.
 
     ``hh-rlhf`` writes whole dialogues (``prompt + chosen``,
-    ``prompt + rejected``); ``trl`` writes the three fields as they are; both
-    add ``"strength"`` when the pair has one.
+    ``prompt + rejected``); ``trl`` writes the three fields as they are;
+    ``trl-conversational`` writes the prompt's ``messages`` (read back out of
+    the HH-RLHF ``prompt`` when None: ``workers.common.chat.hh_messages``) and
+    each response as one assistant message. All add ``"strength"`` when the
+    pair has one.
     """
     _check_format(fmt)
+    record: dict[str, Any]
     if fmt == "hh-rlhf":
-        record: dict[str, str | float] = {"chosen": prompt + chosen, "rejected": prompt + rejected}
+        record = {"chosen": prompt + chosen, "rejected": prompt + rejected}
+    elif fmt == "trl-conversational":
+        record = {
+            "prompt": [dict(m) for m in messages] if messages is not None else hh_messages(prompt),
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
     else:
         record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if strength is not None:

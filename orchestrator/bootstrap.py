@@ -20,6 +20,7 @@ from store.datasets import create_dataset
 from store.db import Database
 from store.deployments import deploy
 from store.errors import InvalidInput, NotFound
+from workers.common.chat import message_problems
 from store.models import Dataset, Deployment, Policy
 from store.policies import create_policy
 
@@ -27,7 +28,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_prompt_set(data: bytes, *, source: str) -> int:
-    """The number of prompts in a ``{"id", "prompt"}`` JSONL set; every bad line is named."""
+    """The number of prompts in a JSONL set of ``{"id", "prompt"}`` and/or ``{"id", "messages"}`` lines (chat
+    prompts: workers.common.chat); every bad line is named."""
     problems, seen = [], {}
     lines = data.decode("utf-8", errors="strict").splitlines()
     for number, line in enumerate(lines, 1):
@@ -48,7 +50,11 @@ def check_prompt_set(data: bytes, *, source: str) -> int:
             problems.append({"index": number, "field": "id", "message": f"id {pid!r} repeats line {seen[json.dumps(pid)]}"})
         else:
             seen[json.dumps(pid)] = number
-        if not isinstance(prompt, str) or not prompt.strip():
+        if "messages" in record:  # a chat prompt; its text is derived from the messages when it has none
+            problems += [{"index": number, "field": "messages", "message": m} for m in message_problems(record["messages"])]
+            if "prompt" in record and not isinstance(prompt, str):
+                problems.append({"index": number, "field": "prompt", "message": "prompt must be a string"})
+        elif not isinstance(prompt, str) or not prompt.strip():
             problems.append({"index": number, "field": "prompt", "message": "prompt must be a non-empty string"})
     if problems:
         raise InvalidInput(f"prompt set {source}: {len(problems)} bad line(s), nothing was registered", problems)

@@ -53,7 +53,7 @@ from orchestrator.outputs import (
     TrainPMOutputs,
 )
 from orchestrator.settings import CycleSettings, resolve
-from orchestrator.tasks import eval_pairs, make_tasks, rank_prompts, with_overlap
+from orchestrator.tasks import eval_pairs, make_tasks, rank_prompts, storable, with_overlap
 from store.artifacts import get_artifact, register_artifact
 from store.cycles import finish_cycle, get_cycle, get_stage
 from store.datasets import create_dataset, get_dataset, get_dataset_version, snapshot_comparisons
@@ -65,6 +65,7 @@ from store.pms import create_pm, get_pm, get_pm_version
 from store.policies import create_policy, get_policy, get_policy_version
 from store.raters import excluded_raters
 from store.tasks import create_tasks, eval_judgements, eval_tasks_of, task_counts
+from workers.common.chat import prompt_text
 
 log = logging.getLogger("ratchet.cycle")
 
@@ -155,7 +156,10 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
     again (``top_up_rounds`` at most), each round with more of this week's
     prompts, a hotter temperature and one more earlier deployed snapshot,
     and pairs the distinct responses of all rounds; if it still falls short,
-    its outputs say why.
+    its outputs say why. A chat prompt (a prompt-set line with ``messages``)
+    takes its messages into the step's prompt file (its text is theirs in
+    HH-RLHF form when the line has no ``prompt``) and into its tasks'
+    metadata (``with_messages``).
     """
     opened = ctx.outputs("open", OpenOutputs)
     sample = ctx.settings.sample
@@ -178,7 +182,7 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
         # Round r: the first (r + 1) blocks of this week's prompts, temperature raised r times, r earlier snapshots.
         chosen = ranked[: first * (r + 1)]
         used = labels[: len(opened.sample_policy_ids) + r]
-        body = "".join(json.dumps({"id": p["id"], "prompt": p["prompt"]}, ensure_ascii=False) + "\n" for p in chosen)
+        body = "".join(json.dumps(_prompt_line(p), ensure_ascii=False) + "\n" for p in chosen)
         suffix = "" if r == 0 else f"-r{r}"
         week_prompts = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/prompts{suffix}.jsonl", body.encode("utf-8"))
         temperature = step_config["temperature"] + r * sample.top_up_temperature
@@ -192,7 +196,8 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
         got = ctx.read_jsonl(outcome.outputs["samples"])
         # Each round's sample indices follow the last round's, so (policy, index) names one response.
         samples += [{**row, "sample_index": row["sample_index"] + r * num_samples, "round": r} for row in got]
-        tasks = make_tasks(samples, pairs_per_prompt=sample.pairs_per_prompt, week=ctx.week)
+        tasks = with_messages(make_tasks(samples, pairs_per_prompt=sample.pairs_per_prompt, week=ctx.week),
+                              chat_messages(samples, id_key="prompt_id"))
         rounds.append({"chosen": chosen, "used": used, "round": r, "prompts": len(chosen), "policies": used,
                        "temperature": temperature, "responses": len(got), "tasks_so_far": len(tasks),
                        "outcome": outcome, "metrics": scalar_metrics(outcome.metrics)})
@@ -523,8 +528,10 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
     with ctx.db.session() as session:
         samples_ref = ref_of(get_artifact(session, evaluation.samples_artifact_id))
         prompts_ref = ref_of(get_artifact(session, get_dataset(session, opened.eval_prompt_dataset_id).artifact_id))
-        prompts = {json.dumps(p["id"]): p["prompt"] for p in ctx.read_jsonl(prompts_ref)}
+        prompt_set = ctx.read_jsonl(prompts_ref)
+        prompts = {json.dumps(p["id"]): prompt_text(p) for p in prompt_set}
         pairs, identical = eval_pairs(ctx.read_jsonl(samples_ref), prompts, week=ctx.week, max_tasks=human.max_tasks)
+        pairs = with_messages(pairs, chat_messages(prompt_set, id_key="id"))
         get_stage(session, cycle_id=ctx.cycle_id, stage="human_eval", for_update=True)
         existing = eval_tasks_of(session, cycle_id=ctx.cycle_id)
         if not existing:
@@ -715,6 +722,32 @@ def _split_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     if prefix:
         return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     return {k: v for k, v in metrics.items() if not k.startswith("test_pm/")}
+
+
+def _prompt_line(record: dict[str, Any]) -> dict[str, Any]:
+    """A prompt-set line as the sample step reads it: id and text, and a chat prompt's messages."""
+    line = {"id": record["id"], "prompt": prompt_text(record)}
+    if record.get("messages"):
+        line["messages"] = record["messages"]
+    return line
+
+
+def chat_messages(records: list[dict[str, Any]], *, id_key: str) -> dict[tuple[str, str], list[dict[str, str]]]:
+    """(prompt id, prompt text as stored) -> the prompt's messages, for the records (samples, prompt-set
+    lines) of chat prompts; the key is what a task says of its prompt."""
+    return {(str(r[id_key]), storable(prompt_text(r))): r["messages"] for r in records if r.get("messages")}
+
+
+def with_messages(tasks: list[dict[str, Any]], messages: dict[tuple[str, str], list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """The tasks, a chat prompt's with its messages in ``metadata.messages``: what a rater answers is the
+    HH-RLHF text, and the snapshot of the answers finds the messages there (``store.datasets``)."""
+    if not messages:
+        return tasks
+    out = []
+    for task in tasks:
+        found = messages.get((task["prompt_id"], task["prompt"]))
+        out.append(task if found is None else {**task, "metadata": {**task.get("metadata", {}), "messages": found}})
+    return out
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactRef, ArtifactStore, register_artifact
 from store.errors import InvalidInput, NotFound
-from store.feedback import agreement_of, comparisons_of
+from store.feedback import agreement_of, comparisons_of, prompt_messages
 from store.models import DATASET_KINDS, Comparison, ComparisonTask, Dataset, FeedbackBatch, dataset_batches
+from store.tasks import chat_task_metadata
 from store.versioning import create_version, get_named_version, get_row, list_rows
 
 
@@ -156,6 +157,14 @@ def snapshot_comparisons(
     (``ai_comparisons``: sources starting ``ai:``), so a PM trained on the
     snapshot says how much of its data was AI feedback.
 
+    A comparison of a chat prompt carries the prompt's ``messages`` (from its
+    own metadata, else from its task's: ``store.feedback.prompt_messages``),
+    so the PM and the policy steps encode it with the chat template; the
+    metadata counts them (``chat_comparisons``). Messages that are no valid
+    prompt are left out of the record (its plain-text prompt stays) and
+    counted with the first reason (``invalid_messages``), never failing a
+    snapshot over a rater's free-form metadata.
+
     The snapshot is content-addressed: the same set of comparisons gives the
     same sha256 and the same version, not a new one. Its artifact is a JSONL
     file (one comparison a line, batch and position order) at a
@@ -195,7 +204,14 @@ def snapshot_comparisons(
         .where(Comparison.batch_id.in_(ids), Comparison.rater_id.in_(sorted(excluded_raters)))
         .group_by(Comparison.rater_id)
     ).all())
+    task_meta = chat_task_metadata(session, batch_ids=[b.id for b in batches])
+    chat, invalid, first_invalid = 0, 0, None
     for comp in comparisons:
+        messages, problem = prompt_messages(comp.meta, task_meta.get(comp.task_id))
+        chat += messages is not None
+        if problem is not None:
+            invalid += 1
+            first_invalid = first_invalid or problem
         record = {
             "batch_id": comp.batch_id,
             "prompt": comp.prompt,
@@ -211,6 +227,8 @@ def snapshot_comparisons(
             record["metadata"] = comp.meta
         if comp.strength is not None:
             record["strength"] = comp.strength
+        if messages is not None:
+            record["messages"] = messages
         lines.append(json.dumps(record, ensure_ascii=False))
     ref = artifacts.put_bytes(f"datasets/{name}/{sha}.jsonl", ("\n".join(lines) + "\n").encode())
     dataset, created = create_dataset(
@@ -233,6 +251,8 @@ def snapshot_comparisons(
                 {"rater_id": rater, "reason": excluded_raters[rater], "comparisons": rater_counts[rater]}
                 for rater in sorted(excluded_raters) if rater_counts[rater]
             ],
+            **({"chat_comparisons": chat} if chat else {}),
+            **({"invalid_messages": {"comparisons": invalid, "first": first_invalid}} if invalid else {}),
         },
     )
     if created:

@@ -1,11 +1,18 @@
-"""Feedback batches and their comparisons: registered whole or not at all."""
+"""Feedback batches and their comparisons: registered whole or not at all.
+
+A comparison of a chat prompt keeps the prompt's HH-RLHF text as its
+``prompt`` and the prompt's message list in its metadata (``messages``),
+or, when it answers a comparison task, finds it in the task's metadata
+(``prompt_messages``); the message rules are ``workers.common.chat``'s
+(standard library only).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,9 +22,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.answers import Answer, Claimed, claim_answers
+from store.db import Database
 from store.errors import Conflict, InvalidInput
 from store.models import CHOICES, Comparison, ComparisonTask, FeedbackBatch, utcnow
 from store.versioning import get_row, list_rows
+from workers.common.chat import message_problems
 
 
 @dataclass(frozen=True)
@@ -481,3 +490,50 @@ def agreement_of(comparisons: Iterable[Comparison]) -> dict[str, float | int | N
                 total += 1
                 agree += verdicts[i] == verdicts[j]
     return {"pairs_with_multiple_raters": shared, "rater_pairs": total, "agreement": agree / total if total else None}
+
+
+# -- chat prompts ------------------------------------------------------------------------------
+
+CONVERSATION_READ_ROWS = 1000
+"""rows fetched from the database at a time while a conversational export streams"""
+
+
+def prompt_messages(*metadata: dict[str, Any] | None) -> tuple[list[dict[str, str]] | None, str | None]:
+    """A comparison's prompt messages: ``(messages, None)`` from the first of ``metadata`` (the comparison's
+    own, then its task's) that has ``messages``; ``(None, why)`` when those are no valid prompt
+    (``workers.common.chat.message_problems``); ``(None, None)`` when none has any."""
+    for meta in metadata:
+        if isinstance(meta, dict) and "messages" in meta:
+            problems = message_problems(meta["messages"], field="metadata.messages")
+            return (None, problems[0]) if problems else (meta["messages"], None)
+    return None, None
+
+
+@dataclass(frozen=True)
+class ConversationPair:
+    """A preference pair with its prompt's messages (None: a plain-text prompt, or messages that are no valid
+    prompt), for TRL's conversational format."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    strength: float | None
+    messages: list[dict[str, str]] | None
+
+
+def conversation_pairs(database: Database, *, batch_ids: Sequence[int]) -> Iterator[ConversationPair]:
+    """The non-tie comparisons of these batches as pairs with their prompt messages (``prompt_messages``),
+    in (batch, position) order; read like ``store.exports.preference_pairs``, ``CONVERSATION_READ_ROWS``
+    rows at a time in a session of its own (a stream outlives the request that started it)."""
+    query = (
+        select(Comparison.prompt, Comparison.response_a, Comparison.response_b, Comparison.choice,
+               Comparison.strength, Comparison.meta, ComparisonTask.meta)
+        .outerjoin(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .where(Comparison.batch_id.in_(list(batch_ids)), Comparison.choice != "tie")
+        .order_by(Comparison.batch_id, Comparison.position)
+        .execution_options(yield_per=CONVERSATION_READ_ROWS)
+    )
+    with database.session() as session:
+        for prompt, a, b, choice, strength, meta, task_meta in session.execute(query):
+            chosen, rejected = (a, b) if choice == "a" else (b, a)
+            yield ConversationPair(prompt, chosen, rejected, strength, prompt_messages(meta, task_meta)[0])

@@ -51,7 +51,10 @@ def create_tasks(
     kind: str = "train",
 ) -> list[ComparisonTask]:
     """Open comparison tasks; each dict has prompt, response_a, response_b (and optionally prompt_id,
-    metadata, answers_needed (an overlap task: more than 1), and for eval tasks candidate_side)."""
+    metadata, answers_needed (an overlap task: more than 1), and for eval tasks candidate_side).
+
+    A chat prompt's task carries the prompt's message list as ``metadata.messages`` (its ``prompt`` is
+    their HH-RLHF text): snapshots and conversational exports of its answers read them there."""
     rows = [
         ComparisonTask(
             cycle_id=cycle_id,
@@ -70,6 +73,14 @@ def create_tasks(
     session.add_all(rows)
     session.flush()
     return rows
+
+
+def chat_task_metadata(session: Session, *, batch_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """task id -> metadata, for the tasks answered in these batches whose metadata carries their prompt's
+    messages (a chat prompt's task: ``orchestrator.stages`` puts them there)."""
+    answered = select(Comparison.task_id).where(Comparison.batch_id.in_(list(batch_ids)), Comparison.task_id.is_not(None))
+    rows = session.execute(select(ComparisonTask.id, ComparisonTask.meta).where(ComparisonTask.id.in_(answered)))
+    return {task_id: meta for task_id, meta in rows if isinstance(meta, dict) and "messages" in meta}
 
 
 def _live(now: datetime):

@@ -44,7 +44,7 @@ class BestOfNConfig:
     pm_path: str
     """the PM that picks the best response"""
     prompts_path: str
-    """prompt set JSONL, one {"id", "prompt"} a line"""
+    """prompt set JSONL, one {"id", "prompt"} or {"id", "messages"} (a chat prompt) a line"""
     output_dir: str
     """where best.jsonl, summary.json and the config go"""
     n: int = 4

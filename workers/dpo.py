@@ -50,7 +50,7 @@ from workers.common.modeling import (
     resolve_max_length,
     save_model_dir,
 )
-from workers.common.pm import special_prefix
+from workers.common.chat import prompt_token_ids, special_prefix
 from workers.common.rollout import check_same_vocabulary
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
@@ -213,7 +213,8 @@ def encode_pairs(comps: Sequence[Comparison], tokenizer, *, max_length: int) -> 
         return [], 0
     prefix = special_prefix(tokenizer)
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer([c.prompt for c in comps], add_special_tokens=False)["input_ids"]
+    # Leading special tokens included; a prompt with messages goes through the chat template when there is one.
+    p_ids = prompt_token_ids(tokenizer, [c.prompt for c in comps], [c.messages for c in comps])
     a_ids = tokenizer([c.response_a for c in comps], add_special_tokens=False)["input_ids"]
     b_ids = tokenizer([c.response_b for c in comps], add_special_tokens=False)["input_ids"]
     out, cut = [], 0
@@ -224,11 +225,11 @@ def encode_pairs(comps: Sequence[Comparison], tokenizer, *, max_length: int) -> 
             raise WorkerError(
                 f"a response of {longest} tokens does not fit max_length ({max_length}) with a prompt; raise max_length"
             )
-        p = prefix + p
         if len(p) + longest > max_length:
             # One prompt cut for both responses: A and B must be scored in the same context.
-            keep = max_length - longest - len(prefix)
-            p = prefix + p[len(p) - keep :]
+            head = prefix if p[: len(prefix)] == prefix else []
+            keep = max_length - longest - len(head)
+            p = head + p[len(p) - keep :]
             cut += 1
         out.append(Pair(Example(p + ra, len(p)), Example(p + rb, len(p)), comp.target))
     return out, cut

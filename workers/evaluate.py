@@ -15,6 +15,11 @@ numbers. Reported (what the deploy gate reads):
   estimate on each policy's own samples);
 - a gold score of both when a scoring function is given ("module:function",
   called as function(prompt, response) -> float), and mean response length.
+
+Under ``torchrun --nproc_per_node N`` the batches are split over the
+processes, one each per round of N; every process gathers every batch's
+results (the same as one process computes: a row's random numbers are its
+own), and rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from workers.common.rollout import (
     pm_scores,
     sample_with_kl,
 )
-from workers.common.runtime import progress, resolve_device, resolve_dtype, set_threads
+from workers.common.distributed import World, init_world, shutdown
+from workers.common.runtime import progress, resolve_dtype, set_threads
 from workers.common.score import load_pm
 
 STEP = "evaluate"
@@ -63,7 +69,7 @@ class EvaluateConfig:
     test_pm_path: str
     """the held-out test PM (the gate's judge)"""
     prompts_path: str
-    """held-out prompt set JSONL, one {"id", "prompt"} a line"""
+    """held-out prompt set JSONL, one {"id", "prompt"} or {"id", "messages"} (a chat prompt) a line"""
     output_dir: str
     """where report.json, samples.jsonl and the config go"""
     num_samples: int = 1
@@ -124,11 +130,20 @@ def run(cfg: EvaluateConfig) -> StepResult:
         check_same_vocabulary(cfg.candidate_path, path, what)
     gold = load_gold(cfg.gold) if cfg.gold else None
     set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    world, device = init_world("ddp", cfg.device)
+    try:
+        return _evaluate(cfg, world, device, gold)
+    finally:
+        shutdown(world)
+
+
+def _evaluate(cfg: EvaluateConfig, world: World, device: torch.device, gold) -> StepResult:
+    """The run of one process: its batches of every round of ``world.size`` batches (all of them alone)."""
     dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out, step=STEP)
 
     tokenizer = load_tokenizer(cfg.candidate_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -144,26 +159,20 @@ def run(cfg: EvaluateConfig) -> StepResult:
     collected: dict[str, dict[str, list]] = {
         name: {"responses": [], "kl": [], "train": [], "spread": [], "test": []} for name in ("candidate", "baseline")
     }
-    bar = progress(len(rows), desc="evaluate", enabled=cfg.progress, unit="prompt")
-    for start in range(0, len(rows), cfg.batch_size):
-        chunk = rows[start : start + cfg.batch_size]
-        batch_prompts = [prompt_ids[i] for i, _ in chunk]
-        uniforms = torch.stack(
-            [row_uniforms(row_seed(cfg.seed, "evaluate", json.dumps(prompts[i].id), s), cfg.max_new_tokens) for i, s in chunk]
-        )
-        for name, model in (("candidate", candidate), ("baseline", baseline)):
-            responses, kl = sample_with_kl(
-                model, reference, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
-            )
-            part = collected[name]
-            part["responses"] += responses
-            part["kl"].append(kl.cpu())
-            members = pm_member_scores(train_pm, batch_prompts, responses, cfg.batch_size)
-            part["train"].append(members.mean(0))
-            part["spread"].append(members.std(0, unbiased=False))
-            part["test"].append(pm_scores(test_pm, batch_prompts, responses, cfg.batch_size))
-        bar.update(len(chunk))
+    # Batches in rounds of world.size, one each (the rows' random numbers are their own, so a batch's results
+    # do not depend on the process that runs it); every process gathers every batch's results, in order.
+    batches = [rows[start : start + cfg.batch_size] for start in range(0, len(rows), cfg.batch_size)]
+    bar = progress(len(rows), desc="evaluate", enabled=cfg.progress and world.main, unit="prompt")
+    for first in range(0, len(batches), world.size):
+        mine = first + world.rank
+        result = [_evaluate_batch(cfg, batches[mine], prompts, prompt_ids, candidate, baseline, reference, train_pm,
+                                  test_pm, eos_id, pad_id)] if mine < len(batches) else []
+        for batch_result in world.gather_lists(result):
+            for name, part in batch_result.items():
+                collected[name]["responses"] += part["responses"]
+                for key in ("kl", "train", "spread", "test"):
+                    collected[name][key].append(part[key])
+        bar.update(sum(len(b) for b in batches[first : first + world.size]))
     bar.close()
 
     texts = {name: tokenizer.batch_decode(part["responses"], skip_special_tokens=True) for name, part in collected.items()}
@@ -205,10 +214,34 @@ def run(cfg: EvaluateConfig) -> StepResult:
             if golds:
                 record[name]["gold"] = golds[name][k]
         samples.append(json.dumps(record, ensure_ascii=False))
-    (out / "samples.jsonl").write_text("\n".join(samples) + "\n", encoding="utf-8")
     report = out / "report.json"
-    write_json(report, {"metrics": metrics, "candidate": cfg.candidate_path, "baseline": cfg.baseline_path})
+    if world.main:
+        (out / "samples.jsonl").write_text("\n".join(samples) + "\n", encoding="utf-8")
+        write_json(report, {"metrics": metrics, "candidate": cfg.candidate_path, "baseline": cfg.baseline_path})
+    world.barrier()
     return collect_result(STEP, out, {"report": report, "samples": out / "samples.jsonl"}, metrics)
+
+
+def _evaluate_batch(cfg: EvaluateConfig, chunk, prompts, prompt_ids, candidate, baseline, reference, train_pm, test_pm,
+                    eos_id: int, pad_id: int) -> dict[str, dict[str, list]]:
+    """Responses of both policies to one batch of (prompt, sample) rows, with their KL and PM scores (CPU tensors)."""
+    batch_prompts = [prompt_ids[i] for i, _ in chunk]
+    uniforms = torch.stack(
+        [row_uniforms(row_seed(cfg.seed, "evaluate", json.dumps(prompts[i].id), s), cfg.max_new_tokens) for i, s in chunk]
+    )
+    out = {}
+    for name, model in (("candidate", candidate), ("baseline", baseline)):
+        responses, kl = sample_with_kl(
+            model, reference, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
+        )
+        members = pm_member_scores(train_pm, batch_prompts, responses, cfg.batch_size)
+        out[name] = {
+            "responses": responses, "kl": kl.cpu(), "train": members.mean(0).cpu(),
+            "spread": members.std(0, unbiased=False).cpu(),
+            "test": pm_scores(test_pm, batch_prompts, responses, cfg.batch_size).cpu(),
+        }
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,18 +11,26 @@ same samples.
 
 Output under ``output_dir``: ``samples.jsonl``, one record per response:
 
-    prompt_id, policy, sample_index, prompt, response,
+    prompt_id, policy, sample_index, prompt, [messages,] response,
     prompt_tokens, response_tokens, finish_reason ("eos" | "length"),
     logprob            sum of the response tokens' log-probs under the policy (temperature 1, full vocabulary)
     sampling_logprob   the same under the distribution actually sampled (temperature, top-p); 0 for greedy
 
-plus ``metrics.jsonl`` (a line per batch), ``summary.json`` (tokens/s and
+``messages`` is there for a chat prompt (a prompt-set line with messages):
+its prompt was encoded with the policy's chat template when it has one
+(``workers.common.chat``), and the messages go on to the comparison tasks.
+Then ``metrics.jsonl`` (a line per batch), ``summary.json`` (tokens/s and
 lengths per policy) and ``ratchet_step_config.json``. Batches are appended as they finish; a killed
 run resumes after the last complete batch.
+
+Under ``torchrun --nproc_per_node N`` the batches are split over the
+processes, one each per round of N, and rank 0 appends each round's batches
+in order: the same file as one process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -33,13 +41,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from workers.common.chat import prompt_token_ids
 from workers.common.config import CONFIG_FILENAME, ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
 from workers.common.data import Prompt, load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms, stop_ids
 from workers.common.metrics import METRICS_FILENAME, SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, write_json
 from workers.common.modeling import check_model_dir, load_causal_lm, load_tokenizer, max_positions, model_config
 from workers.common.pm import special_prefix
-from workers.common.runtime import progress, resolve_device, resolve_dtype, set_threads, synchronize
+from workers.common.distributed import World, init_world, shutdown
+from workers.common.runtime import progress, resolve_dtype, set_threads, synchronize
 
 STEP = "sample"
 SAMPLES_FILENAME = "samples.jsonl"
@@ -54,7 +64,7 @@ class SampleConfig:
     policies: dict[str, str]
     """policy label (its version, e.g. "policy-v3") -> model directory; each prompt is sampled from each policy"""
     prompts_path: str
-    """prompt set JSONL, one {"id", "prompt"} a line"""
+    """prompt set JSONL, one {"id", "prompt"} or {"id", "messages"} a line"""
     output_dir: str
     """where samples.jsonl, summary.json and the config go"""
     num_samples: int = 4
@@ -133,14 +143,16 @@ def _plan(cfg: SampleConfig, prompts: list[Prompt]) -> list[list[_Row]]:
 
 
 def _encode_prompts(cfg: SampleConfig, tokenizer, prompts: list[Prompt], limit: int | None, label: str) -> dict[Any, list[int]]:
+    """Each prompt's token ids by id (``prompt_token_ids``: a chat prompt through the policy's chat template),
+    cut to ``max_prompt_tokens`` and checked against the policy's positions."""
     prefix = special_prefix(tokenizer)
-    encoded = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    encoded = prompt_token_ids(tokenizer, [p.text for p in prompts], [p.messages for p in prompts])
     out = {}
     for prompt, ids in zip(prompts, encoded):
-        ids = prefix + ids
         if cfg.max_prompt_tokens is not None and len(ids) > cfg.max_prompt_tokens:
-            keep = max(cfg.max_prompt_tokens - len(prefix), 0)
-            ids = prefix[: cfg.max_prompt_tokens] + (ids[len(ids) - keep :] if keep else [])
+            head = prefix if ids[: len(prefix)] == prefix else []
+            keep = max(cfg.max_prompt_tokens - len(head), 0)
+            ids = head[: cfg.max_prompt_tokens] + (ids[len(ids) - keep :] if keep else [])
         if not ids:
             raise WorkerError(
                 f"prompt {prompt.id!r} is empty and policy {label}'s tokenizer adds no BOS token; "
@@ -216,6 +228,7 @@ def _sample_batch(
             "policy": label,
             "sample_index": row.sample_index,
             "prompt": row.prompt.text,
+            **({"messages": list(row.prompt.messages)} if row.prompt.messages else {}),
             "response": tokenizer.decode(body, skip_special_tokens=True),
             "prompt_tokens": len(ids),
             "response_tokens": len(gen.tokens),
@@ -233,8 +246,6 @@ def run(cfg: SampleConfig) -> StepResult:
     # 1. Setup: validate, machine, inputs, and what an earlier run already did.
     cfg.validate()
     set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     for label, path in cfg.policies.items():
         check_model_dir(path, what=f"policy {label!r}")
     out = Path(cfg.output_dir)
@@ -262,20 +273,37 @@ def run(cfg: SampleConfig) -> StepResult:
         tokenizers[label] = load_tokenizer(path)
         limit = max_positions(model_config(path))
         encoded[label] = _encode_prompts(cfg, tokenizers[label], prompts, limit, label)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
+    world, device = init_world("ddp", cfg.device)
+    try:
+        return _sample_all(cfg, world, device, prompts, tokenizers, encoded)
+    finally:
+        shutdown(world)
+
+
+def _sample_all(cfg: SampleConfig, world: World, device: torch.device, prompts: list[Prompt], tokenizers: dict,
+                encoded: dict) -> StepResult:
+    """The run of one process: batch by batch (under torchrun, in rounds of one batch per process, which rank 0
+    appends in order), then the summary."""
+    out = Path(cfg.output_dir)
+    final, partial = out / SAMPLES_FILENAME, out / PARTIAL_FILENAME
+    dtype = resolve_dtype(cfg.dtype, device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out, step=STEP)
     batches = _plan(cfg, prompts)
-    done = _completed_rows(partial, batches)
+    # Rank 0 cuts its partial file back to whole batches; every process resumes after them.
+    done = world.gather_lists([_completed_rows(partial, batches) if world.main else None])[0]
 
     # 2. Generate policy by policy, appending each finished batch.
     stats = {label: _PolicyStats() for label in cfg.policies}
     total_rows = sum(len(b) for b in batches)
-    bar = progress(total_rows, desc="sample", enabled=cfg.progress, initial=sum(len(b) for b in batches[:done]), unit="resp")
+    bar = progress(total_rows, desc="sample", enabled=cfg.progress and world.main,
+                   initial=sum(len(b) for b in batches[:done]), unit="resp")
     budget = cfg.max_batches_this_run if cfg.max_batches_this_run is not None else len(batches)
     todo = batches[done : done + budget]
-    writer = MetricsWriter(out / METRICS_FILENAME)
+    writer = MetricsWriter(out / METRICS_FILENAME, enabled=world.main)
     writer.rewind(after_step=done)  # lines of batches that were not saved
-    with open(partial, "ab") as sink:
+    with open(partial, "ab") if world.main else contextlib.nullcontext() as sink:
         for label in cfg.policies:
             mine = [b for b in todo if b[0].policy == label]
             if not mine:
@@ -283,26 +311,38 @@ def run(cfg: SampleConfig) -> StepResult:
             model = load_causal_lm(
                 cfg.policies[label], device=device, dtype=dtype, attn_implementation=cfg.attn_implementation
             )
-            for batch in mine:
-                tokens, seconds = stats[label].tokens, stats[label].seconds
-                lines = _sample_batch(cfg, label, batch, model, tokenizers[label], encoded[label], stats[label], device)
-                sink.write(("\n".join(lines) + "\n").encode("utf-8"))
-                sink.flush()
-                os.fsync(sink.fileno())
-                done += 1
-                tokens, seconds = stats[label].tokens - tokens, stats[label].seconds - seconds
-                writer.log({"step": done, "policy": label, "responses": len(batch), "perf/generated_tokens": tokens,
-                            "perf/tokens_per_s": tokens / seconds if seconds else None})
-                bar.update(len(batch))
+            for first in range(0, len(mine), world.size):
+                own = first + world.rank
+                result = []
+                if own < len(mine):
+                    st = _PolicyStats()
+                    lines = _sample_batch(cfg, label, mine[own], model, tokenizers[label], encoded[label], st, device)
+                    result = [(lines, st.tokens, st.seconds)]
+                rounds = world.gather_lists(result)  # this round's batches, in order
+                stats[label].seconds += max(seconds for _, _, seconds in rounds)  # the processes ran at once
+                for (lines, tokens, seconds), batch in zip(rounds, mine[first:]):
+                    stats[label].tokens += tokens
+                    done += 1
+                    if sink is not None:
+                        sink.write(("\n".join(lines) + "\n").encode("utf-8"))
+                        sink.flush()
+                        os.fsync(sink.fileno())
+                    writer.log({"step": done, "policy": label, "responses": len(batch), "perf/generated_tokens": tokens,
+                                "perf/tokens_per_s": tokens / seconds if seconds else None})
+                    bar.update(len(batch))
             del model  # free this policy before loading the next
     bar.close()
     if done < len(batches):
         return collect_result(STEP, out, {}, {"batches_done": done, "batches": len(batches)}, complete=False)
-    os.replace(partial, final)
+    if world.main:
+        os.replace(partial, final)
 
     # 3. Summary: throughput of this invocation, lengths over the whole file.
+    world.barrier()
     metrics = _summarize(final, stats)
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
+    if world.main:
+        write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
+    world.barrier()
     return collect_result(STEP, out, {"samples": final}, metrics)
 
 

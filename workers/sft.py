@@ -53,7 +53,7 @@ from workers.common.modeling import (
     load_causal_lm,
     load_tokenizer,
 )
-from workers.common.pm import special_prefix
+from workers.common.chat import hh_text, message_problems, prompt_token_ids, special_prefix
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
 
@@ -81,7 +81,7 @@ class SFTConfig:
     model_path: str
     """the causal LM directory (Hugging Face, safetensors) to fine-tune"""
     dataset_path: str
-    """JSONL, one {"prompt", "response"} a line"""
+    """JSONL, one {"prompt", "response"} a line (or {"messages", "response"}: a chat prompt)"""
     output_dir: str
     """where policy/, metrics, summary and checkpoints go"""
     seed: int = 0
@@ -174,28 +174,35 @@ class Example(NamedTuple):
 def load_examples(path: str, tokenizer, *, max_length: int, loss_on_prompt: bool) -> tuple[list[Example], int]:
     """Encode the dataset; returns (examples, how many prompts were cut from the left)."""
     prefix = special_prefix(tokenizer)
-    prompts, responses = [], []
+    prompts, messages, responses = [], [], []
     for lineno, obj in read_jsonl(path, what="SFT dataset"):
+        if "messages" in obj:  # a chat prompt (workers.common.chat); its text is derived when the line has none
+            problems = message_problems(obj["messages"])
+            if problems:
+                raise WorkerError(f"SFT dataset {path} line {lineno}: {problems[0]}")
+            obj = {"prompt": hh_text(obj["messages"]), **obj}
         for key in ("prompt", "response"):
             if not isinstance(obj.get(key), str):
                 raise WorkerError(f"SFT dataset {path} line {lineno}: field {key!r} must be a string")
         prompts.append(obj["prompt"])
+        messages.append(obj.get("messages"))
         responses.append(obj["response"])
     if not prompts:
         raise WorkerError(f"SFT dataset {path} is empty: there is nothing to train on")
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # Leading special tokens included; a prompt with messages goes through the chat template when there is one.
+    p_ids = prompt_token_ids(tokenizer, prompts, messages)
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     out, cut = [], 0
     for p, r in zip(p_ids, r_ids):
-        p = prefix + p
         r = r + [tokenizer.eos_token_id]
         if len(r) + len(prefix) + 1 > max_length:
             raise WorkerError(
                 f"a response of {len(r)} tokens does not fit max_length ({max_length}) with a prompt; raise max_length"
             )
         if len(p) + len(r) > max_length:
-            keep = max_length - len(r) - len(prefix)
-            p = prefix + p[len(p) - keep :]
+            head = prefix if p[: len(prefix)] == prefix else []
+            keep = max_length - len(r) - len(head)
+            p = head + p[len(p) - keep :]
             cut += 1
         out.append(Example(p + r, 1 if loss_on_prompt else len(p)))
     return out, cut

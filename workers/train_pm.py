@@ -359,7 +359,7 @@ class EncodeStats:
 def encode(comps: Sequence[Comparison], layout: TokenLayout, *, truncation: str) -> tuple[list[EncodedPair], EncodeStats]:
     """Tokenize comparisons with the PM's token layout; cut or drop over-long ones."""
     stats = EncodeStats()
-    prompts = layout.prompts([c.prompt for c in comps])
+    prompts = layout.prompts([c.prompt for c in comps], [c.messages for c in comps])  # chat template if any
     responses_a = layout.responses([c.response_a for c in comps])
     responses_b = layout.responses([c.response_b for c in comps])
     out = []

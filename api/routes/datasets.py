@@ -10,8 +10,9 @@ from fastapi.responses import StreamingResponse
 from api.deps import DatabaseDep, IdPath, Labeler, PagingDep, SessionDep
 from api.errors import responses
 from api.exports import EXPORT_RESPONSES, export_response
+from api.formats import FormatName
 from api.schemas.common import Page
-from api.schemas.feedback import AgreementPublic, ExportFormat
+from api.schemas.feedback import AgreementPublic
 from api.schemas.registry import DatasetDetail, DatasetPublic
 from store.datasets import dataset_batch_ids, get_dataset, list_datasets
 from store.exports import dataset_export
@@ -48,8 +49,8 @@ def export_dataset(
     _: Labeler,
     session: SessionDep,
     database: DatabaseDep,
-    format: Annotated[ExportFormat, Query()] = "hh-rlhf",
+    format: Annotated[FormatName, Query()] = "hh-rlhf",
 ) -> StreamingResponse:
-    """A comparison snapshot as hh-rlhf or trl JSONL."""
+    """A comparison snapshot as hh-rlhf, trl or trl-conversational JSONL."""
     row, export = dataset_export(session, dataset_id=dataset_id)
     return export_response(database, export, format, f"dataset-{row.name}-v{row.version}.{format}.jsonl")

@@ -14,8 +14,9 @@ from api.batches import parse_batch, parse_batch_streaming
 from api.deps import DatabaseDep, IdempotencyKey, IdPath, Labeler, PagingDep, SessionDep, SettingsDep
 from api.errors import PayloadTooLarge, raw_body, responses
 from api.exports import EXPORT_RESPONSES, export_response
+from api.formats import FormatName
 from api.schemas.common import LineagePublic, Page
-from api.schemas.feedback import AgreementPublic, ExportFormat, FeedbackBatchDetail, FeedbackBatchPublic
+from api.schemas.feedback import AgreementPublic, FeedbackBatchDetail, FeedbackBatchPublic
 from store.db import Database
 from store.errors import InvalidInput
 from store.exports import batch_export
@@ -181,7 +182,7 @@ def export_batch(
     _: Labeler,
     session: SessionDep,
     database: DatabaseDep,
-    format: Annotated[ExportFormat, Query()] = "hh-rlhf",
+    format: Annotated[FormatName, Query()] = "hh-rlhf",
 ) -> StreamingResponse:
     export = batch_export(session, batch_id=batch_id)
     return export_response(database, export, format, f"feedback-batch-{batch_id}.{format}.jsonl")

@@ -1,4 +1,7 @@
-"""Imports: a JSONL file of preference pairs (hh-rlhf or trl) streamed into one feedback batch."""
+"""Imports: a JSONL file of preference pairs (hh-rlhf, trl or trl-conversational) streamed into one feedback batch.
+
+A conversational line's prompt messages are kept in its comparison's metadata (``messages``); its prompt is
+their HH-RLHF text (``api.formats``)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import DatabaseDep, IdempotencyKey, Labeler, SettingsDep
 from api.errors import PayloadTooLarge, RequestTimedOut, TooManyRequests, raw_body, responses
-from api.formats import DecodedTooLarge, FormatError, JsonlImportParser
+from api.formats import DecodedTooLarge, FormatError, FormatName, JsonlImportParser
 from api.schemas.common import NO_NUL
-from api.schemas.feedback import MAX_TEXT_CHARS, ExportFormat, FeedbackBatchPublic, ImportResult, SkippedLine
+from api.schemas.feedback import MAX_TEXT_CHARS, FeedbackBatchPublic, ImportResult, SkippedLine
 from store.db import Database
 from store.errors import InvalidInput, ServiceUnavailable
 from store.feedback import IdempotentReplay, NewComparison, comparison_problems
@@ -26,13 +29,17 @@ from store.models import FeedbackBatch
 router = APIRouter(prefix="/v1/feedback-batches", tags=["feedback"])
 
 MAX_SKIPPED_REPORTED = 1_000
+FORMAT_HELP = (
+    "hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected} strings; trl-conversational: the same "
+    "as message lists, or {chosen, rejected} conversations sharing all but their last (assistant) message"
+)
 
 
 @router.post(
     "/import",
     status_code=201,
     response_model=ImportResult,
-    summary="Import a JSONL file of preference pairs (hh-rlhf or trl), optionally gzip-encoded",
+    summary="Import a JSONL file of preference pairs (hh-rlhf, trl or trl-conversational), optionally gzip-encoded",
     responses={
         200: {"model": ImportResult, "description": "A replay: the import first made under this Idempotency-Key"},
         **responses(401, 403, 409, 413, 422, 503),
@@ -48,7 +55,7 @@ async def import_batch(
     database: DatabaseDep,
     settings: SettingsDep,
     response: Response,
-    format: Annotated[ExportFormat, Query(description="hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected}")],
+    format: Annotated[FormatName, Query(description=FORMAT_HELP)],
     source: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="default: import:<format>")] = None,
     rater_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NO_NUL, description="default: the source")] = None,
     strict: Annotated[bool, Query(description="refuse the whole import (422) if any line is skipped")] = False,
@@ -202,6 +209,7 @@ class _ImportJob:
                 comp = NewComparison(
                     prompt=parsed.prompt, response_a=parsed.chosen, response_b=parsed.rejected,
                     choice="a", rater_id=self.rater_id, strength=parsed.strength,
+                    metadata={"messages": list(parsed.messages)} if parsed.messages else None,
                 )
                 problems = comparison_problems(comp, parsed.line)
                 if not problems:

@@ -152,8 +152,8 @@ def test_parse_record_rejects_trl_conversational_form():
 
 
 def test_unknown_format_lists_the_known_ones():
-    message = "unknown format 'csv'; expected one of: hh-rlhf, trl"
-    assert FORMATS == ("hh-rlhf", "trl")
+    message = "unknown format 'csv'; expected one of: hh-rlhf, trl, trl-conversational"
+    assert FORMATS == ("hh-rlhf", "trl", "trl-conversational")
     with pytest.raises(ValueError, match=message):
         parse_record("csv", trl())
     with pytest.raises(ValueError, match=message):

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.bootstrap import register_policy, register_prompt_set
+from orchestrator.bootstrap import check_prompt_set, register_policy, register_prompt_set
 from store.deployments import active_deployment
 from store.errors import InvalidInput, NotFound
 
@@ -72,3 +72,15 @@ def test_the_cli_commands(tmp_path, monkeypatch):
         assert bad.exit_code == 1 and "line 1: line: invalid JSON" in bad.output
     finally:
         get_settings.cache_clear()
+
+
+def test_a_prompt_set_may_hold_chat_prompts_and_a_bad_message_is_named():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    lines = [{"id": 1, "messages": chat}, {"id": 2, "prompt": "\n\nHuman: Hi\n\nAssistant:"},
+             {"id": 3, "prompt": "Hi", "messages": chat}]
+    assert check_prompt_set("\n".join(json.dumps(x) for x in lines).encode(), source="p.jsonl") == 3
+    bad = [{"id": 1, "messages": [{"role": "bot", "content": "x"}]}, {"id": 2, "messages": chat, "prompt": 7}]
+    with pytest.raises(InvalidInput) as err:
+        check_prompt_set("\n".join(json.dumps(x) for x in bad).encode(), source="p.jsonl")
+    assert [(p["index"], p["field"]) for p in err.value.errors] == [(1, "messages"), (2, "prompt")]
+    assert "messages[0].role 'bot'" in err.value.errors[0]["message"]

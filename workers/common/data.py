@@ -4,7 +4,12 @@ Comparisons are the records a store snapshot writes, one JSON object a line:
 ``{"prompt", "response_a", "response_b", "choice"}`` with ``choice`` one of
 ``"a"``, ``"b"``, ``"tie"`` (other keys such as ``batch_id``, ``rater_id``,
 ``task_id`` and ``metadata`` are kept or ignored). A record's source is
-``metadata.source`` or a top-level ``source``.
+``metadata.source`` or a top-level ``source``. A record of a chat prompt
+also has ``messages``, the prompt as a message list (``workers.common.chat``);
+its ``prompt`` is their HH-RLHF text.
+
+A prompt set is JSONL of ``{"id", "prompt"}`` or ``{"id", "messages"}``
+(the prompt is then the messages' HH-RLHF text), or both.
 
 Splits are by hash, not by position or RNG: a record lands in the same split
 whatever the file order, the seed or the other records, and with
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.common.chat import Messages, as_messages, hh_text, message_problems
 from workers.common.config import WorkerError
 
 CHOICES = ("a", "b", "tie")
@@ -62,6 +68,8 @@ class Comparison:
     """where the comparison came from (``metadata.source``), for per-source accuracy"""
     strength: float | None = None
     """how much better the chosen response is on the labeling scale (None: not given)"""
+    messages: Messages | None = None
+    """the prompt as a message list, for a chat template (None: a plain-text prompt)"""
 
     @property
     def target(self) -> float:
@@ -97,9 +105,20 @@ def load_comparisons(path: str | os.PathLike) -> list[Comparison]:
                 choice=choice,
                 source=None if source is None else str(source),
                 strength=None if strength is None else float(strength),
+                messages=_messages_of(obj, where),
             )
         )
     return out
+
+
+def _messages_of(obj: dict[str, Any], where: str) -> Messages | None:
+    """A record's ``messages`` (None when it has none), validated; the error names the line and the message."""
+    if obj.get("messages") is None:
+        return None
+    problems = message_problems(obj["messages"])
+    if problems:
+        raise WorkerError(f"{where}: {problems[0]}")
+    return as_messages(obj["messages"])
 
 
 @dataclass(frozen=True)
@@ -109,26 +128,34 @@ class Prompt:
     id: Any
     """the prompt's id as given (string or number)"""
     text: str
-    """the prompt text"""
+    """the prompt text (for a chat prompt given only as messages: their HH-RLHF text)"""
+    messages: Messages | None = None
+    """the prompt as a message list, for a chat template (None: a plain-text prompt)"""
 
 
 def load_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """A prompt set: JSONL of ``{"id", "prompt"}`` with unique ids."""
+    """A prompt set: JSONL of ``{"id", "prompt"}`` or ``{"id", "messages"}`` (or both) with unique ids."""
     out = []
     seen: dict[str, int] = {}
     for lineno, obj in read_jsonl(path, what="prompt set"):
         where = f"prompt set {path} line {lineno}"
-        if "id" not in obj or "prompt" not in obj:
-            raise WorkerError(f"{where}: each record needs 'id' and 'prompt' (got keys {', '.join(sorted(obj)) or 'none'})")
-        if not isinstance(obj["prompt"], str):
+        if "id" not in obj or ("prompt" not in obj and "messages" not in obj):
+            raise WorkerError(
+                f"{where}: each record needs 'id' and 'prompt' or 'messages' (got keys {', '.join(sorted(obj)) or 'none'})"
+            )
+        if "prompt" in obj and not isinstance(obj["prompt"], str):
             raise WorkerError(f"{where}: 'prompt' must be a string, got {type(obj['prompt']).__name__}")
+        messages = _messages_of(obj, where)
+        if "prompt" not in obj and messages is None:
+            raise WorkerError(f"{where}: 'messages' must be a list of {{role, content}} messages, got null")
         if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
             raise WorkerError(f"{where}: 'id' must be a string or an integer, got {obj['id']!r}")
         key = json.dumps(obj["id"])
         if key in seen:
             raise WorkerError(f"{where}: id {obj['id']!r} repeats line {seen[key]}")
         seen[key] = lineno
-        out.append(Prompt(id=obj["id"], text=obj["prompt"]))
+        text = obj["prompt"] if "prompt" in obj else hh_text(messages)
+        out.append(Prompt(id=obj["id"], text=text, messages=messages))
     if not out:
         raise WorkerError(f"prompt set {path} is empty")
     return out

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.common.chat import prompt_token_ids, special_prefix
 from workers.common.modeling import causal_mask_4d
 
 # segment ids in a packed row
@@ -357,9 +358,11 @@ class TokenLayout:
     """How a PM turns (prompt, response) texts into tokens; training and scoring share it.
 
     The prompt is encoded with the tokenizer's leading special tokens (BOS,
-    when the tokenizer adds one) and the response without any, plus EOS when
-    ``append_eos``; the score is read at the response's last token. Separate
-    encoding is what lets two responses share the prompt's tokens.
+    when the tokenizer adds one), or with its chat template when the prompt
+    carries messages (``workers.common.chat``), and the response without
+    any, plus EOS when ``append_eos``; the score is read at the response's
+    last token. Separate encoding is what lets two responses share the
+    prompt's tokens.
     """
 
     def __init__(self, tokenizer, *, max_length: int, append_eos: bool):
@@ -370,12 +373,14 @@ class TokenLayout:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prefix = special_prefix(tokenizer)
 
-    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of prompts (leading special tokens included)."""
+    def prompts(
+        self, texts: Sequence[str], messages: Sequence[Sequence[dict[str, str]] | None] | None = None
+    ) -> list[list[int]]:
+        """Token ids of prompts (leading special tokens included); a prompt with ``messages`` goes through
+        the tokenizer's chat template when it has one (``workers.common.chat.prompt_token_ids``)."""
         if not texts:
             return []
-        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [self.prefix + ids for ids in encoded]
+        return prompt_token_ids(self.tokenizer, list(texts), messages)
 
     def responses(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of responses (EOS appended when configured; never empty)."""
@@ -393,12 +398,3 @@ class TokenLayout:
         """``fit_pair`` with this layout's length and prefix."""
         return fit_pair(prompt, responses, max_length=self.max_length, keep_prefix=len(self.prefix))
 
-
-def special_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text (BOS for Llama-style tokenizers, none for GPT-2)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start])
-    return []

@@ -1,7 +1,8 @@
 """Shared pieces of the steps that sample and score a policy (ppo, evaluate, best_of_n):
-prompt encoding, the padded rollout layout, per-token log-probs of the policy
-and of the reference, the KL of sampled responses, PM scores of token ids, a
-gold scoring function, and the same-tokenizer check.
+prompt encoding (``workers.common.chat``'s rule), the padded rollout layout,
+per-token log-probs of the policy and of the reference, the KL of sampled
+responses, PM scores of token ids, a gold scoring function, and the
+same-tokenizer check.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from workers.common.chat import prompt_token_ids
 from workers.common.config import WorkerError
 from workers.common.data import Prompt
 from workers.common.generation import generate
@@ -20,14 +22,15 @@ from workers.common.score import LoadedPM, member_scores
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, max_prompt_tokens: int | None) -> list[list[int]]:
-    """Token ids of each prompt (leading special tokens kept; the last ``max_prompt_tokens`` when set)."""
+    """Token ids of each prompt (``prompt_token_ids``: the chat template for a prompt with messages when the
+    tokenizer has one); leading special tokens kept, and the last ``max_prompt_tokens`` when set."""
     prefix = special_prefix(tokenizer)
-    encoded = tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]
+    encoded = prompt_token_ids(tokenizer, [p.text for p in prompts], [p.messages for p in prompts])
     out = []
     for p, ids in zip(prompts, encoded):
-        ids = prefix + ids
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            ids = prefix + ids[len(ids) - max(max_prompt_tokens - len(prefix), 1) :]
+            head = prefix if ids[: len(prefix)] == prefix else []
+            ids = head + ids[len(ids) - max(max_prompt_tokens - len(head), 1) :]
         if not ids:
             raise WorkerError(f"prompt {p.id!r} is empty and the tokenizer adds no BOS token")
         out.append(ids)

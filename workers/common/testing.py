@@ -23,6 +23,13 @@ BOS_TOKEN = "<|startoftext|>"
 
 ARCHITECTURES = ("gpt2", "llama")
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A small chat template (Jinja, as Hugging Face tokenizers carry them): BOS, then each message as
+``<|role|>content`` and a newline, then ``<|assistant|>`` where the response begins"""
+
 # A small built-in corpus: dialogue-shaped text like the prompts and responses
 # the steps see, and enough distinct words for a few hundred BPE merges.
 DEFAULT_CORPUS: tuple[str, ...] = (
@@ -55,6 +62,7 @@ def build_tokenizer(
     vocab_size: int = 512,
     add_bos: bool = False,
     model_max_length: int = 1024,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus`` (the built-in corpus when None).
 
@@ -62,7 +70,8 @@ def build_tokenizer(
     ``<|startoftext|>`` (id 2, BOS). With ``add_bos`` the tokenizer prepends
     BOS to every encoded text, like Llama tokenizers do; otherwise it adds
     nothing, like GPT-2's. Byte-level BPE encodes any text, so there is no
-    unknown token.
+    unknown token. ``chat_template`` (e.g. ``CHAT_TEMPLATE``) is saved with
+    the tokenizer, so chat prompts go through it (``workers.common.chat``).
     """
     texts = list(DEFAULT_CORPUS if corpus is None else corpus)
     if not texts:
@@ -84,7 +93,7 @@ def build_tokenizer(
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
@@ -93,6 +102,9 @@ def build_tokenizer(
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
+    if chat_template is not None:  # set only when given: a tokenizer without one saves the same files as ever
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def build_tiny_model(
