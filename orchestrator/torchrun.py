@@ -32,7 +32,7 @@ from store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTED_STEPS = frozenset({"sft", "train_pm", "ppo"})
+DISTRIBUTED_STEPS = frozenset({"sample", "sft", "train_pm", "ppo", "evaluate"})
 """worker steps that run under torchrun (workers.common.distributed); the others run in one process"""
 
 CONFIG_FILENAME = "torchrun-config.json"

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     cycle_config: Path | None = None
     """JSON file of the weekly cycle's settings (orchestrator.settings.CycleSettings); unset: the built-in defaults"""
     nproc_per_node: str = Field(default="1", pattern=r"^(auto|[1-9][0-9]*)$")
-    """worker processes per node for the steps that run under torchrun (sft, train_pm, ppo): a number, or auto
+    """worker processes per node for the steps that run under torchrun (sample, sft, train_pm, ppo, evaluate): a number, or auto
     (one per CUDA device the node's job was given, the GPU pool's ``gpu_count``; 1 without CUDA)"""
     nnodes: int = Field(default=1, ge=1)
     """nodes of one step's torchrun (more than 1: a multi-node job, see docs/deploy.md; needs rdzv_endpoint)"""

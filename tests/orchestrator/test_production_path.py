@@ -16,7 +16,7 @@ What differs from production, and why:
   this checkout; the step deployments' ``RATCHET_WORK_DIR`` (``/scratch/ratchet``, a volume) and
   the cycle deployment's ``RATCHET_CYCLE_CONFIG`` (``/etc/ratchet/cycle.json``, baked into the
   image) become folders of the test; the steps' ``RATCHET_NPROC_PER_NODE`` (``auto``: one process
-  per GPU, so 1 here) becomes 2, so that train_pm and ppo run under torchrun on two CPU processes
+  per GPU, so 1 here) becomes 2, so that the steps run under torchrun on two CPU processes
   (gloo), as they would on a two-GPU job. Everything else (entrypoints, pools, tags, the cycle's
   concurrency limit and schedule) is the file's own.
 - The cycle settings are ``deploy/cycle.json`` (``runner: deployment``, its pool and step
@@ -391,9 +391,9 @@ def test_a_weekly_cycle_runs_through_prefect_deployments_and_process_workers(dat
     # the steps wrote in the gpu node's work folder (the step deployments' job env), the cycle in none
     assert {p.name for p in (gpu_work_dir / WEEK).iterdir()} >= set(STEP_STAGES)
     assert not (cpu_work_dir / WEEK).exists()
-    # train_pm and ppo ran under torchrun (the launch config beside their folders), sample and evaluate did not
+    # every step ran under torchrun (the launch config beside its folder)
     launched = {p.name for p in (gpu_work_dir / WEEK).glob("*.torchrun-config.json")}
-    assert launched == {"train_pm.torchrun-config.json", "improve.torchrun-config.json"}
+    assert launched == {f"{stage}.torchrun-config.json" for stage in STEP_STAGES}
 
 
 def check_flow_runs(api: str, cycle_flow_run_id: str) -> None:

@@ -43,11 +43,11 @@ def test_steps_without_a_distributed_loop_run_in_this_process(artifacts, tmp_pat
     ran = []
     monkeypatch.setattr(InProcessRunner, "execute", lambda self, step, cfg, *, key: ran.append(step) or "result")
     runner = TorchrunRunner(artifacts, tmp_path, nproc_per_node=2)
-    for step in ("sample", "evaluate", "dpo", "rloo", "online_dpo", "rejection_sampling"):
+    for step in ("dpo", "rloo", "online_dpo", "rejection_sampling"):
         assert step not in DISTRIBUTED_STEPS
         assert runner.execute(step, object(), key=f"2026-W49:{step}") == "result"
-    assert ran == ["sample", "evaluate", "dpo", "rloo", "online_dpo", "rejection_sampling"]
-    assert DISTRIBUTED_STEPS == {"sft", "train_pm", "ppo"}
+    assert ran == ["dpo", "rloo", "online_dpo", "rejection_sampling"]
+    assert DISTRIBUTED_STEPS == {"sample", "sft", "train_pm", "ppo", "evaluate"}
 
 
 def test_a_launch_that_fails_fails_the_step_with_what_the_processes_said(artifacts, tmp_path, monkeypatch, tiny_model):
