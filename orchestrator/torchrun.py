@@ -9,9 +9,9 @@ outputs and runs
     python -m torch.distributed.run --standalone --nproc_per_node N -m workers.<step> --config <file>
 
 (``--nnodes M --rdzv_backend c10d --rdzv_endpoint host:port`` instead of ``--standalone``
-for a multi-node step; docs/deploy.md); once every process has exited 0 the step's
-finished output folder is read back by the step itself (``run`` of a finished config
-returns its result without training again), and the outputs are uploaded as for one process.
+for a multi-node step; docs/deploy.md) with ``--result-file`` beside it too; once every
+process has exited 0 it reads the result rank 0 wrote there, and the outputs are uploaded
+as for one process.
 Other steps run in this process, as ever. A killed launch leaves the step's checkpoints
 (``torch.distributed.checkpoint``, one shard per process); the next attempt, on the same
 number of processes, resumes from them.
@@ -36,6 +36,7 @@ DISTRIBUTED_STEPS = frozenset({"sample", "sft", "train_pm", "ppo", "evaluate"})
 """worker steps that run under torchrun (workers.common.distributed); the others run in one process"""
 
 CONFIG_FILENAME = "torchrun-config.json"
+RESULT_FILENAME = "torchrun-result.json"
 STDERR_TAIL_CHARS = 4000
 
 
@@ -68,27 +69,30 @@ class TorchrunRunner(InProcessRunner):
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
-    def command(self, step: str, config_path: Path, *, rdzv_id: str) -> list[str]:
-        """The torchrun command line of one step."""
+    def command(self, step: str, config_path: Path, *, rdzv_id: str, result_path: Path | None = None) -> list[str]:
+        """The torchrun command line of one step (rank 0 writes the step's result to ``result_path``)."""
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}"]
         if self.nnodes == 1:
             cmd.append("--standalone")
         else:
             cmd += [f"--nnodes={self.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={self.rdzv_endpoint}",
                     f"--rdzv_id={rdzv_id}"]
-        return [*cmd, "-m", _step(step)[0], "--config", str(config_path)]
+        cmd += ["-m", _step(step)[0], "--config", str(config_path)]
+        return cmd + (["--result-file", str(result_path)] if result_path is not None else [])
 
     def execute(self, step: str, cfg: Any, *, key: str) -> Any:
         if step not in DISTRIBUTED_STEPS or self.world_size == 1:
             return super().execute(step, cfg, key=key)
         from workers.common.config import to_dict
-        from workers.common.metrics import SUMMARY_FILENAME
+        from workers.common.metrics import StepResult
 
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         config_path = out.parent / f"{out.name}.{CONFIG_FILENAME}"  # beside, not in, the step's own folder
         config_path.write_text(json.dumps(to_dict(cfg), sort_keys=True) + "\n", encoding="utf-8")
-        cmd = self.command(step, config_path, rdzv_id=self.rdzv_id or key.replace(":", "-"))
+        result_path = out.parent / f"{out.name}.{RESULT_FILENAME}"
+        result_path.unlink(missing_ok=True)  # an earlier attempt's
+        cmd = self.command(step, config_path, rdzv_id=self.rdzv_id or key.replace(":", "-"), result_path=result_path)
         log.info("running %s on %d process(es): %s", step, self.world_size, " ".join(cmd))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.num_threads or os.environ.get("OMP_NUM_THREADS", "1"))}
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -97,9 +101,9 @@ class TorchrunRunner(InProcessRunner):
                 f"{step} under torchrun ({self.world_size} processes) exited {proc.returncode}; run it again to "
                 f"resume from its checkpoints:\n{proc.stderr[-STDERR_TAIL_CHARS:]}"
             )
-        if not (out / SUMMARY_FILENAME).is_file():
-            raise StepFailed(f"{step} under torchrun exited 0 without finishing (no {SUMMARY_FILENAME} in {out})")
-        return super().execute(step, cfg, key=key)  # the finished folder's result, read back by the step
+        if not result_path.is_file():
+            raise StepFailed(f"{step} under torchrun exited 0 but rank 0 wrote no result ({result_path})")
+        return StepResult(**json.loads(result_path.read_text(encoding="utf-8")))
 
 
 def runner_for_node(artifacts: ArtifactStore, work_dir: str | Path) -> InProcessRunner:

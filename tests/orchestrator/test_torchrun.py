@@ -23,11 +23,18 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", seed=0)
 
 
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(f'{{"id": {i}, "prompt": "Human: tell me {i}"}}\n' for i in range(3)))
+    return path
+
+
 def test_a_single_node_launch_is_standalone_and_a_multi_node_one_meets_at_its_c10d_endpoint(artifacts, tmp_path):
     one = TorchrunRunner(artifacts, tmp_path, nproc_per_node=4)
-    assert one.command("ppo", Path("/w/ppo.json"), rdzv_id="2026-W49-improve") == [
+    assert one.command("ppo", Path("/w/ppo.json"), rdzv_id="2026-W49-improve", result_path=Path("/w/r.json")) == [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
-        "-m", "workers.ppo", "--config", "/w/ppo.json",
+        "-m", "workers.ppo", "--config", "/w/ppo.json", "--result-file", "/w/r.json",
     ]
     many = TorchrunRunner(artifacts, tmp_path, nproc_per_node=8, nnodes=2, rdzv_endpoint="step-0.steps:29400")
     assert many.world_size == 16
@@ -62,6 +69,18 @@ def test_a_launch_that_fails_fails_the_step_with_what_the_processes_said(artifac
     with pytest.raises(StepFailed, match=r"(?s)sft under torchrun \(2 processes\) exited .*batch_size \(7\) must be a "
                                          r"multiple of the number of processes \(2\)"):
         runner.execute("sft", cfg, key="2026-W49:sft")
+
+
+def test_a_launch_hands_back_the_result_rank_0_wrote(artifacts, tmp_path, tiny_model, prompts):
+    """evaluate writes no summary a re-run could find: the result comes from rank 0's result file."""
+    from workers.sample import SampleConfig
+
+    cfg = SampleConfig(policies={"p0": str(tiny_model)}, prompts_path=str(prompts), output_dir=str(tmp_path / "out"),
+                       num_samples=2, max_new_tokens=4, batch_size=2, progress=False, device="cpu", num_threads=1)
+    result = TorchrunRunner(artifacts, tmp_path, nproc_per_node=2).execute("sample", cfg, key="2026-W49:sample")
+    assert result.complete and result.step == "sample" and Path(result.outputs["samples"]).is_file()
+    assert result.metrics["samples/responses"] == 6
+    assert (tmp_path / "out.torchrun-result.json").is_file()
 
 
 def test_the_node_settings_choose_the_runner(artifacts, tmp_path, monkeypatch):

@@ -313,7 +313,8 @@ def usage(cls: type, prog: str, description: str) -> str:
 
 
 def cli(cls: type[C], run: Callable[[C], Any], argv: Sequence[str] | None = None, *, prog: str, description: str) -> int:
-    """Run a step from the command line; print its result as JSON on stdout (rank 0 only under torchrun).
+    """Run a step from the command line; print its result as JSON on stdout (rank 0 only under torchrun), and
+    write it to ``--result-file FILE`` when given (what a launcher reads back).
 
     Exit status 0 on success, 2 for a config error, 1 for any other
     ``WorkerError`` (a bad input); the message goes to stderr.
@@ -322,27 +323,27 @@ def cli(cls: type[C], run: Callable[[C], Any], argv: Sequence[str] | None = None
     if any(a in ("-h", "--help") for a in args):
         sys.stdout.write(usage(cls, prog, description))
         return 0
-    path = None
+    files: dict[str, str | None] = {"--config": None, "--result-file": None}
     overrides = []
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config":
+        if arg in files:
             if i + 1 >= len(args):
-                sys.stderr.write("error: --config needs a file\n")
+                sys.stderr.write(f"error: {arg} needs a file\n")
                 return 2
-            path = args[i + 1]
+            files[arg] = args[i + 1]
             i += 2
             continue
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
+        if arg.split("=", 1)[0] in files:
+            files[arg.split("=", 1)[0]] = arg.split("=", 1)[1]
         elif arg.startswith("--"):
             overrides.append(arg[2:])
         else:
             overrides.append(arg)
         i += 1
     try:
-        cfg = load_config(cls, path, overrides)
+        cfg = load_config(cls, files["--config"], overrides)
         result = run(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -352,5 +353,10 @@ def cli(cls: type[C], run: Callable[[C], Any], argv: Sequence[str] | None = None
         return 1
     payload = result.to_dict() if hasattr(result, "to_dict") else result
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
-        sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+        sys.stdout.write(text)
+        if files["--result-file"]:
+            from workers.common.metrics import atomic_write_text
+
+            atomic_write_text(files["--result-file"], text)
     return 0
