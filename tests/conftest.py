@@ -43,6 +43,23 @@ def _server_reachable() -> str | None:
         engine.dispose()
 
 
+LONGEST_FIRST = (
+    "tests/orchestrator/test_production_path.py",
+    "tests/orchestrator/test_methods_learn.py",
+    "tests/workers/test_distributed.py",
+    "tests/workers/test_learning.py",
+    "tests/orchestrator/test_demo_raters.py",
+)
+"""the modules whose tests take minutes, run first: with two test processes (``make test``) a long test
+picked up last would run alone while the other process sits idle"""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).relative_to(root).as_posix(), len(rank)))
+
+
 def pytest_report_header(config) -> str:
     problem = _server_reachable()
     shown = make_url(PG_SERVER_URL).render_as_string(hide_password=True)

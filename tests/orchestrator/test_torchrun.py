@@ -7,6 +7,7 @@ step with one process is tests/workers/test_distributed.py's.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,17 +59,27 @@ def test_steps_without_a_distributed_loop_run_in_this_process(artifacts, tmp_pat
 
 
 def test_a_launch_that_fails_fails_the_step_with_what_the_processes_said(artifacts, tmp_path, monkeypatch, tiny_model):
+    """The processes' stderr tail comes back in the error (the processes themselves are test_distributed's)."""
+    import subprocess
+
     from workers.sft import SFTConfig
 
-    data = tmp_path / "sft.jsonl"
-    data.write_text('{"prompt": "a", "response": "b"}\n')
-    # 7 rows cannot split over 2 processes: every process refuses the config before any work.
-    cfg = SFTConfig(model_path=str(tiny_model), dataset_path=str(data), output_dir=str(tmp_path / "out"),
+    launched = []
+
+    def fake_run(cmd, **kwargs):
+        launched.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="[rank1]: error: batch_size (7) must be a multiple\n")
+
+    monkeypatch.setattr("orchestrator.torchrun.subprocess.run", fake_run)
+    cfg = SFTConfig(model_path=str(tiny_model), dataset_path=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "out"),
                     batch_size=7, max_steps=1, device="cpu", progress=False)
     runner = TorchrunRunner(artifacts, tmp_path, nproc_per_node=2)
-    with pytest.raises(StepFailed, match=r"(?s)sft under torchrun \(2 processes\) exited .*batch_size \(7\) must be a "
-                                         r"multiple of the number of processes \(2\)"):
+    with pytest.raises(StepFailed, match=r"(?s)sft under torchrun \(2 processes\) exited 1; run it again to resume.*"
+                                         r"batch_size \(7\) must be a multiple"):
         runner.execute("sft", cfg, key="2026-W49:sft")
+    (cmd,) = launched
+    assert cmd[cmd.index("--config") + 1] == str(tmp_path / "out.torchrun-config.json")
+    assert json.loads((tmp_path / "out.torchrun-config.json").read_text())["batch_size"] == 7
 
 
 def test_a_launch_hands_back_the_result_rank_0_wrote(artifacts, tmp_path, tiny_model, prompts):
