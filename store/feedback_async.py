@@ -139,15 +139,31 @@ class AsyncFeedbackWriter:
         finally:
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            opened = [t.result() for t in pending if not t.cancelled() and t.exception() is None]
-            for conn in opened:
-                await self._pool.release(conn)
+            # The release runs in a task of its own and is waited for whole: a cancel that lands after the
+            # wait above returned arrives at the next await, and must not leave the connections acquired.
+            release = asyncio.ensure_future(self._release_opened(pending))
+            cancelled = False
+            while not release.done():
+                try:
+                    await asyncio.shield(release)
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
+            opened = release.result()
         failures = [t.exception() for t in pending if not t.cancelled() and t.exception() is not None]
         if failures:
             log.warning("opened %d of %d database connections for small feedback batches: %s",
                         len(opened), connections, failures[0])
         return len(opened)
+
+    async def _release_opened(self, pending: list[asyncio.Future]) -> list:
+        """Wait for the cancelled acquires to settle, release the connections they got; returns those."""
+        await asyncio.gather(*pending, return_exceptions=True)
+        opened = [t.result() for t in pending if not t.cancelled() and t.exception() is None]
+        for conn in opened:
+            await self._pool.release(conn)
+        return opened
 
     async def register(
         self,
