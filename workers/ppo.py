@@ -52,7 +52,7 @@ from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.distributed import (
-    World, accumulate, check_divisible, check_strategy, full_state_dict, gathered, grad_norm_value, init_world,
+    World, accumulate, check_divisible, check_strategy, full_state_dict, gathered, init_world,
     launched_world_size, shutdown, wrap,
 )
 from workers.common.generation import generate, row_seed, row_uniforms
@@ -460,7 +460,7 @@ def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
                             )
                         (loss / cfg.gradient_accumulation_steps).backward()
                     stats.append(loss_stats)
-                grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
 
         # 6. The KL controller sees this rollout's mean per-response KL.
@@ -513,7 +513,7 @@ def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
 
     # 8. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary
     #    (rank 0; under fsdp every process gathers the weights first).
-    if world.distributed and world.strategy == "fsdp":
+    if world.sharded:
         state = full_state_dict(model, world)
         if world.main:
             save_model_dir(model.lm, tokenizer, final_dir,

@@ -807,7 +807,7 @@ def _train_one(
 
     # 5. The selected weights, held-out evaluation, then the PM directory (the durable output, rank 0).
     if cfg.select_by == "val_loss" and best.step:
-        if world.distributed and world.strategy == "fsdp":
+        if world.sharded:
             load_full_state_dict(pm, load_file(str(_best_path(ckpt_root, best.step))), world)
         else:
             load_model(unwrap(pm), str(_best_path(ckpt_root, best.step)), device=str(device))
@@ -889,7 +889,7 @@ def _drop_best_files(ckpt_root: Path, *, keep: set[int | None]) -> None:
 def _save_best(pm: PreferenceModel, ckpt_root: Path, step: int, world: World) -> None:
     """The best weights so far beside the checkpoints (rank 0 writes them; under fsdp every process gathers)."""
     path = _best_path(ckpt_root, step)
-    if world.distributed and world.strategy == "fsdp":
+    if world.sharded:
         state = full_state_dict(pm, world)
         if world.main:
             ckpt_root.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,11 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the processes (fsdp with more than one)."""
+        return self.distributed and self.strategy == "fsdp"
 
     def share(self, n: int) -> slice:
         """This process's contiguous share of ``n`` rows (``n`` a multiple of the world size)."""
@@ -278,7 +283,7 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
     """The model's whole state dict on the CPU, in rank 0 (an empty dict elsewhere). Every process must call
     it under fsdp: the shards are gathered."""
     model = unwrap(model)
-    if world.distributed and world.strategy == "fsdp":
+    if world.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -298,7 +303,7 @@ def full_state_dict(model: nn.Module, world: World) -> dict[str, torch.Tensor]:
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world: World) -> None:
     """Load a whole state dict (as ``full_state_dict`` returns, read by every process) into ``model``."""
     model = unwrap(model)
-    if world.distributed and world.strategy == "fsdp":
+    if world.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
@@ -311,7 +316,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world
 def gathered(model: nn.Module, world: World) -> Iterator[None]:
     """Under fsdp, the whole parameters on every process for the block (sampling: each process then runs as
     many forward passes as its own rows need, with no collective in them); elsewhere nothing."""
-    if not (world.distributed and world.strategy == "fsdp"):
+    if not world.sharded:
         yield
         return
     from torch.distributed.fsdp import FSDPModule
@@ -336,8 +341,7 @@ def save_hf_dir(model: nn.Module, tokenizer, final, world: World):
 
     from workers.common.modeling import save_model_dir
 
-    sharded = world.distributed and world.strategy == "fsdp"
-    state = full_state_dict(model, world) if sharded else None
+    state = full_state_dict(model, world) if world.sharded else None
     if world.main:
         save_model_dir(unwrap(model), tokenizer, final, state_dict=state)
     world.barrier()
@@ -348,7 +352,3 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     """A gradient norm as a float (under fsdp ``clip_grad_norm_`` returns a DTensor)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-
-def shares(items: Sequence[Any], world: World) -> list[Any]:
-    """This process's contiguous share of ``items``."""
-    return list(items[world.share(len(items))])
