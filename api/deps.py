@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -19,7 +19,7 @@ from store.artifacts import ArtifactStore
 from store.db import Database
 from store.errors import InvalidInput
 from store.keys import authenticate, hash_token
-from store.raters import QCPolicy, current_policy
+from store.raters import QCPolicy, current_policy, default_policy
 from store.settings import Settings
 
 MAX_ID = 2**31 - 1
@@ -62,15 +62,19 @@ def get_session(database: Annotated[Database, Depends(get_database)]) -> Iterato
         yield session
 
 
+def server_qc_default(app: FastAPI) -> QCPolicy:
+    """The ``qc`` of the server's default cycle settings (``store.raters.default_policy`` of
+    ``RATCHET_CYCLE_CONFIG``), read once per app."""
+    default = getattr(app.state, "qc_default", None)
+    if default is None:
+        default = app.state.qc_default = default_policy(app.state.settings.cycle_config)
+    return default
+
+
 def get_qc_policy(request: Request, session: Annotated[Session, Depends(get_session, scope="function")]) -> QCPolicy:
     """The QC policy in force (``store.raters.current_policy``): the running or newest cycle's, else the
-    ``qc`` of the server's default cycle settings (``RATCHET_CYCLE_CONFIG``)."""
-    default = getattr(request.app.state, "qc_default", None)
-    if default is None:
-        from orchestrator.settings import load_defaults
-
-        default = request.app.state.qc_default = load_defaults(request.app.state.settings.cycle_config).qc
-    return current_policy(session, default)
+    ``qc`` of the server's default cycle settings (``server_qc_default``)."""
+    return current_policy(session, server_qc_default(request.app))
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]

@@ -19,7 +19,7 @@ A conversational pair is stored as any other: its prompt as the HH-RLHF text
 of its messages (what labelers read), the responses as the assistant
 messages' contents, and the messages in the comparison's metadata
 (``messages``), where snapshots and the chat-template encoding of the
-workers find them (the rules and the text are ``workers.common.chat``'s). A
+workers find them (the rules and the text are ``formats.chat``'s). A
 conversational export writes a comparison's messages, or, for a plain-text
 comparison, the messages read back out of its HH-RLHF prompt.
 
@@ -43,8 +43,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from formats.chat import Messages, as_messages, hh_messages, hh_text, message_problems
 from store.feedback import strength_problem
-from workers.common.chat import Messages, as_messages, hh_messages, hh_text, message_problems
 
 FORMATS = ("hh-rlhf", "trl", "trl-conversational")
 """The line formats known to import and export (see the module docstring)."""
@@ -448,7 +448,7 @@ def export_record(
     ``hh-rlhf`` writes whole dialogues (``prompt + chosen``,
     ``prompt + rejected``); ``trl`` writes the three fields as they are;
     ``trl-conversational`` writes the prompt's ``messages`` (read back out of
-    the HH-RLHF ``prompt`` when None: ``workers.common.chat.hh_messages``) and
+    the HH-RLHF ``prompt`` when None: ``formats.chat.hh_messages``) and
     each response as one assistant message. All add ``"strength"`` when the
     pair has one.
     """

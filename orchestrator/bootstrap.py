@@ -15,12 +15,12 @@ import json
 import uuid
 from pathlib import Path
 
+from formats.chat import message_problems
 from store.artifacts import ArtifactStore, sha256_bytes
 from store.datasets import create_dataset
 from store.db import Database
 from store.deployments import deploy
 from store.errors import InvalidInput, NotFound
-from workers.common.chat import message_problems
 from store.models import Dataset, Deployment, Policy
 from store.policies import create_policy
 
@@ -29,7 +29,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def check_prompt_set(data: bytes, *, source: str) -> int:
     """The number of prompts in a JSONL set of ``{"id", "prompt"}`` and/or ``{"id", "messages"}`` lines (chat
-    prompts: workers.common.chat); every bad line is named."""
+    prompts: formats.chat); every bad line is named."""
     problems, seen = [], {}
     lines = data.decode("utf-8", errors="strict").splitlines()
     for number, line in enumerate(lines, 1):

@@ -35,8 +35,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from store.cycles import check_week
-from store.raters import QCPolicy
 from store.errors import InvalidInput
+from store.raters import QCPolicy
+from store.settings import read_cycle_config
 
 SERVER_ONLY_FIELDS = ("gold", "runner", "work_pool", "step_deployments", "step_poll_interval_s")
 """fields a trigger's params may not set (they choose code or machines)"""
@@ -445,17 +446,11 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_defaults(path: str | Path | None) -> CycleSettings:
-    """The server's default cycle settings: the JSON file at ``path``, or the built-in ones."""
+    """The server's default cycle settings: the JSON file at ``path``, or the built-in ones. Every
+    section is checked, each step section's ``config`` against its step (imports every step's module)."""
     if path is None:
         return CycleSettings()
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInput(f"cycle config {path} (RATCHET_CYCLE_CONFIG) does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"cycle config {path} is not valid JSON: {exc}") from None
-    return _validated(data, f"cycle config {path} is invalid")
+    return _validated(read_cycle_config(path), f"cycle config {path} is invalid")
 
 
 def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: bool = False) -> CycleSettings:
@@ -463,6 +458,15 @@ def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: 
 
     Untrusted params (from the API or a scheduled run) may not set the
     server-only fields; ``InvalidInput`` names every bad field.
+
+    ``defaults`` are taken as checked (``load_defaults`` checks every
+    section; the built-in ones are valid), so the step sections checked
+    against their steps are only those the params can have made invalid
+    (``touched_steps``), and resolving params that touch none imports no
+    worker step. The rest of the settings (the sections of no step, the
+    top-level fields, and what spans sections, such as ``step_deployments``
+    naming the method's step) is validated whole every time: it costs no
+    import.
     """
     params = params or {}
     if not trusted:
@@ -472,18 +476,40 @@ def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: 
                 "these cycle settings come from the server's RATCHET_CYCLE_CONFIG only",
                 [{"field": f"params.{f}", "message": "may not be set by a trigger"} for f in locked],
             )
-    return _validated(_merge(defaults.model_dump(), params), "invalid cycle params", prefix="params.")
+    data = _merge(defaults.model_dump(), params)
+    return _validated(data, "invalid cycle params", prefix="params.", steps=touched_steps(params, data))
 
 
-def _validated(data: dict[str, Any], what: str, prefix: str = "") -> CycleSettings:
-    """``data`` as settings, each step section's ``config`` checked against the step's config dataclass;
-    ``InvalidInput`` names every bad field."""
+def touched_steps(params: dict[str, Any], data: dict[str, Any]) -> tuple[str, ...]:
+    """The step sections whose check ``params`` can change, over checked defaults: those they set, and the
+    section of the improve method when they choose one.
+
+    A section's check reads that section alone (its ``config`` against its
+    step, with its own ``cycle_defaults``), so no other override can make
+    it invalid. Choosing the method is checked anyway: it is what makes a
+    method's section the one the cycle runs, and the section may come from
+    settings built in code (the demo's) rather than from ``load_defaults``.
+    ``data`` is the merged settings, where the chosen method is read.
+    """
+    touched = [name for name in STEP_SECTIONS if name in params]
+    improve = params.get("improve")
+    if isinstance(improve, dict) and "method" in improve:
+        method = (data.get("improve") or {}).get("method")
+        if method in METHODS and method not in touched:
+            touched.append(method)
+    return tuple(touched)
+
+
+def _validated(data: dict[str, Any], what: str, prefix: str = "",
+               steps: tuple[str, ...] = STEP_SECTIONS) -> CycleSettings:
+    """``data`` as settings, the ``config`` of each step section in ``steps`` checked against the step's config
+    dataclass (importing the step's module); ``InvalidInput`` names every bad field."""
     data, settings, problems = with_improve(data), None, []
     try:
         settings = CycleSettings.model_validate(data)
     except ValidationError as exc:
         problems = _errors(exc, prefix=prefix)
-    for name in STEP_SECTIONS:
+    for name in steps:
         section_type = type(CycleSettings.model_fields[name].default)
         try:
             section = section_type.model_validate(data.get(name, {}))

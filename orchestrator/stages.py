@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from formats.chat import prompt_text
 from orchestrator.cycle import (
     STAGES,
     CycleContext,
@@ -65,7 +66,6 @@ from store.pms import create_pm, get_pm, get_pm_version
 from store.policies import create_policy, get_policy, get_policy_version
 from store.raters import excluded_raters
 from store.tasks import create_tasks, eval_judgements, eval_tasks_of, task_counts
-from workers.common.chat import prompt_text
 
 log = logging.getLogger("ratchet.cycle")
 
@@ -436,8 +436,8 @@ def stage_improve(ctx: CycleContext) -> dict[str, Any]:
     metrics = scalar_metrics(outcome.metrics)
 
     def measured(name: str) -> Any:
-        # the common keys every sampling method reports (policy/...), else PPO's own (ppo/...)
-        return metrics.get(f"policy/{name}", metrics.get(f"ppo/{name}"))
+        # the common keys every sampling method reports (workers.common.policy_step.policy_metrics); dpo has none
+        return metrics.get(f"policy/{name}")
 
     def register(session: Session) -> ImproveOutputs:
         policy = create_policy(

@@ -3,7 +3,7 @@
 A comparison of a chat prompt keeps the prompt's HH-RLHF text as its
 ``prompt`` and the prompt's message list in its metadata (``messages``),
 or, when it answers a comparison task, finds it in the task's metadata
-(``prompt_messages``); the message rules are ``workers.common.chat``'s
+(``prompt_messages``); the message rules are ``formats.chat``'s
 (standard library only).
 """
 
@@ -21,12 +21,12 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from formats.chat import message_problems
 from store.answers import Answer, Claimed, claim_answers
 from store.db import Database
 from store.errors import Conflict, InvalidInput
 from store.models import CHOICES, Comparison, ComparisonTask, FeedbackBatch, utcnow
 from store.versioning import get_row, list_rows
-from workers.common.chat import message_problems
 
 
 @dataclass(frozen=True)
@@ -501,7 +501,7 @@ CONVERSATION_READ_ROWS = 1000
 def prompt_messages(*metadata: dict[str, Any] | None) -> tuple[list[dict[str, str]] | None, str | None]:
     """A comparison's prompt messages: ``(messages, None)`` from the first of ``metadata`` (the comparison's
     own, then its task's) that has ``messages``; ``(None, why)`` when those are no valid prompt
-    (``workers.common.chat.message_problems``); ``(None, None)`` when none has any."""
+    (``formats.chat.message_problems``); ``(None, None)`` when none has any."""
     for meta in metadata:
         if isinstance(meta, dict) and "messages" in meta:
             problems = message_problems(meta["messages"], field="metadata.messages")

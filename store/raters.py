@@ -31,8 +31,9 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -48,6 +49,7 @@ from store.models import (
     TaskLease,
     utcnow,
 )
+from store.settings import read_cycle_config
 
 
 class QCPolicy(BaseModel):
@@ -347,3 +349,23 @@ def current_policy(session: Session, default: QCPolicy) -> QCPolicy:
     ).scalar()
     qc = ((row or {}).get("settings") or {}).get("qc")
     return QCPolicy.model_validate(qc) if qc else default
+
+
+def default_policy(cycle_config: str | Path | None) -> QCPolicy:
+    """The QC policy ``current_policy`` falls back on: the ``qc`` section of the server's cycle settings file
+    (``RATCHET_CYCLE_CONFIG``), or the built-in policy when there is no file or the file has no ``qc``.
+
+    Only that section is read and checked here: the API needs nothing else of the file, and the
+    orchestrator checks the whole of it when it loads the cycle's defaults. ``InvalidInput`` names the file
+    and each bad field (``qc.min_gold_accuracy``).
+    """
+    if cycle_config is None:
+        return QCPolicy()
+    qc = read_cycle_config(cycle_config).get("qc", {})
+    try:
+        return QCPolicy.model_validate(qc)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(["qc", *(str(p) for p in err["loc"])]), "message": err["msg"]}
+                    for err in exc.errors()]
+        named = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise InvalidInput(f"cycle config {cycle_config} is invalid: {named}", problems) from None

@@ -7,12 +7,15 @@ and ``RATCHET_ARTIFACTS_URL`` point elsewhere in production.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from store.errors import InvalidInput
 
 
 class ScalePoint(BaseModel):
@@ -85,7 +88,8 @@ class Settings(BaseSettings):
     work_dir: Path | None = None
     """where in-process worker steps write (one folder per cycle and stage, so a re-run resumes); default ``<home>/work``"""
     cycle_config: Path | None = None
-    """JSON file of the weekly cycle's settings (orchestrator.settings.CycleSettings); unset: the built-in defaults"""
+    """JSON file of the weekly cycle's settings (orchestrator.settings.CycleSettings; read by ``read_cycle_config``);
+    unset: the built-in defaults"""
     nproc_per_node: str = Field(default="1", pattern=r"^(auto|[1-9][0-9]*)$")
     """worker processes per node for the steps that run under torchrun (sample, sft, train_pm, ppo, evaluate): a number, or auto
     (one per CUDA device the node's job was given, the GPU pool's ``gpu_count``; 1 without CUDA)"""
@@ -188,3 +192,19 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings (cached; ``get_settings.cache_clear()`` re-reads)."""
     return Settings()
+
+
+def read_cycle_config(path: str | Path) -> dict[str, Any]:
+    """The JSON object in the cycle settings file at ``path`` (``RATCHET_CYCLE_CONFIG``), unvalidated: the
+    orchestrator checks all of it (``orchestrator.settings.load_defaults``), the API reads its ``qc``
+    (``store.raters.default_policy``). ``InvalidInput`` when the file is missing or not a JSON object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(f"cycle config {path} (RATCHET_CYCLE_CONFIG) does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"cycle config {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"cycle config {path} must hold a JSON object of settings, not {type(data).__name__}")
+    return data

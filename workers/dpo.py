@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from formats.chat import prompt_token_ids, special_prefix
 from workers.common.checkpoint import resume_or_start, save_step_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.distributed import refuse_distributed
@@ -50,7 +51,6 @@ from workers.common.modeling import (
     resolve_max_length,
     save_model_dir,
 )
-from workers.common.chat import prompt_token_ids, special_prefix
 from workers.common.rollout import check_same_vocabulary
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at

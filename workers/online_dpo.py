@@ -55,16 +55,17 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.distributed import refuse_distributed
 from workers.common.data import load_prompts
-from workers.common.generation import row_seed, row_uniforms
+from workers.common.generation import row_seed
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
 from workers.common.modeling import load_tokenizer, max_positions, model_config
 from workers.common.policy_step import (
-    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
-    save_policy, setup_machine,
+    ConservativeReward, check_inputs, check_policy_config, check_resume_config, checkpointed, conservative_reward,
+    finish, finished_result, last_metrics, load_models, log_progress, policy_metrics, sample_uniforms, save_policy,
+    setup_machine, this_run,
 )
 from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
 from workers.common.runtime import autocast, progress, seed_everything
@@ -180,11 +181,6 @@ class OnlineDPOConfig:
 # -- labelling a round's pairs (pure) -------------------------------------------------
 
 
-def conservative_scores(members: torch.Tensor, ensemble_penalty: float) -> torch.Tensor:
-    """Score [b] from the members' scores [K, b]: mean - lambda * std (population std; 0 for one member)."""
-    return members.mean(0) - ensemble_penalty * members.std(0, unbiased=False)
-
-
 class PairLabels(NamedTuple):
     """The PM's verdict on a round's pairs (A, B) of responses to one prompt; every field has shape [n]."""
 
@@ -214,6 +210,85 @@ def label_pairs(score_a: torch.Tensor, score_b: torch.Tensor, identical: torch.T
 # -- the step -------------------------------------------------------------------------
 
 
+def _check_prompts(prompt_ids: list[list[int]], cfg: OnlineDPOConfig) -> None:
+    """WorkerError for an empty prompt set, or a prompt whose response would not fit the policy's positions."""
+    if not prompt_ids:
+        raise WorkerError(f"prompt set {cfg.prompts_path} is empty: there is nothing to sample")
+    limit = max_positions(model_config(cfg.policy_path))
+    longest = max(len(p) for p in prompt_ids)
+    if limit is not None and longest + cfg.response_length > limit:
+        raise WorkerError(
+            f"the longest prompt ({longest} tokens) + response_length ({cfg.response_length}) exceeds the policy's "
+            f"{limit} positions; set max_prompt_tokens or lower response_length"
+        )
+
+
+def _train_on_pairs(model: torch.nn.Module, reference: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                    params: list[torch.nn.Parameter], pairs: list[Pair], k: int, cfg: OnlineDPOConfig, *, pad_id: int,
+                    device: torch.device, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """``epochs`` passes of DPO (or IPO) mini-batch updates on round ``k``'s pairs against the reference, each
+    pass in an order seeded by (seed, round, epoch); the round's loss, implicit-reward accuracy and margin (over
+    the decisive pairs) and optimizer metrics."""
+    losses_sum, steps, right, margin_sum, decisive, grad_norms = 0.0, 0, 0.0, 0.0, 0, []
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(row_seed(cfg.seed, f"{STEP}-minibatch", k, epoch))
+        ).tolist()
+        for start in range(0, len(pairs), cfg.batch_size):
+            batch = [pairs[i] for i in perm[start : start + cfg.batch_size]]
+            logps = pair_logps(model, reference, batch, pad_id=pad_id, device=device, compute_dtype=compute_dtype)
+            losses, stats = preference_loss(*logps, beta=cfg.beta, loss_type=cfg.loss_type)
+            loss = losses.mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses_sum += loss.item()
+            steps += 1
+            grad_norms.append(float(grad_norm))
+            n = int(stats.num_decisive)
+            if n:
+                right += float(stats.accuracy) * n
+                margin_sum += float(stats.margin) * n
+                decisive += n
+    return {
+        "losses/dpo": losses_sum / steps if steps else None,
+        "rewards/accuracy": right / decisive if decisive else None,
+        "rewards/margin": margin_sum / decisive if decisive else None,
+        "optim/steps": steps,
+        "optim/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+    }
+
+
+def _round_metrics(scores: ConservativeReward, labels: PairLabels, pairs: int, kls: torch.Tensor,
+                   ended: torch.Tensor, responses: list[list[int]], training: dict[str, Any],
+                   test_scores: torch.Tensor | None, *, episodes: int, episodes_per_s: float) -> dict[str, Any]:
+    """The metrics line of a round: the online_dpo/* keys, ``training``'s (``_train_on_pairs``) and the common
+    policy/* keys. ``online_dpo/reward_conservative`` is the mean labelling score (missing-EOS penalty in)."""
+    mean_kl = float(kls.mean())
+    distinct = ~labels.identical
+    record: dict[str, Any] = {
+        "online_dpo/reward": float(scores.mean.mean()),
+        "online_dpo/reward_spread": float(scores.spread.mean()),
+        "online_dpo/reward_conservative": float(scores.reward.mean()),
+        "online_dpo/score_gap": float(labels.gap[distinct].abs().mean()) if distinct.any() else None,
+        "online_dpo/pairs": pairs,
+        "online_dpo/ties": int(labels.tie.sum()),
+        "online_dpo/identical": int(labels.identical.sum()),
+        "online_dpo/kl": mean_kl,
+        "online_dpo/sqrt_kl": sqrt_kl(mean_kl),
+        "online_dpo/eos_fraction": float(ended.float().mean()),
+        "online_dpo/response_length": sum(len(r) for r in responses) / len(responses),
+        "online_dpo/episodes": episodes,
+        **training,
+        "charts/episodes_per_s": episodes_per_s,
+        **policy_metrics(scores, mean_kl, episodes, test_scores),
+    }
+    if test_scores is not None:
+        record["online_dpo/reward_test_pm"] = record["policy/reward_test_pm"]
+    return record
+
+
 def run(cfg: OnlineDPOConfig) -> StepResult:
     """Train the policy by online DPO against the PM; resumes from the newest checkpoint under output_dir."""
     # 0. Setup: validate, a finished earlier run, inputs, machine.
@@ -229,15 +304,7 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     tokenizer = load_tokenizer(cfg.policy_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
-    if not prompt_ids:
-        raise WorkerError(f"prompt set {cfg.prompts_path} is empty: there is nothing to sample")
-    limit = max_positions(model_config(cfg.policy_path))
-    longest = max(len(p) for p in prompt_ids)
-    if limit is not None and longest + cfg.response_length > limit:
-        raise WorkerError(
-            f"the longest prompt ({longest} tokens) + response_length ({cfg.response_length}) exceeds the policy's "
-            f"{limit} positions; set max_prompt_tokens or lower response_length"
-        )
+    _check_prompts(prompt_ids, cfg)
     # A checkpoint written with another config is refused before anything in output_dir changes.
     checkpoints = out / "checkpoints"
     if (latest := latest_checkpoint(checkpoints)) is not None:
@@ -260,20 +327,15 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
     metrics.rewind(after_step=start_round)
 
     bar = progress(cfg.rounds, desc=STEP, enabled=cfg.progress, initial=start_round, unit="round")
-    rounds_this_run = 0
-    for k in range(start_round, cfg.rounds):
-        if cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run:
-            break
+    rounds = this_run(start_round, cfg.rounds, cfg.max_rounds_this_run)
+    for k in rounds:
         started = time.perf_counter()
         model.eval()
         # 3. Two responses to each of the round's prompts from the current policy, with their KL to the
         #    reference; row (prompt j, sample s) draws its tokens from (seed, round k, j, s).
         prompts = [prompt_ids[i] for i in prompt_order.batch(k, cfg.prompts_per_round)]
         rows = [p for p in prompts for _ in range(2)]
-        uniforms = torch.stack([
-            row_uniforms(row_seed(cfg.seed, STEP, [k, j], s), cfg.response_length)
-            for j in range(len(prompts)) for s in range(2)
-        ])
+        uniforms = sample_uniforms(cfg.seed, STEP, k, len(prompts), 2, cfg.response_length)
         with autocast(device, compute_dtype):
             responses, kls = sample_with_kl(
                 model, reference, rows, uniforms=uniforms, max_new_tokens=cfg.response_length,
@@ -283,14 +345,13 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
 
         # 4. PM scores, conservative under an ensemble; a response cut off before EOS pays missing_eos_penalty.
         members = pm_member_scores(pm, rows, responses, cfg.pm_batch_size)  # [K, 2n]
-        scores = conservative_scores(members, cfg.ensemble_penalty)
-        if cfg.missing_eos_penalty is not None:
-            scores[~ended] -= cfg.missing_eos_penalty
+        scores = conservative_reward(members, ended, ensemble_penalty=cfg.ensemble_penalty,
+                                     missing_eos_penalty=cfg.missing_eos_penalty)
         test_scores = pm_scores(test_pm, rows, responses, cfg.pm_batch_size) if test_pm else None
 
         # 5. Label each prompt's pair (A = sample 0, B = sample 1) by the higher score.
         identical = torch.tensor([responses[2 * j] == responses[2 * j + 1] for j in range(len(prompts))])
-        labels = label_pairs(scores[0::2], scores[1::2], identical, min_gap=cfg.min_gap, ties=cfg.ties)
+        labels = label_pairs(scores.reward[0::2], scores.reward[1::2], identical, min_gap=cfg.min_gap, ties=cfg.ties)
         pairs = [
             Pair(Example(p + responses[2 * j], len(p)), Example(p + responses[2 * j + 1], len(p)),
                  float(labels.target[j]))
@@ -299,72 +360,20 @@ def run(cfg: OnlineDPOConfig) -> StepResult:
 
         # 6. epochs passes of DPO / IPO mini-batch updates against the reference, in a seeded order per epoch.
         model.train()
-        losses_sum, steps, right, margin_sum, decisive, grad_norms = 0.0, 0, 0.0, 0.0, 0, []
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(
-                len(pairs), generator=torch.Generator().manual_seed(row_seed(cfg.seed, f"{STEP}-minibatch", k, epoch))
-            ).tolist()
-            for start in range(0, len(pairs), cfg.batch_size):
-                batch = [pairs[i] for i in perm[start : start + cfg.batch_size]]
-                logps = pair_logps(model, reference, batch, pad_id=pad_id, device=device, compute_dtype=compute_dtype)
-                losses, stats = preference_loss(*logps, beta=cfg.beta, loss_type=cfg.loss_type)
-                loss = losses.mean()
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses_sum += loss.item()
-                steps += 1
-                grad_norms.append(float(grad_norm))
-                n = int(stats.num_decisive)
-                if n:
-                    right += float(stats.accuracy) * n
-                    margin_sum += float(stats.margin) * n
-                    decisive += n
+        training = _train_on_pairs(model, reference, optimizer, params, pairs, k, cfg, pad_id=pad_id, device=device,
+                                   compute_dtype=compute_dtype)
 
         # 7. Metrics (namespaced, as cleanrl; the policy/* keys are what the orchestrator reads) and a checkpoint.
         elapsed = time.perf_counter() - started
-        mean_kl = float(kls.mean())
-        reward = float(members.mean(0).mean())
-        spread = float(members.std(0, unbiased=False).mean())
-        distinct = ~labels.identical
-        record: dict[str, Any] = {
-            "online_dpo/reward": reward,
-            "online_dpo/reward_spread": spread,
-            "online_dpo/reward_conservative": float(scores.mean()),
-            "online_dpo/score_gap": float(labels.gap[distinct].abs().mean()) if distinct.any() else None,
-            "online_dpo/pairs": len(pairs),
-            "online_dpo/ties": int(labels.tie.sum()),
-            "online_dpo/identical": int(labels.identical.sum()),
-            "online_dpo/kl": mean_kl,
-            "online_dpo/sqrt_kl": sqrt_kl(mean_kl),
-            "online_dpo/eos_fraction": float(ended.float().mean()),
-            "online_dpo/response_length": sum(len(r) for r in responses) / len(responses),
-            "online_dpo/episodes": (k + 1) * episodes_per_round,
-            "losses/dpo": losses_sum / steps if steps else None,
-            "rewards/accuracy": right / decisive if decisive else None,
-            "rewards/margin": margin_sum / decisive if decisive else None,
-            "optim/steps": steps,
-            "optim/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
-            "charts/episodes_per_s": episodes_per_round / elapsed,
-            "policy/reward": reward,
-            "policy/reward_spread": spread,
-            "policy/kl": mean_kl,
-            "policy/episodes": (k + 1) * episodes_per_round,
-        }
-        if test_scores is not None:
-            record["online_dpo/reward_test_pm"] = record["policy/reward_test_pm"] = float(test_scores.mean())
-        metrics.log({"step": k + 1, **record})
-        bar.set_postfix({"reward": f"{reward:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
-        bar.update(1)
-        rounds_this_run += 1
-        stopping = cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run
-        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.rounds or stopping:
+        record = _round_metrics(scores, labels, len(pairs), kls, ended, responses, training, test_scores,
+                                episodes=(k + 1) * episodes_per_round, episodes_per_s=episodes_per_round / elapsed)
+        log_progress(metrics, bar, k + 1, record)
+        last_of_run = k + 1 == rounds.stop  # a run stopped by max_rounds_this_run resumes from here
+        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.rounds or last_of_run:
             save_checkpoint(checkpoints, k + 1, model=model, optimizer=optimizer,
                             state={"round": k + 1, "config": to_dict(cfg)})
     bar.close()
-    latest = latest_checkpoint(checkpoints)
-    rounds_done = 0 if latest is None else read_checkpoint_state(latest)["round"]
+    rounds_done = checkpointed(checkpoints)
     if rounds_done < cfg.rounds:
         return collect_result(STEP, out, {}, {"rounds_done": rounds_done, "rounds": cfg.rounds}, complete=False)
 

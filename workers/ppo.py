@@ -43,12 +43,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.common.checkpoint import save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.distributed import (
@@ -59,8 +60,9 @@ from workers.common.generation import generate, row_seed, row_uniforms
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
 from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer, load_trunk, save_model_dir
 from workers.common.policy_step import (
-    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
-    prompt_order, save_policy,
+    ConservativeReward, PolicyModels, ScoredRollout, check_inputs, check_policy_config, checkpointed,
+    conservative_reward, finish, finished_result, last_metrics, load_models, log_progress, policy_metrics,
+    prompt_order, resume_state, save_policy, this_run,
 )
 from workers.common.rollout import (
     Rollout,
@@ -76,6 +78,7 @@ from workers.common.runtime import autocast, progress, resolve_dtype, seed_every
 from workers.rl.advantages import gae, masked_mean, masked_var, whiten
 from workers.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate, penalised_rewards, sqrt_kl
 from workers.rl.losses import ppo_loss
+from workers.rl.types import PPOStats
 
 STEP = "ppo"
 RUN_ONLY_FIELDS = {"output_dir", "max_rollouts_this_run", "progress", "num_threads", "checkpoint_every", "device"}
@@ -302,6 +305,148 @@ def evaluate_policy(model: PolicyWithValue, reference, pm, test_pm, prompts: Seq
     return out
 
 
+def _kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    """beta: fixed, or steered toward kl_target over kl_horizon episodes."""
+    if cfg.kl_target is None:
+        return FixedKLController(cfg.kl_coef)
+    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+
+class SampledRollout(NamedTuple):
+    """A rollout's b responses, gathered from every process, and this process's share of its rows."""
+
+    rollout: Rollout
+    """every row: query_responses [b, p + r], response_mask [b, r]"""
+    ended: torch.Tensor
+    """whether each response ended with EOS, shape [b] (bool)"""
+    own: Rollout
+    """this process's rows (the rollout itself in one process)"""
+    own_prompts: list[list[int]]
+    """this process's rows' prompt tokens"""
+    own_responses: list[list[int]]
+    """this process's rows' response tokens"""
+
+
+def _sample_rollout(model: PolicyWithValue, prompts: list[list[int]], k: int, cfg: PPOConfig, world: World, *,
+                    device: torch.device, compute_dtype: torch.dtype, eos_id: int, pad_id: int) -> SampledRollout:
+    """Rollout ``k``'s responses to ``prompts``, each process sampling its share of the rows, gathered. Every
+    token's random number comes from (seed, rollout, row), so a row's response does not depend on which
+    process samples it."""
+    share = world.share(cfg.rollout_batch_size)
+    uniforms = torch.stack(
+        [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(prompts))[share]]
+    )
+    with torch.no_grad(), autocast(device, compute_dtype), gathered(model, world):
+        generations = generate(
+            model.lm, prompts[share], uniforms=uniforms, max_new_tokens=cfg.response_length,
+            temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
+        )
+    own_responses = [g.tokens for g in generations]
+    responses = world.gather_lists(own_responses)
+    ended = world.gather(torch.tensor([g.finish_reason == "eos" for g in generations]))
+    rollout = Rollout(prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
+    own = rollout if not world.distributed else Rollout(
+        prompts[share], own_responses, response_length=cfg.response_length, pad_id=pad_id
+    ).to(device)
+    return SampledRollout(rollout, ended, own, prompts[share], own_responses)
+
+
+def _score_rollout(model: PolicyWithValue, models: PolicyModels, sampled: SampledRollout, cfg: PPOConfig,
+                   world: World) -> tuple[ScoredRollout, torch.Tensor]:
+    """The policy's log-probs, entropy and values [b, r], the reference's log-probs and the PMs' scores of a
+    rollout: each process scores its share of the rows, gathered, so every process holds the whole rollout's
+    (called under no_grad, autocast and ``gathered``)."""
+    own, ctx = sampled.own, sampled.own.context_length
+    prompts, responses = sampled.own_prompts, sampled.own_responses
+    logits, all_values = model(own.query_responses, own.attention_mask, own.position_ids)
+    logprobs = world.gather(response_logprobs(logits, own.query_responses, ctx, cfg.temperature))
+    values = world.gather(all_values[:, ctx - 1 : ctx - 1 + cfg.response_length])
+    mask = sampled.rollout.response_mask
+    entropy = masked_mean(world.gather(entropy_of(logits, ctx, cfg.response_length, cfg.temperature)), mask)
+    del logits
+    ref_logprobs = world.gather(reference_logprobs(model.lm, models.reference, own, cfg.temperature))
+    members = world.gather(pm_member_scores(models.pm, prompts, responses, cfg.pm_batch_size).T).T  # [K, b]
+    test_scores = (
+        world.gather(pm_scores(models.test_pm, prompts, responses, cfg.pm_batch_size)) if models.test_pm else None
+    )
+    return ScoredRollout(logprobs, ref_logprobs, entropy, members, test_scores), values
+
+
+def _update(trained: Any, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter], rollout: Rollout,
+            scored: ScoredRollout, values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, *, k: int,
+            cfg: PPOConfig, world: World, device: torch.device, compute_dtype: torch.dtype) -> list[PPOStats]:
+    """``ppo_epochs`` passes of clipped-PPO mini-batch updates on rollout ``k``, each pass in an order seeded by
+    (seed, rollout, epoch); the loss stats of every micro-batch. ``trained`` is what ``wrap`` returned."""
+    num_mini_batches = cfg.rollout_batch_size // cfg.mini_batch_size
+    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    ctx, mask = rollout.context_length, rollout.response_mask
+    stats: list[PPOStats] = []
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(
+            cfg.rollout_batch_size, generator=torch.Generator().manual_seed(row_seed(cfg.seed, "minibatch", k, epoch))
+        )
+        for m in range(num_mini_batches):
+            mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            for a in range(cfg.gradient_accumulation_steps):
+                micro = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
+                idx = micro[world.share(micro_batch_size)]
+                token_count = mask[micro].sum().clamp(min=1) / world.size if world.distributed else None
+                with accumulate(trained, world, sync=a == cfg.gradient_accumulation_steps - 1):
+                    with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                        new_logits, new_all_values = trained(
+                            rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
+                        )
+                        new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx,
+                                                         cfg.temperature)
+                        new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
+                        loss, loss_stats = ppo_loss(
+                            logprobs=new_logprobs, old_logprobs=scored.logprobs[idx], advantages=advantages[idx],
+                            values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
+                            clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
+                            token_count=token_count,
+                        )
+                    (loss / cfg.gradient_accumulation_steps).backward()
+                stats.append(loss_stats)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+    # A process's loss stats are partial means of the whole micro-batch's: their mean over the processes is it.
+    return [type(s)(*world.mean(torch.stack(list(s)))) for s in stats] if world.distributed else stats
+
+
+def _rollout_metrics(sampled: SampledRollout, scored: ScoredRollout, scores: ConservativeReward, kl: torch.Tensor,
+                     beta: float, mean_kl: float, stats: list[PPOStats], explained: float, *, episodes: int,
+                     episodes_per_s: float) -> dict[str, Any]:
+    """The metrics line of a rollout: the ppo/* keys, the losses and the common policy/* keys. ``kl`` [b, r] is
+    the per-token estimate the rewards were penalised by, at coefficient ``beta``; ``mean_kl`` the k1 KL summed
+    over a response's tokens, averaged over the responses."""
+    mask = sampled.rollout.response_mask
+    record = {
+        "ppo/reward": float(scores.mean.mean()),
+        "ppo/reward_spread": float(scores.spread.mean()),
+        "ppo/reward_conservative": float(scores.conservative.mean()),
+        "ppo/kl": mean_kl,
+        "ppo/sqrt_kl": sqrt_kl(mean_kl),
+        "ppo/kl_coef": beta,
+        "ppo/non_score_reward": float((-beta * kl).sum(1).mean()),
+        "ppo/entropy": float(scored.entropy),
+        "ppo/eos_fraction": float(sampled.ended.float().mean()),
+        "ppo/response_length": float(mask.sum(1).mean()),
+        "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
+        "losses/value": float(torch.stack([s.value_loss for s in stats]).mean()),
+        "ppo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
+        "ppo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
+        "ppo/value_clipfrac": float(torch.stack([s.value_clipfrac for s in stats]).mean()),
+        "ppo/explained_variance": explained,
+        "ppo/episodes": episodes,
+        "charts/episodes_per_s": episodes_per_s,
+        **policy_metrics(scores, mean_kl, episodes, scored.test_scores),
+    }
+    if scored.test_scores is not None:
+        record["ppo/reward_test_pm"] = record["policy/reward_test_pm"]
+    return record
+
+
 def run(cfg: PPOConfig) -> StepResult:
     """Train the policy with PPO; resumes from the newest checkpoint under output_dir."""
     cfg.validate()
@@ -320,10 +465,7 @@ def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
     """The run of one process: its share of every rollout (all of it alone)."""
     # 0. Setup: derived sizes, device, models, data.
     num_rollouts = cfg.total_episodes // cfg.rollout_batch_size
-    num_mini_batches = cfg.rollout_batch_size // cfg.mini_batch_size
-    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     out = Path(cfg.output_dir)
-    final_dir = out / "policy"
     compute_dtype = resolve_dtype(cfg.dtype, device)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -332,94 +474,54 @@ def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
     tokenizer = load_tokenizer(cfg.policy_path)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
-
     eval_ids = (
         encode_prompts(tokenizer, load_prompts(cfg.eval_prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
         if cfg.eval_prompts_path else []
     )
     seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
-    lm, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
-    model = _with_value_function(lm, cfg, device)
+    models = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
+    model = _with_value_function(models.policy, cfg, device)
     trained = wrap(model, world, device, compute_dtype=compute_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
-    if cfg.kl_target is None:
-        kl_ctl = FixedKLController(cfg.kl_coef)
-    else:
-        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    kl_ctl = _kl_controller(cfg)
 
-    start_rollout = 0
     checkpoints = out / "checkpoints"
-    if (latest := latest_checkpoint(checkpoints)) is not None:
-        check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
-        state = load_checkpoint(latest, model=model, optimizer=optimizer, world=world)
-        start_rollout, kl_ctl.value = state["rollout"], state["kl_coef"]
+    state = resume_state(checkpoints, cfg, RUN_ONLY_FIELDS, model=model, optimizer=optimizer, world=world)
+    start_rollout = state.get("rollout", 0)
+    kl_ctl.value = state.get("kl_coef", kl_ctl.value)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=world.main)
     metrics.rewind(after_step=start_rollout)
 
     bar = progress(num_rollouts, desc="ppo", enabled=cfg.progress and world.main, initial=start_rollout,
                    unit="rollout")
     last: dict[str, Any] = {}
-    rollouts_this_run = 0
-    for k in range(start_rollout, num_rollouts):
-        if cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run:
-            break
+    for k in this_run(start_rollout, num_rollouts, cfg.max_rollouts_this_run):
         # 0. On schedule, score the fixed held-out prompts before this rollout's update.
         evaluation = {}
         if cfg.eval_every and k % cfg.eval_every == 0:
             with autocast(device, compute_dtype), gathered(model, world):
-                evaluation = evaluate_policy(model, reference, pm, test_pm, eval_ids, cfg, eos_id, pad_id)
+                evaluation = evaluate_policy(model, models.reference, models.pm, models.test_pm, eval_ids, cfg,
+                                             eos_id, pad_id)
         started = time.perf_counter()
         model.eval()
-        # 1. Sample responses, each process its share of the rows; every token's random number comes from
-        #    (seed, rollout, row), so a row's response does not depend on which process samples it.
+        # 1. Sample responses, each process its share of the rows, gathered.
         order = prompt_order(len(prompt_ids), cfg.seed, k * cfg.rollout_batch_size, cfg.rollout_batch_size)
-        batch_prompts = [prompt_ids[i] for i in order]
-        share = world.share(cfg.rollout_batch_size)
-        uniforms = torch.stack(
-            [row_uniforms(row_seed(cfg.seed, "ppo", k, i), cfg.response_length) for i in range(len(order))[share]]
-        )
-        with torch.no_grad(), autocast(device, compute_dtype), gathered(model, world):
-            generations = generate(
-                model.lm, batch_prompts[share], uniforms=uniforms, max_new_tokens=cfg.response_length,
-                temperature=cfg.temperature, top_p=1.0, eos_id=eos_id, pad_id=pad_id,
-            )
-        share_responses = [g.tokens for g in generations]
-        responses = world.gather_lists(share_responses)
-        ended = world.gather(torch.tensor([g.finish_reason == "eos" for g in generations]))
-        rollout = Rollout(batch_prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
-        ctx, mask = rollout.context_length, rollout.response_mask
+        sampled = _sample_rollout(model, [prompt_ids[i] for i in order], k, cfg, world, device=device,
+                                  compute_dtype=compute_dtype, eos_id=eos_id, pad_id=pad_id)
+        rollout, mask = sampled.rollout, sampled.rollout.response_mask
 
         # 2. Log-probs and values of the policy, log-probs of the reference, PM scores: each process its
-        #    share of the rows, gathered, so every process holds the whole rollout's.
+        #    share of the rows, gathered, so every process holds the whole rollout's. The reward is
+        #    conservative under an ensemble, and a response cut off before EOS pays missing_eos_penalty.
         with torch.no_grad(), autocast(device, compute_dtype), gathered(model, world):
-            own = rollout if not world.distributed else Rollout(
-                batch_prompts[share], share_responses, response_length=cfg.response_length, pad_id=pad_id
-            ).to(device)
-            own_ctx = own.context_length
-            logits, all_values = model(own.query_responses, own.attention_mask, own.position_ids)
-            logprobs = world.gather(response_logprobs(logits, own.query_responses, own_ctx, cfg.temperature))
-            values = world.gather(all_values[:, own_ctx - 1 : own_ctx - 1 + cfg.response_length])
-            entropy = masked_mean(world.gather(entropy_of(logits, own_ctx, cfg.response_length, cfg.temperature)), mask)
-            del logits
-            ref_logprobs = world.gather(reference_logprobs(model.lm, reference, own, cfg.temperature))
-            members = world.gather(
-                pm_member_scores(pm, batch_prompts[share], share_responses, cfg.pm_batch_size).T
-            ).T  # [K, b]
-            scores = members.mean(0)
-            spread = members.std(0, unbiased=False)  # 0 for a single PM
-            test_scores = (
-                world.gather(pm_scores(test_pm, batch_prompts[share], share_responses, cfg.pm_batch_size))
-                if test_pm else None
-            )
-            # The conservative reward: where the members disagree, the policy is off the PM's data (Coste et al. 2023).
-            penalised = scores - cfg.ensemble_penalty * spread
-            if cfg.missing_eos_penalty is not None:
-                penalised[~ended] -= cfg.missing_eos_penalty
+            scored, values = _score_rollout(model, models, sampled, cfg, world)
+            scores = conservative_reward(scored.members, sampled.ended, ensemble_penalty=cfg.ensemble_penalty,
+                                         missing_eos_penalty=cfg.missing_eos_penalty)
 
             # 3. Per-token rewards: -beta * KL everywhere, the PM score at the last token.
-            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-            rewards = penalised_rewards(penalised.to(device), kl, mask, kl_ctl.value)
+            kl = kl_estimate(scored.logprobs, scored.ref_logprobs, cfg.kl_estimator) * mask
+            rewards = penalised_rewards(scores.reward.to(device), kl, mask, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
 
@@ -432,87 +534,41 @@ def _train(cfg: PPOConfig, world: World, device: torch.device) -> StepResult:
         #    process's).
         model.train()
         disable_dropout(model)
-        stats: list = []
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(
-                cfg.rollout_batch_size, generator=torch.Generator().manual_seed(row_seed(cfg.seed, "minibatch", k, epoch))
-            )
-            for m in range(num_mini_batches):
-                mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                for a in range(cfg.gradient_accumulation_steps):
-                    micro = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
-                    idx = micro[world.share(micro_batch_size)]
-                    token_count = mask[micro].sum().clamp(min=1) / world.size if world.distributed else None
-                    with accumulate(trained, world, sync=a == cfg.gradient_accumulation_steps - 1):
-                        with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
-                            new_logits, new_all_values = trained(
-                                rollout.query_responses[idx], rollout.attention_mask[idx], rollout.position_ids[idx]
-                            )
-                            new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx,
-                                                             cfg.temperature)
-                            new_values = new_all_values[:, ctx - 1 : ctx - 1 + cfg.response_length]
-                            loss, loss_stats = ppo_loss(
-                                logprobs=new_logprobs, old_logprobs=logprobs[idx], advantages=advantages[idx],
-                                values=new_values, old_values=values[idx], returns=returns[idx], mask=mask[idx],
-                                clip_coef=cfg.clip_coef, value_clip=cfg.value_clip, vf_coef=cfg.vf_coef,
-                                token_count=token_count,
-                            )
-                        (loss / cfg.gradient_accumulation_steps).backward()
-                    stats.append(loss_stats)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
+        stats = _update(trained, optimizer, trainable, rollout, scored, values, advantages, returns, k=k, cfg=cfg,
+                        world=world, device=device, compute_dtype=compute_dtype)
 
         # 6. The KL controller sees this rollout's mean per-response KL.
-        episode_kl = (kl_estimate(logprobs, ref_logprobs, "k1") * mask).sum(1)
-        mean_kl = float(episode_kl.mean())
+        mean_kl = float((kl_estimate(scored.logprobs, scored.ref_logprobs, "k1") * mask).sum(1).mean())
         beta = kl_ctl.value
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
 
-        # 7. Metrics (namespaced, as cleanrl) and a checkpoint; a process's loss stats are partial means of the
-        #    whole micro-batch's, averaged over the processes.
-        stats = [type(s)(*world.mean(torch.stack(list(s)))) for s in stats] if world.distributed else stats
+        # 7. Metrics (namespaced, as cleanrl; policy/* are the keys every sampling method reports) and a checkpoint.
         elapsed = time.perf_counter() - started
-        last = {
-            "ppo/reward": float(scores.mean()),
-            "ppo/reward_spread": float(spread.mean()),
-            "ppo/reward_conservative": float((scores - cfg.ensemble_penalty * spread).mean()),
-            "ppo/kl": mean_kl,
-            "ppo/sqrt_kl": sqrt_kl(mean_kl),
-            "ppo/kl_coef": beta,
-            "ppo/non_score_reward": float((-beta * kl).sum(1).mean()),
-            "ppo/entropy": float(entropy),
-            "ppo/eos_fraction": float(ended.float().mean()),
-            "ppo/response_length": float(mask.sum(1).mean()),
-            "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
-            "losses/value": float(torch.stack([s.value_loss for s in stats]).mean()),
-            "ppo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
-            "ppo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
-            "ppo/value_clipfrac": float(torch.stack([s.value_clipfrac for s in stats]).mean()),
-            "ppo/explained_variance": explained_variance(values, returns, mask),
-            "ppo/episodes": (k + 1) * cfg.rollout_batch_size,
-            "charts/episodes_per_s": cfg.rollout_batch_size / elapsed,
-        }
-        if test_scores is not None:
-            last["ppo/reward_test_pm"] = float(test_scores.mean())
+        last = _rollout_metrics(sampled, scored, scores, kl, beta, mean_kl, stats,
+                                explained_variance(values, returns, mask), episodes=(k + 1) * cfg.rollout_batch_size,
+                                episodes_per_s=cfg.rollout_batch_size / elapsed)
         last.update(evaluation)
-        metrics.log({"step": k + 1, **last})
-        bar.set_postfix({"reward": f"{last['ppo/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
-        bar.update(1)
-        rollouts_this_run += 1
+        log_progress(metrics, bar, k + 1, last)
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == num_rollouts:
             save_checkpoint(
                 checkpoints, k + 1, model=model, optimizer=optimizer,
                 state={"rollout": k + 1, "kl_coef": kl_ctl.value, "config": to_dict(cfg)}, world=world,
             )
     bar.close()
-    done = latest_checkpoint(checkpoints)
-    finished = done is not None and int(done.name.split("-")[1]) >= num_rollouts
-    if not finished:
+    if checkpointed(checkpoints) < num_rollouts:
         return collect_result(STEP, out, {}, last, complete=False)
 
     # 8. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary
     #    (rank 0; under fsdp every process gathers the weights first).
+    return _save_and_finish(model, tokenizer, cfg, world, num_rollouts)
+
+
+def _save_and_finish(model: PolicyWithValue, tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig, world: World,
+                     num_rollouts: int) -> StepResult:
+    """The trained policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary that
+    marks the run finished (rank 0; under fsdp every process gathers the weights first)."""
+    out = Path(cfg.output_dir)
+    final_dir = out / "policy"
     if world.sharded:
         state = full_state_dict(model, world)
         if world.main:

@@ -54,17 +54,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from workers.best_of_n import pick_best
 from workers.common.checkpoint import latest_checkpoint, read_checkpoint_state, resume_or_start, save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.distributed import refuse_distributed
-from workers.common.data import load_prompts
-from workers.common.generation import row_seed, row_uniforms
+from workers.common.data import Prompt, load_prompts
+from workers.common.generation import row_seed
 from workers.common.metrics import StepResult, atomic_write_text, collect_result
 from workers.common.modeling import load_tokenizer
 from workers.common.policy_step import (
-    check_inputs, check_policy_config, finish, finished_result, load_models, save_policy, setup_machine,
+    ConservativeReward, check_inputs, check_policy_config, conservative_reward, finish, finished_result, load_models,
+    log_progress, policy_metrics, sample_uniforms, save_policy, setup_machine, this_run,
 )
 from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
 from workers.common.runtime import autocast, progress, seed_everything, synchronize
@@ -219,6 +221,113 @@ def anchored_sft_loss(
 # -- the step -------------------------------------------------------------------------
 
 
+def _sample(model: torch.nn.Module, reference: torch.nn.Module | None, prompts: list[list[int]],
+            uniforms: torch.Tensor, cfg: RejectionSamplingConfig, *, eos_id: int,
+            pad_id: int) -> tuple[list[list[int]], torch.Tensor]:
+    """One response to each of ``prompts`` (row i drawn with ``uniforms[i]``), generation_batch_size rows at a
+    time, and each response's KL to the reference [rows] (called under no_grad and autocast)."""
+    responses: list[list[int]] = []
+    kls = []
+    for start in range(0, len(prompts), cfg.generation_batch_size):
+        stop = start + cfg.generation_batch_size
+        chunk_responses, chunk_kls = sample_with_kl(
+            model, reference, prompts[start:stop], uniforms=uniforms[start:stop],
+            max_new_tokens=cfg.response_length, temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
+        )
+        responses += chunk_responses
+        kls.append(chunk_kls.float().cpu())
+    return responses, torch.cat(kls)
+
+
+def _pick_winners(scores: torch.Tensor, order: list[int], responses: list[list[int]], r: int,
+                  cfg: RejectionSamplingConfig) -> list[dict[str, Any]]:
+    """Round ``r``'s winners: each prompt slot's best of its n responses under ``scores`` [P * n] (row
+    slot * n + s), kept when it beats the slot's mean score by min_margin (always, with min_margin None)."""
+    best = pick_best(scores.view(cfg.prompts_per_round, cfg.n))
+    kept = torch.ones(cfg.prompts_per_round, dtype=torch.bool)
+    if cfg.min_margin is not None:
+        kept = best.score - best.mean >= cfg.min_margin
+    return [
+        {
+            "round": r + 1, "prompt_index": order[slot], "sample": int(best.index[slot]),
+            "response_ids": responses[slot * cfg.n + int(best.index[slot])],
+            "score": float(best.score[slot]), "mean_score": float(best.mean[slot]),
+        }
+        for slot in range(cfg.prompts_per_round) if kept[slot]
+    ]
+
+
+def _sft_round(model: torch.nn.Module, reference: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], train_set: list[Example], r: int, cfg: RejectionSamplingConfig, *,
+               pad_id: int, device: torch.device, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """Round ``r``'s fine-tuning: ``sft_steps_per_round`` optimizer steps of ``anchored_sft_loss`` on
+    ``train_set``, its batches drawn in an order seeded by the round, so they do not depend on where a run
+    was resumed; the round's mean losses and gradient norm (None without winners)."""
+    stats, grad_norms = [], []
+    if train_set:
+        sft_order = DataOrder(len(train_set), seed=row_seed(cfg.seed, f"{STEP}-sft", r, 0))
+        for step in range(cfg.sft_steps_per_round):
+            batch = [train_set[i] for i in sft_order.batch(step, cfg.batch_size)]
+            ids, mask, labels = collate(batch, pad_id=pad_id)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                with torch.no_grad():
+                    if reference is None:
+                        with model.disable_adapter():
+                            ref_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    else:
+                        ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                loss, step_stats = anchored_sft_loss(logits, ref_logits, labels, cfg.kl_coef)
+            loss.backward()
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append(step_stats)
+    return {
+        "losses/sft": float(torch.stack([s.nll for s in stats]).mean()) if stats else None,
+        "losses/kl": float(torch.stack([s.kl for s in stats]).mean()) if stats else None,
+        "optim/grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else None,
+    }
+
+
+def _round_metrics(scores: ConservativeReward, new: list[dict[str, Any]], train_examples: int, kl: torch.Tensor,
+                   ended: torch.Tensor, responses: list[list[int]], training: dict[str, Any],
+                   test_scores: torch.Tensor | None, *, episodes: int, episodes_per_s: float) -> dict[str, Any]:
+    """The metrics line of a round: the rs/* keys, ``training``'s (``_sft_round``) and the common policy/*
+    keys. ``rs/mean_score`` is the mean selection score (missing-EOS penalty in)."""
+    mean_kl = float(kl.mean())
+    record = {
+        "rs/winner_score": float(torch.tensor([w["score"] for w in new]).mean()) if new else None,
+        "rs/mean_score": float(scores.reward.mean()),
+        "rs/winners": len(new),
+        "rs/train_examples": train_examples,
+        "rs/kl": mean_kl,
+        "rs/eos_fraction": float(ended.float().mean()),
+        "rs/response_length": sum(len(x) for x in responses) / len(responses),
+        "rs/episodes": episodes,
+        **training,
+        **policy_metrics(scores, mean_kl, episodes, test_scores),
+        "policy/sqrt_kl": sqrt_kl(mean_kl),
+        "charts/episodes_per_s": episodes_per_s,
+    }
+    if test_scores is not None:
+        record["rs/reward_test_pm"] = record["policy/reward_test_pm"]
+    return record
+
+
+def _write_winners(path: Path, winners: list[dict[str, Any]], prompts: list[Prompt],
+                   tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every round's winners as JSONL: round, prompt id and text, response text, sample, score, mean score."""
+    texts = tokenizer.batch_decode([w["response_ids"] for w in winners], skip_special_tokens=True)
+    lines = [
+        {"round": w["round"], "prompt_id": prompts[w["prompt_index"]].id, "prompt": prompts[w["prompt_index"]].text,
+         "response": text, "sample": w["sample"], "score": w["score"], "mean_score": w["mean_score"]}
+        for w, text in zip(winners, texts)
+    ]
+    atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+
+
 def run(cfg: RejectionSamplingConfig) -> StepResult:
     """Rounds of best-of-n selection under the PM and fine-tuning on the winners; resumes from the newest checkpoint."""
     refuse_distributed(STEP)  # one process only: see workers.common.distributed
@@ -255,124 +364,52 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
 
     bar = progress(cfg.rounds, desc="rejection_sampling", enabled=cfg.progress, initial=start_round, unit="round")
     last: dict[str, Any] = {}
-    rounds_this_run = 0
-    for r in range(start_round, cfg.rounds):
-        if cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run:
-            break
+    rounds = this_run(start_round, cfg.rounds, cfg.max_rounds_this_run)
+    for r in rounds:
         started = time.perf_counter()
         model.eval()
         # 1. n samples for each of the round's prompts from the current policy, and each one's KL to the
         #    reference; the random numbers of sample s in prompt slot i come from (seed, round, i, s).
         order = prompt_order.batch(r, cfg.prompts_per_round)
-        rows = [(slot, s) for slot in range(cfg.prompts_per_round) for s in range(cfg.n)]
-        row_prompts = [prompt_ids[order[slot]] for slot, _ in rows]
-        uniforms = torch.stack(
-            [row_uniforms(row_seed(cfg.seed, STEP, [r, slot], s), cfg.response_length) for slot, s in rows]
-        )
-        responses: list[list[int]] = []
-        kls = []
+        row_prompts = [prompt_ids[order[slot]] for slot in range(cfg.prompts_per_round) for _ in range(cfg.n)]
+        uniforms = sample_uniforms(cfg.seed, STEP, r, cfg.prompts_per_round, cfg.n, cfg.response_length)
         with torch.no_grad(), autocast(device, compute_dtype):
-            for start in range(0, len(rows), cfg.generation_batch_size):
-                stop = start + cfg.generation_batch_size
-                chunk_responses, chunk_kls = sample_with_kl(
-                    model, reference, row_prompts[start:stop], uniforms=uniforms[start:stop],
-                    max_new_tokens=cfg.response_length, temperature=cfg.temperature, eos_id=eos_id, pad_id=pad_id,
-                )
-                responses += chunk_responses
-                kls.append(chunk_kls.float().cpu())
-            kl = torch.cat(kls)  # [P * n]
+            responses, kl = _sample(model, reference, row_prompts, uniforms, cfg, eos_id=eos_id, pad_id=pad_id)
 
             # 2. PM scores; the selection score is conservative for an ensemble and pays for a missing EOS.
             members = pm_member_scores(pm, row_prompts, responses, cfg.pm_batch_size)  # [K, P * n]
             test_scores = pm_scores(test_pm, row_prompts, responses, cfg.pm_batch_size) if test_pm else None
-        reward, spread = members.mean(0), members.std(0, unbiased=False)  # spread 0 for a single PM
-        scores = reward - cfg.ensemble_penalty * spread
         ended = torch.tensor([len(x) > 0 and x[-1] == eos_id for x in responses])
-        if cfg.missing_eos_penalty is not None:
-            scores[~ended] -= cfg.missing_eos_penalty
+        scores = conservative_reward(members, ended, ensemble_penalty=cfg.ensemble_penalty,
+                                     missing_eos_penalty=cfg.missing_eos_penalty)
 
         # 3. Each prompt's best of n, kept when it beats the prompt's mean by min_margin.
-        best = pick_best(scores.view(cfg.prompts_per_round, cfg.n))
-        kept = torch.ones(cfg.prompts_per_round, dtype=torch.bool)
-        if cfg.min_margin is not None:
-            kept = best.score - best.mean >= cfg.min_margin
-        new = [
-            {
-                "round": r + 1, "prompt_index": order[slot], "sample": int(best.index[slot]),
-                "response_ids": responses[slot * cfg.n + int(best.index[slot])],
-                "score": float(best.score[slot]), "mean_score": float(best.mean[slot]),
-            }
-            for slot in range(cfg.prompts_per_round) if kept[slot]
-        ]
+        new = _pick_winners(scores.reward, order, responses, r, cfg)
         winners += new
 
-        # 4. Fine-tune on the winners (this round's, or every round's with keep_winners), reshuffled
-        #    with a seed of the round, so the batches do not depend on where a run was resumed.
+        # 4. Fine-tune on the winners (this round's, or every round's with keep_winners).
         model.train()
         train_set = [
             Example(prompt_ids[w["prompt_index"]] + w["response_ids"], len(prompt_ids[w["prompt_index"]]))
             for w in (winners if cfg.keep_winners else new)
         ]
-        stats, grad_norms = [], []
-        if train_set:
-            sft_order = DataOrder(len(train_set), seed=row_seed(cfg.seed, f"{STEP}-sft", r, 0))
-            for step in range(cfg.sft_steps_per_round):
-                batch = [train_set[i] for i in sft_order.batch(step, cfg.batch_size)]
-                ids, mask, labels = collate(batch, pad_id=pad_id)
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    with torch.no_grad():
-                        if reference is None:
-                            with model.disable_adapter():
-                                ref_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                        else:
-                            ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    loss, step_stats = anchored_sft_loss(logits, ref_logits, labels, cfg.kl_coef)
-                loss.backward()
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                stats.append(step_stats)
-        synchronize(device)
+        training = _sft_round(model, reference, optimizer, params, train_set, r, cfg, pad_id=pad_id, device=device,
+                              compute_dtype=compute_dtype)
+        synchronize(device)  # the round's time includes its queued GPU work
 
         # 5. Metrics (the step's namespace and the common policy/* keys) and a checkpoint.
         elapsed = time.perf_counter() - started
-        mean_kl = float(kl.mean())
-        episodes = (r + 1) * episodes_per_round
-        last = {
-            "rs/winner_score": float(torch.tensor([w["score"] for w in new]).mean()) if new else None,
-            "rs/mean_score": float(scores.mean()),
-            "rs/winners": len(new),
-            "rs/train_examples": len(train_set),
-            "rs/kl": mean_kl,
-            "rs/eos_fraction": float(ended.float().mean()),
-            "rs/response_length": sum(len(x) for x in responses) / len(responses),
-            "rs/episodes": episodes,
-            "losses/sft": float(torch.stack([s.nll for s in stats]).mean()) if stats else None,
-            "losses/kl": float(torch.stack([s.kl for s in stats]).mean()) if stats else None,
-            "optim/grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else None,
-            "policy/reward": float(reward.mean()),
-            "policy/reward_spread": float(spread.mean()),
-            "policy/kl": mean_kl,
-            "policy/sqrt_kl": sqrt_kl(mean_kl),
-            "policy/episodes": episodes,
-            "charts/episodes_per_s": episodes_per_round / elapsed,
-        }
-        if test_scores is not None:
-            last["rs/reward_test_pm"] = last["policy/reward_test_pm"] = float(test_scores.mean())
-        metrics.log({"step": r + 1, **last})
-        bar.set_postfix({"reward": f"{last['policy/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
-        bar.update(1)
-        rounds_this_run += 1
-        stopping = cfg.max_rounds_this_run is not None and rounds_this_run >= cfg.max_rounds_this_run
-        if r + 1 < cfg.rounds and ((r + 1) % cfg.checkpoint_every == 0 or stopping):
+        last = _round_metrics(scores, new, len(train_set), kl, ended, responses, training, test_scores,
+                              episodes=(r + 1) * episodes_per_round, episodes_per_s=episodes_per_round / elapsed)
+        log_progress(metrics, bar, r + 1, last)
+        last_of_run = r + 1 == rounds.stop  # a run stopped by max_rounds_this_run resumes from here
+        if r + 1 < cfg.rounds and ((r + 1) % cfg.checkpoint_every == 0 or last_of_run):
             save_checkpoint(
                 checkpoints, r + 1, model=model, optimizer=optimizer,
                 state={"config": to_dict(cfg), "round": r + 1, "winners": winners},
             )
     bar.close()
-    rounds_done = start_round + rounds_this_run
+    rounds_done = start_round + len(rounds)
     if rounds_done < cfg.rounds:
         return collect_result(STEP, out, {}, {**last, "rs/rounds_done": rounds_done, "rs/rounds": cfg.rounds},
                               complete=False)
@@ -380,13 +417,7 @@ def run(cfg: RejectionSamplingConfig) -> StepResult:
     # 6. The winners, then the policy as an ordinary Hugging Face directory in float32 (LoRA merged into
     #    float32 base weights: merged into bfloat16 ones, small updates would round away), then the
     #    summary that marks the run finished.
-    texts = tokenizer.batch_decode([w["response_ids"] for w in winners], skip_special_tokens=True)
-    lines = [
-        {"round": w["round"], "prompt_id": prompts[w["prompt_index"]].id, "prompt": prompts[w["prompt_index"]].text,
-         "response": text, "sample": w["sample"], "score": w["score"], "mean_score": w["mean_score"]}
-        for w, text in zip(winners, texts)
-    ]
-    atomic_write_text(out / "winners.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    _write_winners(out / "winners.jsonl", winners, prompts, tokenizer)
     model.eval()
     save_policy(model, tokenizer, final_dir, lora=bool(cfg.lora_r))
     save_config(cfg, final_dir, step=STEP)

@@ -50,20 +50,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from workers.common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.common.checkpoint import save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.distributed import refuse_distributed
 from workers.common.data import load_prompts
-from workers.common.generation import generate, row_seed, row_uniforms
+from workers.common.generation import generate, row_seed
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
 from workers.common.modeling import causal_mask_4d, disable_dropout, load_tokenizer
 from workers.common.policy_step import (
-    check_inputs, check_policy_config, check_resume_config, finish, finished_result, last_metrics, load_models,
-    prompt_order, save_policy, setup_machine,
+    ConservativeReward, PolicyModels, ScoredRollout, check_inputs, check_policy_config, checkpointed,
+    conservative_reward, finish, finished_result, last_metrics, load_models, log_progress, policy_metrics,
+    prompt_order, resume_state, sample_uniforms, save_policy, setup_machine, this_run,
 )
 from workers.common.rollout import (
     Rollout,
@@ -77,7 +78,7 @@ from workers.common.rollout import (
 from workers.common.runtime import autocast, progress, seed_everything
 from workers.rl.advantages import masked_mean
 from workers.rl.group import grpo_advantages, rloo_advantages
-from workers.rl.losses import grpo_loss
+from workers.rl.losses import GRPOStats, grpo_loss
 
 STEP = "rloo"
 RUN_ONLY_FIELDS = {"output_dir", "max_rollouts_this_run", "progress", "num_threads", "checkpoint_every", "device"}
@@ -211,13 +212,6 @@ class RLOOConfig:
         check_policy_config(self)
 
 
-def group_advantages(rewards: torch.Tensor, estimator: Estimator) -> torch.Tensor:
-    """Advantages [b, k] of rewards [b, k] (k responses to each of b prompts) against their group's baseline."""
-    if estimator == "rloo":
-        return rloo_advantages(rewards)
-    return grpo_advantages(rewards, scale=estimator == "grpo")
-
-
 def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
     """The policy's logits [b, p + r, vocab] over the rollout's rows ``idx`` (all when None)."""
     ids, attention, positions = rollout.query_responses, rollout.attention_mask, rollout.position_ids
@@ -227,6 +221,114 @@ def _logits(lm: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = No
     return out.logits
 
 
+def _score_rollout(models: PolicyModels, rollout: Rollout, prompts: Sequence[Sequence[int]],
+                   responses: Sequence[Sequence[int]], cfg: RLOOConfig) -> ScoredRollout:
+    """The policy's log-probs and entropy, the reference's log-probs and the PMs' scores of a rollout (called
+    under no_grad and autocast)."""
+    ctx, mask = rollout.context_length, rollout.response_mask
+    logits = _logits(models.policy, rollout)
+    logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
+    entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
+    del logits
+    ref_logprobs = reference_logprobs(models.policy, models.reference, rollout, cfg.temperature)
+    members = pm_member_scores(models.pm, prompts, responses, cfg.pm_batch_size)
+    test_scores = pm_scores(models.test_pm, prompts, responses, cfg.pm_batch_size) if models.test_pm else None
+    return ScoredRollout(logprobs, ref_logprobs, entropy, members, test_scores)
+
+
+class GroupAdvantages(NamedTuple):
+    """The advantages of a rollout's b = prompts_per_rollout * k responses against their groups' baselines."""
+
+    kl: torch.Tensor
+    """each response's KL to the reference, the k1 log ratio summed over its tokens, shape [b]"""
+    advantages: torch.Tensor
+    """one per response, shared by its tokens, shape [b]"""
+    zero_spread: torch.Tensor
+    """the groups whose rewards span less than ZERO_SPREAD, shape [prompts_per_rollout] (bool)"""
+
+
+def group_advantages(rewards: torch.Tensor, estimator: Estimator) -> torch.Tensor:
+    """Advantages [b, k] of rewards [b, k] (k responses to each of b prompts) against their group's baseline."""
+    if estimator == "rloo":
+        return rloo_advantages(rewards)
+    return grpo_advantages(rewards, scale=estimator == "grpo")
+
+
+def rollout_advantages(reward: torch.Tensor, scored: ScoredRollout, mask: torch.Tensor,
+                       cfg: RLOOConfig) -> GroupAdvantages:
+    """Sequence rewards [b] (``kl_coef`` times the summed k1 KL subtracted with ``kl_in_reward``) and their
+    advantages against each prompt's group; ``mask`` [b, r] marks the response tokens."""
+    # The KL of a response is its summed k1 log ratio (Schulman 2020); RLOO subtracts beta times it from the
+    # reward (Ahmadian et al. 2024).
+    kl = ((scored.logprobs - scored.ref_logprobs) * mask).sum(1)
+    rewards = reward - cfg.kl_coef * kl if cfg.kl_in_reward else reward
+    groups = rewards.view(cfg.prompts_per_rollout, cfg.k)
+    advantages = group_advantages(groups, cfg.estimator).reshape(cfg.rollout_batch_size)
+    zero_spread = (groups.max(1).values - groups.min(1).values) < ZERO_SPREAD
+    return GroupAdvantages(kl, advantages, zero_spread)
+
+
+def _update(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+            rollout: Rollout, scored: ScoredRollout, advantages: torch.Tensor, *, rollout_idx: int, cfg: RLOOConfig,
+            device: torch.device, compute_dtype: torch.dtype) -> list[GRPOStats]:
+    """``epochs`` passes of clipped mini-batch updates on a rollout, each pass in an order seeded by
+    (seed, rollout, epoch) so a resumed run takes the same steps; the stats of every micro-batch."""
+    num_mini_batches = cfg.rollout_batch_size // cfg.mini_batch_size
+    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    loss_kl_coef = 0.0 if cfg.kl_in_reward else cfg.kl_coef
+    ctx, mask = rollout.context_length, rollout.response_mask
+    stats: list[GRPOStats] = []
+    for epoch in range(cfg.epochs):
+        generator = torch.Generator().manual_seed(row_seed(cfg.seed, "rloo-minibatch", rollout_idx, epoch))
+        perm = torch.randperm(cfg.rollout_batch_size, generator=generator)
+        for m in range(num_mini_batches):
+            mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            for a in range(cfg.gradient_accumulation_steps):
+                idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
+                with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
+                    new_logits = _logits(policy, rollout, idx)
+                    new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
+                    loss, loss_stats = grpo_loss(
+                        logprobs=new_logprobs, old_logprobs=scored.logprobs[idx], ref_logprobs=scored.ref_logprobs[idx],
+                        advantages=advantages[idx], mask=mask[idx], clip_coef=cfg.clip_coef, kl_coef=loss_kl_coef,
+                    )
+                (loss / cfg.gradient_accumulation_steps).backward()
+                stats.append(loss_stats)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+    return stats
+
+
+def _rollout_metrics(scored: ScoredRollout, scores: ConservativeReward, advantages: GroupAdvantages,
+                     ended: torch.Tensor, mask: torch.Tensor, stats: list[GRPOStats], *, episodes: int,
+                     episodes_per_s: float) -> dict[str, Any]:
+    """The metrics line of a rollout: the rloo/* keys, the losses and the common policy/* keys."""
+    mean_kl = float(advantages.kl.mean())
+    record = {
+        "rloo/reward": float(scores.mean.mean()),
+        "rloo/reward_spread": float(scores.spread.mean()),
+        "rloo/reward_conservative": float(scores.conservative.mean()),
+        "rloo/kl": mean_kl,
+        "rloo/advantage_std": float(advantages.advantages.std(unbiased=False)),
+        "rloo/zero_std_groups": float(advantages.zero_spread.float().mean()),
+        "rloo/entropy": float(scored.entropy),
+        "rloo/eos_fraction": float(ended.float().mean()),
+        "rloo/response_length": float(mask.sum(1).mean()),
+        "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
+        # the per-token k3 KL to the reference; in the loss (times kl_coef) only when kl_in_reward is False
+        "losses/kl": float(torch.stack([s.kl for s in stats]).mean()),
+        "rloo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
+        "rloo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
+        "rloo/episodes": episodes,
+        "charts/episodes_per_s": episodes_per_s,
+        **policy_metrics(scores, mean_kl, episodes, scored.test_scores),
+    }
+    if scored.test_scores is not None:
+        record["rloo/reward_test_pm"] = record["policy/reward_test_pm"]
+    return record
+
+
 def run(cfg: RLOOConfig) -> StepResult:
     """Train the policy with RLOO or GRPO; resumes from the newest checkpoint under output_dir."""
     refuse_distributed(STEP)  # one process only: see workers.common.distributed
@@ -234,9 +336,6 @@ def run(cfg: RLOOConfig) -> StepResult:
     # 0. Setup: derived sizes, device, models, data.
     batch_size = cfg.rollout_batch_size
     num_rollouts = cfg.total_episodes // batch_size
-    num_mini_batches = batch_size // cfg.mini_batch_size
-    micro_batch_size = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    loss_kl_coef = 0.0 if cfg.kl_in_reward else cfg.kl_coef
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
     if (done := finished_result(STEP, cfg, RUN_ONLY_FIELDS)) is not None:
@@ -250,34 +349,27 @@ def run(cfg: RLOOConfig) -> StepResult:
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, load_prompts(cfg.prompts_path), max_prompt_tokens=cfg.max_prompt_tokens)
     seed_everything(cfg.seed)  # LoRA's adapter initialisation draws from the global generator
-    policy, reference, pm, test_pm = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
+    models = load_models(cfg, device, compute_dtype, lora_dropout=cfg.lora_dropout)
+    policy = models.policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
 
-    start_rollout = 0
     checkpoints = out / "checkpoints"
-    if (latest := latest_checkpoint(checkpoints)) is not None:
-        check_resume_config(latest, cfg, RUN_ONLY_FIELDS)
-        start_rollout = load_checkpoint(latest, model=policy, optimizer=optimizer)["rollout"]
+    start_rollout = resume_state(checkpoints, cfg, RUN_ONLY_FIELDS, model=policy, optimizer=optimizer).get("rollout", 0)
     metrics = MetricsWriter(out / "metrics.jsonl")
     metrics.rewind(after_step=start_rollout)
 
     bar = progress(num_rollouts, desc=STEP, enabled=cfg.progress, initial=start_rollout, unit="rollout")
     last: dict[str, Any] = {}
-    rollouts_this_run = 0
-    for rollout_idx in range(start_rollout, num_rollouts):
-        if cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run:
-            break
+    rollouts = this_run(start_rollout, num_rollouts, cfg.max_rollouts_this_run)
+    for rollout_idx in rollouts:
         started = time.perf_counter()
         policy.eval()
         # 1. k responses to each prompt, grouped by prompt (row j * k + s is sample s of prompt slot j);
         #    every token's random number comes from (seed, rollout, prompt slot, sample).
         order = prompt_order(len(prompt_ids), cfg.seed, rollout_idx * cfg.prompts_per_rollout, cfg.prompts_per_rollout)
         batch_prompts = [prompt_ids[i] for i in order for _ in range(cfg.k)]
-        uniforms = torch.stack([
-            row_uniforms(row_seed(cfg.seed, STEP, [rollout_idx, slot], sample), cfg.response_length)
-            for slot in range(cfg.prompts_per_rollout) for sample in range(cfg.k)
-        ])
+        uniforms = sample_uniforms(cfg.seed, STEP, rollout_idx, cfg.prompts_per_rollout, cfg.k, cfg.response_length)
         with torch.no_grad(), autocast(device, compute_dtype):
             generations = generate(
                 policy, batch_prompts, uniforms=uniforms, max_new_tokens=cfg.response_length,
@@ -286,100 +378,36 @@ def run(cfg: RLOOConfig) -> StepResult:
         responses = [g.tokens for g in generations]
         ended = torch.tensor([g.finish_reason == "eos" for g in generations])
         rollout = Rollout(batch_prompts, responses, response_length=cfg.response_length, pad_id=pad_id).to(device)
-        ctx, mask = rollout.context_length, rollout.response_mask
 
-        # 2. Log-probs of the policy and of the reference, PM scores.
+        # 2. Log-probs of the policy and of the reference, PM scores; the reward is conservative under an
+        #    ensemble, and a response cut off before EOS pays missing_eos_penalty.
         with torch.no_grad(), autocast(device, compute_dtype):
-            logits = _logits(policy, rollout)
-            logprobs = response_logprobs(logits, rollout.query_responses, ctx, cfg.temperature)
-            entropy = masked_mean(entropy_of(logits, ctx, cfg.response_length, cfg.temperature), mask)
-            del logits
-            ref_logprobs = reference_logprobs(policy, reference, rollout, cfg.temperature)
-            members = pm_member_scores(pm, batch_prompts, responses, cfg.pm_batch_size)  # [K, b]
-            test_scores = pm_scores(test_pm, batch_prompts, responses, cfg.pm_batch_size) if test_pm else None
-        scores = members.mean(0)
-        spread = members.std(0, unbiased=False)  # 0 for a single PM
-        # The conservative reward: where the members disagree, the policy is off the PM's data (Coste et al. 2023).
-        penalised = scores - cfg.ensemble_penalty * spread
-        if cfg.missing_eos_penalty is not None:
-            penalised[~ended] -= cfg.missing_eos_penalty
+            scored = _score_rollout(models, rollout, batch_prompts, responses, cfg)
+        scores = conservative_reward(scored.members, ended, ensemble_penalty=cfg.ensemble_penalty,
+                                     missing_eos_penalty=cfg.missing_eos_penalty)
 
-        # 3. Sequence rewards and group advantages. The KL of a response is its summed k1 log ratio
-        #    (Schulman 2020); RLOO subtracts beta times it from the reward (Ahmadian et al. 2024).
-        kl_seq = ((logprobs - ref_logprobs) * mask).sum(1)
-        rewards = penalised.to(device)
-        if cfg.kl_in_reward:
-            rewards = rewards - cfg.kl_coef * kl_seq
-        groups = rewards.view(cfg.prompts_per_rollout, cfg.k)
-        advantages = group_advantages(groups, cfg.estimator).reshape(batch_size)
-        zero_spread = (groups.max(1).values - groups.min(1).values) < ZERO_SPREAD
+        # 3. Sequence rewards and group advantages.
+        advantages = rollout_advantages(scores.reward.to(device), scored, rollout.response_mask, cfg)
 
         # 4. Epochs of clipped mini-batch updates on the rollout (no value function).
         policy.train()
         disable_dropout(policy)
-        stats: list = []
-        for epoch in range(cfg.epochs):
-            generator = torch.Generator().manual_seed(row_seed(cfg.seed, "rloo-minibatch", rollout_idx, epoch))
-            perm = torch.randperm(batch_size, generator=generator)
-            for m in range(num_mini_batches):
-                mini = perm[m * cfg.mini_batch_size : (m + 1) * cfg.mini_batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                for a in range(cfg.gradient_accumulation_steps):
-                    idx = mini[a * micro_batch_size : (a + 1) * micro_batch_size].to(device)
-                    with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
-                        new_logits = _logits(policy, rollout, idx)
-                        new_logprobs = response_logprobs(new_logits, rollout.query_responses[idx], ctx, cfg.temperature)
-                        loss, loss_stats = grpo_loss(
-                            logprobs=new_logprobs, old_logprobs=logprobs[idx], ref_logprobs=ref_logprobs[idx],
-                            advantages=advantages[idx], mask=mask[idx], clip_coef=cfg.clip_coef, kl_coef=loss_kl_coef,
-                        )
-                    (loss / cfg.gradient_accumulation_steps).backward()
-                    stats.append(loss_stats)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
+        stats = _update(policy, optimizer, trainable, rollout, scored, advantages.advantages, rollout_idx=rollout_idx,
+                        cfg=cfg, device=device, compute_dtype=compute_dtype)
 
         # 5. Metrics (namespaced, as cleanrl; policy/* are the keys every sampling method reports) and a checkpoint.
         elapsed = time.perf_counter() - started
-        mean_kl = float(kl_seq.mean())
-        episodes = (rollout_idx + 1) * batch_size
-        last = {
-            "rloo/reward": float(scores.mean()),
-            "rloo/reward_spread": float(spread.mean()),
-            "rloo/reward_conservative": float((scores - cfg.ensemble_penalty * spread).mean()),
-            "rloo/kl": mean_kl,
-            "rloo/advantage_std": float(advantages.std(unbiased=False)),
-            "rloo/zero_std_groups": float(zero_spread.float().mean()),
-            "rloo/entropy": float(entropy),
-            "rloo/eos_fraction": float(ended.float().mean()),
-            "rloo/response_length": float(mask.sum(1).mean()),
-            "losses/policy": float(torch.stack([s.policy_loss for s in stats]).mean()),
-            # the per-token k3 KL to the reference; in the loss (times kl_coef) only when kl_in_reward is False
-            "losses/kl": float(torch.stack([s.kl for s in stats]).mean()),
-            "rloo/approx_kl": float(torch.stack([s.approx_kl for s in stats]).mean()),
-            "rloo/clipfrac": float(torch.stack([s.clipfrac for s in stats]).mean()),
-            "rloo/episodes": episodes,
-            "charts/episodes_per_s": batch_size / elapsed,
-            "policy/reward": float(scores.mean()),
-            "policy/reward_spread": float(spread.mean()),
-            "policy/kl": mean_kl,
-            "policy/episodes": episodes,
-        }
-        if test_scores is not None:
-            last["rloo/reward_test_pm"] = last["policy/reward_test_pm"] = float(test_scores.mean())
-        metrics.log({"step": rollout_idx + 1, **last})
-        bar.set_postfix({"reward": f"{last['rloo/reward']:.3f}", "kl": f"{mean_kl:.3f}"}, refresh=False)
-        bar.update(1)
-        rollouts_this_run += 1
-        stopping = cfg.max_rollouts_this_run is not None and rollouts_this_run >= cfg.max_rollouts_this_run
-        if (rollout_idx + 1) % cfg.checkpoint_every == 0 or rollout_idx + 1 == num_rollouts or stopping:
+        last = _rollout_metrics(scored, scores, advantages, ended, rollout.response_mask, stats,
+                                episodes=(rollout_idx + 1) * batch_size, episodes_per_s=batch_size / elapsed)
+        log_progress(metrics, bar, rollout_idx + 1, last)
+        last_of_run = rollout_idx + 1 == rollouts.stop  # a run stopped by max_rollouts_this_run resumes from here
+        if (rollout_idx + 1) % cfg.checkpoint_every == 0 or rollout_idx + 1 == num_rollouts or last_of_run:
             save_checkpoint(
                 checkpoints, rollout_idx + 1, model=policy, optimizer=optimizer,
                 state={"rollout": rollout_idx + 1, "config": to_dict(cfg)},
             )
     bar.close()
-    done = latest_checkpoint(checkpoints)
-    finished = done is not None and int(done.name.split("-")[1]) >= num_rollouts
-    if not finished:
+    if checkpointed(checkpoints) < num_rollouts:
         return collect_result(STEP, out, {}, last, complete=False)
 
     # 6. Save the policy as an ordinary Hugging Face directory in float32 (LoRA merged), then the summary.

@@ -18,7 +18,7 @@ Output under ``output_dir``: ``samples.jsonl``, one record per response:
 
 ``messages`` is there for a chat prompt (a prompt-set line with messages):
 its prompt was encoded with the policy's chat template when it has one
-(``workers.common.chat``), and the messages go on to the comparison tasks.
+(``formats.chat``), and the messages go on to the comparison tasks.
 Then ``metrics.jsonl`` (a line per batch), ``summary.json`` (tokens/s and
 lengths per policy) and ``ratchet_step_config.json``. Batches are appended as they finish; a killed
 run resumes after the last complete batch.
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from workers.common.chat import prompt_token_ids
+from formats.chat import prompt_token_ids
 from workers.common.config import CONFIG_FILENAME, ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
 from workers.common.data import Prompt, load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms, stop_ids

@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from formats.chat import hh_text, message_problems, prompt_token_ids, special_prefix
 from workers.common.checkpoint import resume_or_start, save_step_checkpoint
 from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
 from workers.common.data import read_jsonl
@@ -53,7 +54,6 @@ from workers.common.modeling import (
     load_causal_lm,
     load_tokenizer,
 )
-from workers.common.chat import hh_text, message_problems, prompt_token_ids, special_prefix
 from workers.common.runtime import autocast, check_training_dtype, progress, resolve_dtype, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw, lr_at
 

@@ -52,6 +52,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
+from api.deps import server_qc_default
 from api.web import SignIn, page, redirect
 from store.db import Database
 from store.raters import QCPolicy
@@ -92,17 +93,6 @@ def dashboard_data(database: Database, *, weeks: int, target: str = "default",
         c["prefect_state"] = None if states is None else states.get(c["flow_run_id"])
     return {"cycles": cycles, "deployed": deployed, "feedback": feedback, "raters": raters, "target": target,
             "weeks": weeks, "prefect": "unreachable" if states is None else ("asked" if states else "not asked")}
-
-
-def server_qc_default(app) -> QCPolicy:
-    """The ``qc`` of the server's default cycle settings (``RATCHET_CYCLE_CONFIG``), read once per app
-    into the attribute ``api.deps.get_qc_policy`` keeps it in."""
-    default = getattr(app.state, "qc_default", None)
-    if default is None:
-        from orchestrator.settings import load_defaults
-
-        default = app.state.qc_default = load_defaults(app.state.settings.cycle_config).qc
-    return default
 
 
 def flow_run_states(flow_run_ids: list[str], *, timeout_s: float = PREFECT_TIMEOUT_S) -> dict[str, str] | None:

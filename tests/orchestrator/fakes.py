@@ -113,7 +113,9 @@ class FakeRunner:
 
     def _ppo(self, config: dict, out: Path):
         label = f"policy-{config['seed']}-{Path(config['pm_path']).name}"
-        return {"policy": self._model_dir(out / "policy", label)}, {"ppo/reward": 0.4, "ppo/kl": 0.5, "ppo/episodes": 64}
+        metrics = {"ppo/reward": 0.4, "ppo/kl": 0.5, "ppo/episodes": 64,  # ppo reports its own keys and the common ones
+                   "policy/reward": 0.4, "policy/kl": 0.5, "policy/episodes": 64}
+        return {"policy": self._model_dir(out / "policy", label)}, metrics
 
     def _dpo(self, config: dict, out: Path):
         label = f"dpo-{config['seed']}-{sha256_bytes(Path(config['dataset_path']).read_bytes())[:12]}"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from formats.chat import hh_text, prompt_token_ids
 from orchestrator.cycle import STAGES, CycleEnv
 from orchestrator.flow import stage_task
 from orchestrator.runners import InProcessRunner
@@ -32,7 +33,6 @@ from store.feedback import conversation_pairs
 from store.models import ComparisonTask, Policy, PreferenceModel
 from store.policies import create_policy
 from tests.orchestrator.fakes import StoreLabeler
-from workers.common.chat import hh_text, prompt_token_ids
 from workers.common.modeling import load_tokenizer
 from workers.common.testing import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +129,53 @@ def test_the_improve_method_picks_its_section_and_a_trigger_may_choose_it():
 def test_init_and_kl_anchor_where_the_ppo_section_had_them_still_set_the_improve_stage():
     resolved = resolve(CycleSettings(), {"ppo": {"kl_anchor": "deployed", "init": "reference"}})
     assert (resolved.improve.kl_anchor, resolved.improve.init) == ("deployed", "reference")
+
+
+def test_resolving_params_checks_only_the_step_sections_they_touch():
+    """Over checked defaults, params of the gather stage import no worker step (torch, transformers); params of
+    the sample stage import its step. A fresh interpreter, so this process's own imports hide nothing."""
+    code = textwrap.dedent("""
+        import json, sys
+        from orchestrator.settings import CycleSettings, resolve
+
+        def loaded():
+            return {m for m in sys.modules if m.startswith("workers.") or m.split(".")[0] in ("torch", "transformers")}
+
+        before = loaded()
+        resolve(CycleSettings(), {"gather": {"min_comparisons": 5}, "gate": {"kl_budget": 2.0}})
+        after_gather = loaded()
+        resolve(CycleSettings(), {"sample": {"config": {"num_samples": 3}}})
+        print(json.dumps({"gather": sorted(after_gather - before), "sample": sorted(loaded() - after_gather)}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    imported = json.loads(out.stdout)
+    assert imported["gather"] == []
+    assert "workers.sample" in imported["sample"]
+
+
+def test_a_bad_field_in_a_touched_section_is_still_named():
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"gather": {"min_comparisons": 5}, "sample": {"config": {"num_samples": 1}}})
+    assert err.value.errors == [{"field": "params.sample.config.num_samples", "message":
+                                 "num_samples (1) must be >= 2: pairs of a prompt's responses become comparison tasks"}]
+    with pytest.raises(InvalidInput) as err:
+        resolve(CycleSettings(), {"gather": {"min_comparisons": -1}})
+    assert [e["field"] for e in err.value.errors] == ["params.gather.min_comparisons"]
+
+
+def test_choosing_the_improve_method_checks_that_methods_section(tmp_path):
+    """Defaults built in code (not loaded) carry unchecked sections; the one a trigger's chosen method will run
+    is checked, while a section neither touched nor chosen is left as the defaults have it."""
+    defaults = CycleSettings.model_validate({"dpo": {"config": {"total_episodes": 64}}})
+    with pytest.raises(InvalidInput) as err:
+        resolve(defaults, {"improve": {"method": "dpo"}})
+    assert [e["field"] for e in err.value.errors] == ["params.dpo.config.total_episodes"]
+    assert resolve(defaults, {"gather": {"min_comparisons": 5}}).dpo.config == {"total_episodes": 64}
+    # a whole file is checked section by section, the untouched ones too
+    path = tmp_path / "cycle.json"
+    path.write_text(json.dumps(defaults.model_dump(mode="json")))
+    with pytest.raises(InvalidInput) as err:
+        load_defaults(path)
+    assert [e["field"] for e in err.value.errors] == ["dpo.config.total_episodes"]

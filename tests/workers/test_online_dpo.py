@@ -19,9 +19,10 @@ from workers.common.data import load_prompts
 from workers.common.generation import row_seed, row_uniforms
 from workers.common.metrics import read_metrics, sha256_file
 from workers.common.modeling import load_causal_lm, load_tokenizer
+from workers.common.policy_step import conservative_reward
 from workers.common.rollout import encode_prompts, pm_scores, sample_with_kl
 from workers.common.score import load_pm
-from workers.online_dpo import OnlineDPOConfig, conservative_scores, label_pairs, main, run
+from workers.online_dpo import OnlineDPOConfig, label_pairs, main, run
 
 ROUND_KEYS = {
     "online_dpo/reward", "online_dpo/reward_spread", "online_dpo/reward_conservative", "online_dpo/score_gap",
@@ -67,6 +68,12 @@ def mean_pm_score(policy: str | Path, reference: Path, pm: str, prompts: Path, *
 
 
 # -- the labelling math -----------------------------------------------------------------
+
+
+def conservative_scores(members: torch.Tensor, ensemble_penalty: float) -> torch.Tensor:
+    """The labelling score of responses that all ended with EOS (so no missing-EOS penalty)."""
+    ended = torch.ones(members.shape[1], dtype=torch.bool)
+    return conservative_reward(members, ended, ensemble_penalty=ensemble_penalty, missing_eos_penalty=None).reward
 
 
 def test_conservative_scores_and_pair_labels_by_hand():

@@ -5,7 +5,7 @@ Comparisons are the records a store snapshot writes, one JSON object a line:
 ``"a"``, ``"b"``, ``"tie"`` (other keys such as ``batch_id``, ``rater_id``,
 ``task_id`` and ``metadata`` are kept or ignored). A record's source is
 ``metadata.source`` or a top-level ``source``. A record of a chat prompt
-also has ``messages``, the prompt as a message list (``workers.common.chat``);
+also has ``messages``, the prompt as a message list (``formats.chat``);
 its ``prompt`` is their HH-RLHF text.
 
 A prompt set is JSONL of ``{"id", "prompt"}`` or ``{"id", "messages"}``
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.common.chat import Messages, as_messages, hh_text, message_problems
+from formats.chat import Messages, as_messages, hh_text, message_problems
 from workers.common.config import WorkerError
 
 CHOICES = ("a", "b", "tie")

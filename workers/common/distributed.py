@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ from workers.common.runtime import resolve_device
 
 STRATEGIES = ("ddp", "fsdp")
 """how a model is spread over the processes of a torchrun launch"""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,24 @@ def gathered(model: nn.Module, world: World) -> Iterator[None]:
             m.set_reshard_after_forward(True)
 
 
+def gathered_state(model: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict in rank 0 of a sharded run, to save in place of the model's own (every
+    process must call it: the shards are gathered); None elsewhere (unsharded, each process's model is whole;
+    ranks other than 0 save nothing)."""
+    if not world.sharded:
+        return None
+    state = full_state_dict(model, world)
+    return state if world.main else None
+
+
+def on_main(world: World, write: Callable[[], T]) -> T | None:
+    """``write()`` in rank 0 only (a step's files are written once), then a barrier, so that what it wrote
+    exists for every process when this returns: ``write``'s value in rank 0, None in the others."""
+    value = write() if world.main else None
+    world.barrier()
+    return value
+
+
 def save_hf_dir(model: nn.Module, tokenizer, final, world: World):
     """The model as an ordinary Hugging Face directory, written by rank 0 (every process calls it: under fsdp
     the whole weights are gathered first); returns its path once it exists for every process."""
@@ -341,10 +361,8 @@ def save_hf_dir(model: nn.Module, tokenizer, final, world: World):
 
     from workers.common.modeling import save_model_dir
 
-    state = full_state_dict(model, world) if world.sharded else None
-    if world.main:
-        save_model_dir(unwrap(model), tokenizer, final, state_dict=state)
-    world.barrier()
+    state = gathered_state(model, world)
+    on_main(world, lambda: save_model_dir(unwrap(model), tokenizer, final, state_dict=state))
     return Path(final)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.common.chat import prompt_token_ids, special_prefix
+from formats.chat import prompt_token_ids, special_prefix
 from workers.common.modeling import causal_mask_4d
 
 # segment ids in a packed row
@@ -359,7 +359,7 @@ class TokenLayout:
 
     The prompt is encoded with the tokenizer's leading special tokens (BOS,
     when the tokenizer adds one), or with its chat template when the prompt
-    carries messages (``workers.common.chat``), and the response without
+    carries messages (``formats.chat``), and the response without
     any, plus EOS when ``append_eos``; the score is read at the response's
     last token. Separate encoding is what lets two responses share the
     prompt's tokens.
@@ -377,7 +377,7 @@ class TokenLayout:
         self, texts: Sequence[str], messages: Sequence[Sequence[dict[str, str]] | None] | None = None
     ) -> list[list[int]]:
         """Token ids of prompts (leading special tokens included); a prompt with ``messages`` goes through
-        the tokenizer's chat template when it has one (``workers.common.chat.prompt_token_ids``)."""
+        the tokenizer's chat template when it has one (``formats.chat.prompt_token_ids``)."""
         if not texts:
             return []
         return prompt_token_ids(self.tokenizer, list(texts), messages)

@@ -1,4 +1,4 @@
-"""Setup and finish of the steps that sample a policy and score it with a PM: ppo, rloo, online_dpo, rejection_sampling.
+"""What the steps that sample a policy and score it with a PM share: ppo, rloo, online_dpo, rejection_sampling.
 
 Each of those steps trains a causal LM policy on its own samples, scored by a
 preference model (the train PM, and optionally a held-out test PM), anchored to
@@ -13,8 +13,18 @@ step's ``run`` calls in its own order:
 * ``load_models``: the trained policy (float32, or LoRA adapters on a frozen base
   in the compute dtype), the frozen reference (None with LoRA: the policy with its
   adapters off), the PM and the test PM, as a ``PolicyModels``;
-* ``check_resume_config``: a checkpoint written with another config is refused;
+* ``check_resume_config`` and ``resume_state``: a checkpoint written with another config
+  is refused; the state of the newest one, with the model and optimizer loaded from it;
 * ``prompt_order``: the seeded prompt order of ppo and rloo;
+* ``this_run`` and ``checkpointed``: the rollouts (or rounds) this invocation runs,
+  and how many the newest checkpoint holds;
+* ``sample_uniforms``: the random numbers of a rollout's or round's samples, from
+  (seed, step, rollout or round, prompt slot, sample);
+* ``ScoredRollout``: the log-probs, entropy and PM scores of a rollout (ppo, rloo);
+* ``conservative_reward``: the reward of an ensemble PM's scores (Coste et al. 2023),
+  less a missing-EOS penalty;
+* ``policy_metrics`` and ``log_progress``: the ``policy/*`` keys every policy step
+  reports, and the metrics line and progress bar of a rollout or round;
 * ``save_policy``, ``last_metrics`` and ``finish``: the trained policy as an
   ordinary Hugging Face directory, then summary.json, which marks the run finished.
 """
@@ -27,11 +37,16 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.common.checkpoint import read_checkpoint_state
+from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state
 from workers.common.config import ConfigError, WorkerError, diff_configs, to_dict
-from workers.common.metrics import SUMMARY_FILENAME, StepResult, collect_result, finished_metrics, read_metrics, write_json
+from workers.common.distributed import SINGLE, World
+from workers.common.generation import row_seed, row_uniforms
+from workers.common.metrics import (
+    SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, finished_metrics, read_metrics, write_json,
+)
 from workers.common.modeling import check_model_dir, disable_dropout, load_causal_lm, save_model_dir
 from workers.common.rollout import check_same_vocabulary
 from workers.common.runtime import check_training_dtype, resolve_device, resolve_dtype, set_threads
@@ -177,6 +192,17 @@ def check_resume_config(checkpoint: Path, cfg: PolicyStepConfig, run_only_fields
         )
 
 
+def resume_state(checkpoints: Path, cfg: PolicyStepConfig, run_only_fields: set[str], *, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, world: World = SINGLE) -> dict[str, Any]:
+    """The state saved with the newest checkpoint under ``checkpoints``, ``model`` and ``optimizer`` loaded from
+    it (refused when it was written with another config: ``check_resume_config``); {} when there is none."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return {}
+    check_resume_config(latest, cfg, run_only_fields)
+    return load_checkpoint(latest, model=model, optimizer=optimizer, world=world)
+
+
 def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
     """Prompt indices for prompt slots [start, start + count): slot s is position s mod n of pass s // n over
     the prompt set, each pass a shuffle seeded with seed * 1_000_003 + pass."""
@@ -186,6 +212,96 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
         perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[offset]))
     return out
+
+
+def this_run(done: int, total: int, max_this_run: int | None) -> range:
+    """The rollouts (or rounds) this invocation runs: from ``done`` on, at most ``max_this_run`` of them
+    (None: to ``total``)."""
+    return range(done, total if max_this_run is None else min(total, done + max_this_run))
+
+
+def checkpointed(checkpoints: Path) -> int:
+    """The rollouts (or rounds) done when the newest checkpoint under ``checkpoints`` was written; 0 with none."""
+    latest = latest_checkpoint(checkpoints)
+    return 0 if latest is None else int(latest.name.split("-")[1])
+
+
+def sample_uniforms(seed: int, step: str, unit: int, prompts: int, samples: int, length: int) -> torch.Tensor:
+    """The random numbers [prompts * samples, length] of ``samples`` responses to each of ``prompts`` prompt
+    slots in rollout (or round) ``unit``: row slot * samples + s draws from (seed, step, [unit, slot], s), so a
+    response does not depend on the batch it is sampled in, nor on where a run was resumed."""
+    return torch.stack([
+        row_uniforms(row_seed(seed, step, [unit, slot], s), length) for slot in range(prompts) for s in range(samples)
+    ])
+
+
+class ScoredRollout(NamedTuple):
+    """What the policy, the reference and the PMs make of a rollout of b responses (r = response_length)."""
+
+    logprobs: torch.Tensor
+    """the policy's log-probs of the response tokens when they were sampled, shape [b, r]"""
+    ref_logprobs: torch.Tensor
+    """the reference's log-probs of the response tokens, shape [b, r]"""
+    entropy: torch.Tensor
+    """the policy's per-token entropy, averaged over the response tokens (a scalar)"""
+    members: torch.Tensor
+    """each PM member's score, shape [K, b] (K = 1 for a single PM)"""
+    test_scores: torch.Tensor | None
+    """the test PM's scores [b], when there is a test PM"""
+
+
+class ConservativeReward(NamedTuple):
+    """What a PM (an ensemble of K members, or one) says of b responses; every field has shape [b]."""
+
+    mean: torch.Tensor
+    """the members' mean score (a single PM's score)"""
+    spread: torch.Tensor
+    """the members' standard deviation (population, so 0 for a single PM)"""
+    conservative: torch.Tensor
+    """mean - ensemble_penalty * spread"""
+    reward: torch.Tensor
+    """conservative, less missing_eos_penalty where a response ran out of tokens before EOS"""
+
+
+def conservative_reward(members: torch.Tensor, ended: torch.Tensor, *, ensemble_penalty: float,
+                        missing_eos_penalty: float | None) -> ConservativeReward:
+    """The reward of b responses from the members' scores [K, b] and whether each ended with EOS [b] (bool).
+
+    Where the members disagree the policy has left the PM's data, so a response pays ``ensemble_penalty``
+    times their standard deviation (Coste et al. 2023, uncertainty-weighted optimisation, with the spread
+    in reward units rather than the variance); a response cut off before EOS pays ``missing_eos_penalty``.
+    """
+    mean = members.mean(0)
+    spread = members.std(0, unbiased=False)
+    conservative = mean - ensemble_penalty * spread
+    if missing_eos_penalty is None:
+        return ConservativeReward(mean, spread, conservative, conservative)
+    return ConservativeReward(mean, spread, conservative,
+                              torch.where(ended, conservative, conservative - missing_eos_penalty))
+
+
+def policy_metrics(reward: ConservativeReward, kl: float, episodes: int,
+                   test_scores: torch.Tensor | None) -> dict[str, float]:
+    """The keys every policy step reports and the improve stage records: ``policy/reward`` (the members' mean
+    score), ``policy/reward_spread``, ``policy/kl`` (the sampled responses' k1 KL to the reference, summed over
+    a response's tokens, averaged over the responses), ``policy/episodes`` and, with a test PM,
+    ``policy/reward_test_pm``."""
+    out = {
+        "policy/reward": float(reward.mean.mean()),
+        "policy/reward_spread": float(reward.spread.mean()),
+        "policy/kl": kl,
+        "policy/episodes": episodes,
+    }
+    if test_scores is not None:
+        out["policy/reward_test_pm"] = float(test_scores.mean())
+    return out
+
+
+def log_progress(metrics: MetricsWriter, bar: tqdm, step: int, record: Mapping[str, Any]) -> None:
+    """Log the metrics line of rollout (or round) ``step`` and show its reward and KL on the progress bar."""
+    metrics.log({"step": step, **record})
+    bar.set_postfix({"reward": f"{record['policy/reward']:.3f}", "kl": f"{record['policy/kl']:.3f}"}, refresh=False)
+    bar.update(1)
 
 
 def save_policy(policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, final_dir: Path, *, lora: bool) -> Path:

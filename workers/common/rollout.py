@@ -1,5 +1,5 @@
 """Shared pieces of the steps that sample and score a policy (ppo, evaluate, best_of_n):
-prompt encoding (``workers.common.chat``'s rule), the padded rollout layout,
+prompt encoding (``formats.chat``'s rule), the padded rollout layout,
 per-token log-probs of the policy and of the reference, the KL of sampled
 responses, PM scores of token ids, a gold scoring function, and the
 same-tokenizer check.
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from workers.common.chat import prompt_token_ids
+from formats.chat import prompt_token_ids
 from workers.common.config import WorkerError
 from workers.common.data import Prompt
 from workers.common.generation import generate

@@ -71,7 +71,7 @@ def build_tokenizer(
     BOS to every encoded text, like Llama tokenizers do; otherwise it adds
     nothing, like GPT-2's. Byte-level BPE encodes any text, so there is no
     unknown token. ``chat_template`` (e.g. ``CHAT_TEMPLATE``) is saved with
-    the tokenizer, so chat prompts go through it (``workers.common.chat``).
+    the tokenizer, so chat prompts go through it (``formats.chat``).
     """
     texts = list(DEFAULT_CORPUS if corpus is None else corpus)
     if not texts:

@@ -33,8 +33,9 @@ either way. The sample step, the steps that encode prompt sets
 (``TokenLayout.prompts``) all use this one function, so a policy is
 sampled, trained and scored on the same prompt tokens.
 
-Only the standard library is imported (the tokenizer is passed in), so the
-API and the store apply these rules too.
+Only the standard library is imported (the tokenizer is passed in): the
+store and the API check what they accept and export by these rules, and the
+workers encode by them, so a message list means the same wherever it enters.
 """
 
 from __future__ import annotations
