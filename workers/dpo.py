@@ -28,7 +28,6 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,42 +35,26 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from formats.chat import prompt_token_ids, special_prefix
 from workers.common.checkpoint import resume_or_start, save_step_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, save_config, to_dict
+from workers.common.config import ConfigError, WorkerError, check_at_least, cli
 from workers.common.distributed import refuse_distributed
 from workers.common.data import Comparison, load_comparisons, split_comparisons
-from workers.common.metrics import SUMMARY_FILENAME, StepResult, collect_result, finished_metrics, write_json
-from workers.common.modeling import (
-    check_model_dir,
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_max_length,
-    save_model_dir,
-)
+from workers.common.metrics import StepResult
+from workers.common.modeling import check_model_dir, load_tokenizer, resolve_max_length
 from workers.common.rollout import check_same_vocabulary
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_device, resolve_dtype, set_threads, synchronize
-from workers.common.schedule import DataOrder, adamw, lr_at
-from workers.rl.preference import preference_loss
-from workers.sft import Example, collate
+from workers.common.runtime import autocast, progress, resolve_device, resolve_dtype, set_threads, synchronize
+from workers.common.schedule import DataOrder, adamw
+from workers.common.supervised_step import (
+    RUN_ONLY_FIELDS, Example, check_supervised_config, checkpoint_due, collate, finish, finished_result, load_policy,
+    load_reference, log_due, optim_record, optimizer_step, reference_logits, save_policy, set_learning_rate,
+    start_output, step_done, stop_early, this_run, total_steps,
+)
+from workers.rl.preference import PreferenceStats, preference_loss
 
 STEP = "dpo"
-POLICY_DIRNAME = "policy"
-
-# Fields that may differ between a run and the run that resumes it.
-RUN_ONLY_FIELDS = {
-    "output_dir",
-    "max_steps_this_run",
-    "progress",
-    "num_threads",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "resume",
-    "log_every",
-    "device",
-}
 
 
 @dataclass(frozen=True)
@@ -153,13 +136,7 @@ class DPOConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
-        for name in ("batch_size", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
-        for name in ("max_steps", "max_steps_this_run", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        check_supervised_config(self)
         if not self.beta > 0:
             raise ConfigError(f"beta ({self.beta}) must be > 0")
         if self.loss_type not in ("sigmoid", "ipo"):
@@ -172,17 +149,7 @@ class DPOConfig:
             raise ConfigError(f"ties ({self.ties!r}) must be keep or drop")
         if self.split_by not in ("prompt", "record"):
             raise ConfigError(f"split_by ({self.split_by!r}) must be prompt or record")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
-        for name in ("warmup_steps", "checkpoint_every", "weight_decay", "eval_every", "lora_r"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0 or null")
-        if self.max_steps is None and not self.num_epochs > 0:
-            raise ConfigError(f"num_epochs ({self.num_epochs}) must be > 0")
-        if self.max_length is not None and self.max_length < 4:
-            raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
+        check_at_least(self, ("eval_every", "lora_r"), 0)
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction ({self.heldout_fraction}) must be in [0, 1)")
         if self.lora_r and Path(self.reference_path).resolve() != Path(self.model_path).resolve():
@@ -190,7 +157,6 @@ class DPOConfig:
                 f"with LoRA (lora_r={self.lora_r}) the reference is the policy with its adapters off, so "
                 f"ref_model_path ({self.ref_model_path}) must be null or model_path ({self.model_path})"
             )
-        check_training_dtype(self.dtype)
 
 
 # -- data ---------------------------------------------------------------------------
@@ -260,12 +226,7 @@ def pair_logps(
     with autocast(device, compute_dtype):
         policy_logps = sequence_logps(policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
         with torch.no_grad():
-            if reference is None:
-                with policy.disable_adapter():
-                    ref_logits = policy(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            else:
-                ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            ref_logps = sequence_logps(ref_logits, labels)
+            ref_logps = sequence_logps(reference_logits(policy, reference, ids, mask), labels)
     return policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], target
 
 
@@ -294,29 +255,32 @@ def _number(value: torch.Tensor) -> float | None:
     return None if math.isnan(x) else x
 
 
-# -- the step -------------------------------------------------------------------------
+def _reward_record(stats: PreferenceStats) -> dict[str, float | None]:
+    """The rewards/* keys of a step's metrics line: the batch's mean implicit rewards, accuracy and margin."""
+    return {
+        "rewards/a": _number(stats.reward_a),
+        "rewards/b": _number(stats.reward_b),
+        "rewards/accuracy": _number(stats.accuracy),
+        "rewards/margin": _number(stats.margin),
+    }
 
 
-def run(cfg: DPOConfig) -> StepResult:
-    """Train ``model_path`` by DPO on ``dataset_path``; write policy/ and return its checksums and metrics."""
-    # 1. Setup: validate, machine, a finished earlier run, data.
-    refuse_distributed(STEP)  # one process only: see workers.common.distributed
-    cfg.validate()
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    compute_dtype = resolve_dtype(cfg.dtype, device)
-    out = Path(cfg.output_dir)
-    check_model_dir(cfg.model_path, what="base model")
-    if cfg.reference_path != cfg.model_path:
-        check_model_dir(cfg.reference_path, what="reference policy")
-        check_same_vocabulary(cfg.model_path, cfg.reference_path, "reference policy")
-    max_length = resolve_max_length(cfg.max_length, cfg.model_path)
-    finished = _finished_result(cfg, out)
-    if finished is not None:
-        return finished
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, step=STEP)
-    tokenizer = load_tokenizer(cfg.model_path)
+class DPOData(NamedTuple):
+    """The encoded pairs of a run."""
+
+    train: list[Pair]
+    """the pairs trained on (ties left out with ties drop)"""
+    heldout: list[Pair]
+    """the held-out pairs of the implicit-reward accuracy"""
+    truncated_prompts: int
+    """training pairs whose prompt was cut from the left to fit max_length"""
+    ties_in_train: int
+    """ties in the train split, before ties drop"""
+
+
+def load_pairs(cfg: DPOConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DPOData:
+    """The comparisons split into train and held-out pairs (by hash of split_by) and encoded; an error when
+    nothing is left to train on."""
     comps = load_comparisons(cfg.dataset_path)
     if not comps:
         raise WorkerError(f"comparison dataset {cfg.dataset_path} is empty: there is nothing to train on")
@@ -331,124 +295,115 @@ def run(cfg: DPOConfig) -> StepResult:
         )
     train, cut = encode_pairs(train_comps, tokenizer, max_length=max_length)
     heldout, _ = encode_pairs(heldout_comps, tokenizer, max_length=max_length)
+    return DPOData(train, heldout, cut, ties_in_train)
+
+
+# -- the step -------------------------------------------------------------------------
+
+
+def run(cfg: DPOConfig) -> StepResult:
+    """Train ``model_path`` by DPO on ``dataset_path``; write policy/ and return its checksums and metrics."""
+    # 1. Setup: validate, machine, inputs, a finished earlier run.
+    refuse_distributed(STEP)  # one process only: see workers.common.distributed
+    cfg.validate()
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    check_model_dir(cfg.model_path, what="base model")
+    if cfg.reference_path != cfg.model_path:
+        check_model_dir(cfg.reference_path, what="reference policy")
+        check_same_vocabulary(cfg.model_path, cfg.reference_path, "reference policy")
+    max_length = resolve_max_length(cfg.max_length, cfg.model_path)
+    if (finished := finished_result(STEP, cfg)) is not None:
+        return finished
+    return _train(cfg, device, max_length)
+
+
+def _train(cfg: DPOConfig, device: torch.device, max_length: int) -> StepResult:
+    """The run itself: data, models, the loop and the outputs."""
+    # 2. Data; derived sizes, computed once.
+    compute_dtype = resolve_dtype(cfg.dtype, device)
+    start_output(STEP, cfg)
+    tokenizer = load_tokenizer(cfg.model_path)
     pad_id = tokenizer.pad_token_id
-    # Derived sizes, computed once.
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train) / cfg.batch_size))
-    order = DataOrder(len(train), seed=cfg.seed)
+    data = load_pairs(cfg, tokenizer, max_length)
+    steps_total = total_steps(cfg, len(data.train))
+    order = DataOrder(len(data.train), seed=cfg.seed)
 
-    # 2. Policy (float32 master weights, or float32 LoRA adapters on compute_dtype base weights) and the
-    #    frozen reference. Dropout is off in both: with it, log pi and log pi_ref would differ by noise and
-    #    the implicit reward would not start at 0 when the policy is the reference.
-    model = load_causal_lm(cfg.model_path, device=device, dtype=compute_dtype if cfg.lora_r else torch.float32)
-    disable_dropout(model)
-    reference = None
-    if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM"),
-            autocast_adapter_dtype=True,
-        )
-    else:
-        reference = load_causal_lm(cfg.reference_path, device=device, dtype=compute_dtype)
-        disable_dropout(reference)
-        reference.requires_grad_(False)
-        reference.eval()
-    model.train()
+    # 3. Policy (float32 master weights, or float32 LoRA adapters on compute_dtype base weights) and the
+    #    frozen reference (with LoRA, the policy with its adapters off). Dropout is off in both: with it,
+    #    log pi and log pi_ref would differ by noise and the implicit reward would not start at 0 when the
+    #    policy is the reference.
+    model = load_policy(cfg.model_path, device, compute_dtype, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    reference = None if cfg.lora_r else load_reference(cfg.reference_path, device, compute_dtype)
     optimizer, params = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    # 3. Resume from the newest checkpoint, or start clean.
-    ckpt_root = out / "checkpoints"
-    writer, start_step = resume_or_start(cfg, out, model=model, optimizer=optimizer,
+    # 4. Resume from the newest checkpoint, or start clean.
+    writer, start_step = resume_or_start(cfg, Path(cfg.output_dir), model=model, optimizer=optimizer,
                                          run_only_fields=RUN_ONLY_FIELDS)
 
     def evaluate() -> float | None:
-        return heldout_accuracy(model, reference, heldout, batch_size=cfg.batch_size, pad_id=pad_id, device=device,
-                                compute_dtype=compute_dtype)
+        return heldout_accuracy(model, reference, data.heldout, batch_size=cfg.batch_size, pad_id=pad_id,
+                                device=device, compute_dtype=compute_dtype)
 
-    # 4. The loop: one optimizer step per batch of pairs.
-    bar = progress(total_steps, desc="dpo", enabled=cfg.progress, initial=start_step)
-    train_seconds, pairs_seen, loss_value, steps_this_run = 0.0, 0, float("nan"), 0
+    # 5. The loop: one optimizer step per batch of pairs.
+    bar = progress(steps_total, desc=STEP, enabled=cfg.progress, initial=start_step)
+    train_seconds, pairs_seen, loss_value = 0.0, 0, float("nan")
     accuracy: float | None = None
-    for step in range(start_step, total_steps):
-        if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            save_step_checkpoint(cfg, step, model=model, optimizer=optimizer)
-            bar.close()
-            return collect_result(STEP, out, {}, {"steps_done": step, "steps": total_steps}, complete=False)
+    steps = this_run(start_step, steps_total, cfg.max_steps_this_run)
+    for step in steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, base=cfg.learning_rate, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = [train[i] for i in order.batch(step, cfg.batch_size)]
-        # 4a. Summed response log-probs of A and B under the policy and the reference.
+        lr = set_learning_rate(optimizer, cfg, step, steps_total)
+        batch = [data.train[i] for i in order.batch(step, cfg.batch_size)]
+        # 5a. Summed response log-probs of A and B under the policy and the reference.
         logps = pair_logps(model, reference, batch, pad_id=pad_id, device=device, compute_dtype=compute_dtype)
-        # 4b. DPO / IPO loss per pair (ties target 1/2), averaged over the batch.
-        losses, stats = preference_loss(*logps, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+        # 5b. DPO / IPO loss per pair (ties target 1/2), averaged over the batch.
+        losses, stats = preference_loss(*logps, beta=cfg.beta, loss_type=cfg.loss_type,
+                                        label_smoothing=cfg.label_smoothing)
         loss = losses.mean()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, params, cfg.max_grad_norm)
         synchronize(device)
         train_seconds += time.perf_counter() - t0
         pairs_seen += len(batch)
-        steps_this_run += 1
         loss_value = loss.item()
         done = step + 1
-        # 4c. Held-out implicit-reward accuracy on schedule and after the last step.
-        evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps
+        # 5c. Held-out implicit-reward accuracy on schedule and after the last step.
+        evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == steps_total
         if evaluated:
             accuracy = evaluate()
-        if done % cfg.log_every == 0 or done == total_steps or evaluated:
-            record = {
+        if log_due(cfg, done, steps_total) or evaluated:
+            writer.log({
                 "step": done,
                 "losses/dpo": loss_value,
-                "rewards/a": _number(stats.reward_a),
-                "rewards/b": _number(stats.reward_b),
-                "rewards/accuracy": _number(stats.accuracy),
-                "rewards/margin": _number(stats.margin),
-                "optim/lr": lr,
-                "optim/grad_norm": float(grad_norm),
-                "data/epoch": order.epoch_of(done, cfg.batch_size),
+                **_reward_record(stats),
+                **optim_record(lr, grad_norm, order.epoch_of(done, cfg.batch_size)),
                 "charts/pairs_per_s": pairs_seen / train_seconds if train_seconds else None,
-            }
-            if evaluated:
-                record["eval/heldout_accuracy"] = accuracy
-            writer.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+                **({"eval/heldout_accuracy": accuracy} if evaluated else {}),
+            })
+        step_done(bar, loss_value)
+        if checkpoint_due(cfg, done, steps_total):
             save_step_checkpoint(cfg, done, model=model, optimizer=optimizer)
     bar.close()
+    if steps.stop < steps_total:
+        return stop_early(STEP, cfg, steps.stop, steps_total, model=model, optimizer=optimizer)
 
-    # 5. The policy directory (the durable output; LoRA merged into float32 base weights, since merged
-    #    into bfloat16 ones small updates would round away), then the summary that marks the run finished.
-    model.eval()
-    lm = model.float().merge_and_unload() if cfg.lora_r else model
-    policy_dir = save_model_dir(lm, tokenizer, out / POLICY_DIRNAME)
-    save_config(cfg, policy_dir, step=STEP)
+    # 6. The policy directory (the durable output; LoRA merged into float32 base weights), then the summary
+    #    that marks the run finished.
+    save_policy(model, tokenizer, cfg, lora=bool(cfg.lora_r))
     metrics: dict[str, Any] = {
         "train/loss_last": loss_value,
-        "train/steps": total_steps,
+        "train/steps": steps_total,
         "eval/heldout_accuracy": accuracy,
-        "data/train_pairs": len(train),
-        "data/heldout_pairs": len(heldout),
-        "data/heldout_decisive_pairs": sum(p.target != 0.5 for p in heldout),
-        "data/train_ties": sum(p.target == 0.5 for p in train),
-        "data/ties_dropped": ties_in_train if cfg.ties == "drop" else 0,
-        "data/truncated_prompts": cut,
+        "data/train_pairs": len(data.train),
+        "data/heldout_pairs": len(data.heldout),
+        "data/heldout_decisive_pairs": sum(p.target != 0.5 for p in data.heldout),
+        "data/train_ties": sum(p.target == 0.5 for p in data.train),
+        "data/ties_dropped": data.ties_in_train if cfg.ties == "drop" else 0,
+        "data/truncated_prompts": data.truncated_prompts,
         "perf/train_seconds": train_seconds,
         "charts/pairs_per_s": pairs_seen / train_seconds if train_seconds else None,
     }
-    write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
-    shutil.rmtree(ckpt_root, ignore_errors=True)
-    return collect_result(STEP, out, {"policy": policy_dir}, metrics)
-
-
-def _finished_result(cfg: DPOConfig, out: Path) -> StepResult | None:
-    """The result of a finished run of the same config in ``out``; an error for a different config."""
-    metrics = finished_metrics(out, cfg, step=STEP, ignore=RUN_ONLY_FIELDS)
-    return None if metrics is None else collect_result(STEP, out, {"policy": out / POLICY_DIRNAME}, metrics)
+    return finish(STEP, cfg, metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

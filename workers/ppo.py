@@ -53,8 +53,8 @@ from workers.common.checkpoint import save_checkpoint
 from workers.common.config import ConfigError, cli, save_config, to_dict
 from workers.common.data import load_prompts
 from workers.common.distributed import (
-    World, accumulate, check_divisible, check_strategy, full_state_dict, gathered, init_world,
-    launched_world_size, shutdown, wrap,
+    World, accumulate, check_divisible, check_strategy, gathered, gathered_state, init_world,
+    launched_world_size, on_main, shutdown, wrap,
 )
 from workers.common.generation import generate, row_seed, row_uniforms
 from workers.common.metrics import MetricsWriter, StepResult, collect_result
@@ -569,19 +569,14 @@ def _save_and_finish(model: PolicyWithValue, tokenizer: PreTrainedTokenizerBase,
     marks the run finished (rank 0; under fsdp every process gathers the weights first)."""
     out = Path(cfg.output_dir)
     final_dir = out / "policy"
-    if world.sharded:
-        state = full_state_dict(model, world)
-        if world.main:
-            save_model_dir(model.lm, tokenizer, final_dir,
-                           state_dict={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
+    state = gathered_state(model, world)
+    if state is not None:  # rank 0 of a sharded run: the gathered policy, its value head left out
+        save_model_dir(model.lm, tokenizer, final_dir,
+                       state_dict={k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")})
     elif world.main:
         save_policy(model.lm, tokenizer, final_dir, lora=bool(cfg.lora_r))
-    if not world.main:
-        world.barrier()  # rank 0 writes the summary
-        return finished_result(STEP, cfg, RUN_ONLY_FIELDS)
-    result = finish(STEP, cfg, {**last_metrics(out), "ppo/rollouts": num_rollouts})
-    world.barrier()
-    return result
+    result = on_main(world, lambda: finish(STEP, cfg, {**last_metrics(out), "ppo/rollouts": num_rollouts}))
+    return result if result is not None else finished_result(STEP, cfg, RUN_ONLY_FIELDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,8 +71,8 @@ from workers.common.policy_step import (
 from workers.common.rollout import encode_prompts, pm_member_scores, pm_scores, sample_with_kl
 from workers.common.runtime import autocast, progress, seed_everything, synchronize
 from workers.common.schedule import DataOrder, adamw
+from workers.common.supervised_step import Example, collate, optimizer_step, reference_logits
 from workers.rl.kl import sqrt_kl
-from workers.sft import Example, collate
 
 STEP = "rejection_sampling"
 RUN_ONLY_FIELDS = {"output_dir", "max_rounds_this_run", "progress", "num_threads", "checkpoint_every", "resume", "device"}
@@ -272,17 +272,10 @@ def _sft_round(model: torch.nn.Module, reference: torch.nn.Module | None, optimi
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
             with autocast(device, compute_dtype):  # forward and loss; backward outside, as autocast asks
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                with torch.no_grad():
-                    if reference is None:
-                        with model.disable_adapter():
-                            ref_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    else:
-                        ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                ref_logits = reference_logits(model, reference, ids, mask)
                 loss, step_stats = anchored_sft_loss(logits, ref_logits, labels, cfg.kl_coef)
             loss.backward()
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(optimizer_step(optimizer, params, cfg.max_grad_norm).detach())
             stats.append(step_stats)
     return {
         "losses/sft": float(torch.stack([s.nll for s in stats]).mean()) if stats else None,

@@ -68,11 +68,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from workers.common.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from workers.common.config import ConfigError, WorkerError, cli, diff_configs, save_config, to_dict
+from workers.common.config import (
+    ConfigError, WorkerError, check_at_least, check_at_least_or_null, cli, diff_configs, save_config, to_dict,
+)
 from workers.common.data import Comparison, half_of, is_heldout, load_comparisons, split_comparisons
 from workers.common.distributed import (
-    World, accumulate, check_divisible, check_strategy, full_state_dict, grad_norm_value, init_world,
-    launched_world_size, load_full_state_dict, shutdown, unwrap, wrap,
+    World, accumulate, check_divisible, check_strategy, gathered_state, init_world, launched_world_size,
+    load_full_state_dict, on_main, shutdown, unwrap, wrap,
 )
 from workers.common.metrics import (
     SUMMARY_FILENAME,
@@ -101,28 +103,21 @@ from workers.common.pm import (
     pack_pairs,
     pad_sequences,
 )
-from workers.common.runtime import autocast, check_training_dtype, progress, resolve_dtype, seed_everything, set_threads, synchronize
-from workers.common.schedule import DataOrder, adamw, lr_at
+from workers.common.runtime import autocast, progress, resolve_dtype, seed_everything, set_threads, synchronize
+from workers.common.schedule import DataOrder, adamw
 from workers.common.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
+from workers.common.supervised_step import RUN_ONLY_FIELDS as SUPERVISED_RUN_ONLY_FIELDS
+from workers.common.supervised_step import (
+    check_supervised_config, checkpoint_due, log_due, optim_record, optimizer_step, set_learning_rate, step_done,
+    total_steps,
+)
 
 STEP = "train_pm"
 EVALUATIONS = 5
 """validation evaluations per PM when eval_every is None (each costs a forward pass over the validation set)"""
 
-# Fields that may differ between a run and the run that resumes it.
-RUN_ONLY_FIELDS = {
-    "output_dir",
-    "parallel_pms",
-    "max_steps_this_run",
-    "progress",
-    "num_threads",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "resume",
-    "eval_batch_size",
-    "log_every",
-    "device",
-}
+RUN_ONLY_FIELDS = SUPERVISED_RUN_ONLY_FIELDS | {"parallel_pms", "eval_batch_size"}
+"""config fields that do not change what a run computes (a resume or a re-run may change them)"""
 
 
 @dataclass(frozen=True)
@@ -243,59 +238,20 @@ class TrainPMConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending values."""
-        positive = {
-            "batch_size": self.batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "keep_checkpoints": self.keep_checkpoints,
-            "calibration_bins": self.calibration_bins,
-            "log_every": self.log_every,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{name} ({value}) must be >= 1")
-        for name in ("micro_batch_size", "max_steps", "max_steps_this_run", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
+        check_supervised_config(self)
+        check_at_least(self, ("eval_batch_size", "calibration_bins", "ensemble_size", "test_ensemble_size",
+                              "parallel_pms"), 1)
+        check_at_least_or_null(self, ("micro_batch_size", "eval_every", "early_stop_patience"))
+        check_at_least(self, ("margin", "margin_per_strength"), 0)
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size})"
             )
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction ({self.heldout_fraction}) must be in [0, 1)")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate ({self.learning_rate}) must be > 0")
-        if self.warmup_steps < 0 or self.checkpoint_every < 0:
-            raise ConfigError(
-                f"warmup_steps ({self.warmup_steps}) and checkpoint_every ({self.checkpoint_every}) must be >= 0"
-            )
-        if self.weight_decay < 0 or self.margin < 0 or self.margin_per_strength < 0:
-            raise ConfigError(
-                f"weight_decay ({self.weight_decay}), margin ({self.margin}) and margin_per_strength "
-                f"({self.margin_per_strength}) must be >= 0"
-            )
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("heldout_fraction", "validation_fraction", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
         if not self.adam_eps > 0:
             raise ConfigError(f"adam_eps ({self.adam_eps}) must be > 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm ({self.max_grad_norm}) must be > 0 or null")
-        if self.max_steps is None and not self.num_epochs > 0:
-            raise ConfigError(f"num_epochs ({self.num_epochs}) must be > 0")
-        if self.max_length is not None and self.max_length < 4:
-            raise ConfigError(f"max_length ({self.max_length}) must be >= 4")
-        for name in ("ensemble_size", "test_ensemble_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 1")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ConfigError(f"validation_fraction ({self.validation_fraction}) must be in [0, 1)")
-        for name in ("eval_every", "early_stop_patience"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} ({value}) must be >= 1 or null")
-        if self.parallel_pms < 1:
-            raise ConfigError(f"parallel_pms ({self.parallel_pms}) must be >= 1")
         if self.parallel_pms > 1 and not self.disable_dropout:
             raise ConfigError(
                 f"parallel_pms ({self.parallel_pms}) needs disable_dropout: dropout draws from the process-wide "
@@ -307,7 +263,6 @@ class TrainPMConfig:
             )
         if self.head_init_std is not None and not self.head_init_std > 0:
             raise ConfigError(f"head_init_std ({self.head_init_std}) must be > 0 or null")
-        check_training_dtype(self.dtype)
         check_strategy(self.parallel)
         if (world_size := launched_world_size()) > 1:
             check_divisible("micro_batch_size" if self.micro_batch_size else "batch_size",
@@ -656,10 +611,107 @@ def _train_one(
 
     ``check_packing`` checks the packed layout on the model first (once per run: it depends on the
     architecture and the attention kernel, not on the weights)."""
-    out = Path(cfg.output_dir)
-    seed = job.seed
+    ckpt_root = Path(cfg.output_dir) / "checkpoints" / job.label
 
     # 1. Tokenize; derived sizes, computed once.
+    data = _encode_job(cfg, job, layout)
+    steps_total = total_steps(cfg, len(data.train))
+    eval_every = cfg.eval_every or max(math.ceil(len(data.train) / cfg.batch_size), math.ceil(steps_total / EVALUATIONS))
+    order = DataOrder(len(data.train), seed=job.seed)
+
+    # 2. Model and optimizer; the packed layout is checked on this very model.
+    pm = _build_pm(cfg, seed=job.seed, device=device)
+    if cfg.pair_mode == "packed" and check_packing:
+        _check_packing(pm, layout, compute_dtype)
+    pm.train()
+    method = "score_pairs" if cfg.pair_mode == "packed" else "score_sequences"
+    scorer = wrap(pm, world, device, compute_dtype=compute_dtype, method=method)
+    optimizer = _optimizer(cfg, pm)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # 3. Resume from the newest checkpoint (with the best weights it knew of), or start clean.
+    start_step, best = _resume(cfg, job, ckpt_root, pm=pm, optimizer=optimizer, writer=writer, world=world)
+
+    # 4. The loop: one optimizer step per batch of comparisons; validation every eval_every steps.
+    bar = progress(steps_total, desc=f"train_pm {job.label}", enabled=cfg.progress and world.main, initial=start_step)
+    tally = _Tally()
+    loss_value = float("nan")
+    steps_this_run = 0
+    last_step = start_step
+    for step in range(start_step, steps_total):
+        if best.stale >= (cfg.early_stop_patience or math.inf):
+            break  # early stop: no new best in early_stop_patience evaluations
+        if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
+            _checkpoint(cfg, job, step, pm, optimizer, best, world)
+            bar.close()
+            return None
+        t0, c0 = time.perf_counter(), time.process_time()
+        lr = set_learning_rate(optimizer, cfg, step, steps_total)
+        # 4a. Forward and backward passes a micro-batch at a time, then the optimizer step.
+        batch = [data.train[i] for i in order.batch(step, cfg.batch_size)]
+        sums = _backward_batch(cfg, batch, pm, scorer, pad_id=layout.pad_id, tally=tally, world=world, device=device,
+                               compute_dtype=compute_dtype)
+        grad_norm = optimizer_step(optimizer, params, cfg.max_grad_norm)
+        synchronize(device)
+        sums = _summed(sums, world)
+        tally.seconds += time.perf_counter() - t0
+        tally.cpu_seconds += time.process_time() - c0
+        tally.comparisons += cfg.batch_size
+        steps_this_run += 1
+        loss_value = sums["loss"] / cfg.batch_size
+        done = last_step = step + 1
+
+        # 4b. Validation log-loss on schedule and after the last step (select_by val_loss).
+        record = {}
+        if cfg.select_by == "val_loss" and (done % eval_every == 0 or done == steps_total):
+            record, best = _validate(cfg, pm, data.validation, best, done, ckpt_root, layout=layout, world=world,
+                                     device=device, compute_dtype=compute_dtype)
+        if log_due(cfg, done, steps_total) or record:
+            writer.log({
+                "pm": job.label,
+                "step": done,
+                "losses/bt": loss_value,
+                **_train_record(sums, cfg.batch_size),
+                **optim_record(lr, grad_norm, order.epoch_of(done, cfg.batch_size)),
+                "perf/comparisons_per_s": tally.comparisons / tally.seconds,
+                **record,
+            })
+        step_done(bar, loss_value)
+        if checkpoint_due(cfg, done, steps_total):
+            _checkpoint(cfg, job, done, pm, optimizer, best, world)
+    bar.close()
+
+    # 5. The selected weights, held-out evaluation, then the PM directory (the durable output, rank 0).
+    if cfg.select_by == "val_loss" and best.step:
+        _load_best(pm, _best_path(ckpt_root, best.step), device=device, world=world)
+    results = heldout_metrics(
+        *score_pairs(pm, data.heldout, layout=layout, batch_size=cfg.eval_batch_size, pair_mode=cfg.pair_mode,
+                     device=device, compute_dtype=compute_dtype),
+        data.heldout, n_bins=cfg.calibration_bins,
+    )
+    results.update(_train_metrics(cfg, job, data, tally, loss_value=loss_value, steps=steps_total,
+                                  steps_run=last_step, best=best))
+    _save_pm_dir(cfg, job, pm, target, results, ckpt_root, layout=layout, world=world)
+    return results
+
+
+class _Encoded(NamedTuple):
+    """A PM's (or member's) comparisons, tokenized and fitted to max_length."""
+
+    train: list[EncodedPair]
+    """what it trains on"""
+    validation: list[EncodedPair]
+    """what select_by val_loss selects on"""
+    heldout: list[EncodedPair]
+    """its held-out split, reported"""
+    train_stats: EncodeStats
+    """what fitting did to the train split"""
+    heldout_stats: EncodeStats
+    """what fitting did to the held-out split"""
+
+
+def _encode_job(cfg: TrainPMConfig, job: _Job, layout: TokenLayout) -> _Encoded:
+    """The job's comparisons tokenized; an error when truncation left nothing to train or select on."""
     train, train_stats = encode(job.train, layout, truncation=cfg.truncation)
     validation, _ = encode(job.validation, layout, truncation=cfg.truncation)
     heldout, heldout_stats = encode(job.heldout, layout, truncation=cfg.truncation)
@@ -672,171 +724,161 @@ def _train_one(
         raise WorkerError(f"the training comparisons for {job.label} left after truncation are all ties")
     if cfg.select_by == "val_loss" and not validation:
         raise WorkerError(f"every validation comparison for {job.label} was dropped by truncation=drop")
-    micro = cfg.micro_batch_size or cfg.batch_size
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * len(train) / cfg.batch_size))
-    eval_every = cfg.eval_every or max(math.ceil(len(train) / cfg.batch_size), math.ceil(total_steps / EVALUATIONS))
-    order = DataOrder(len(train), seed=seed)
+    return _Encoded(train, validation, heldout, train_stats, heldout_stats)
 
-    # 2. Model and optimizer; the packed layout is checked on this very model.
-    pm = _build_pm(cfg, seed=seed, device=device)
-    if cfg.pair_mode == "packed" and check_packing:
-        probe = [i for i in range(len(layout.tokenizer)) if i not in layout.tokenizer.all_special_ids][:10]
-        try:
-            check_pair_packing(pm, token_ids=probe, atol=1e-3 if compute_dtype == torch.float32 else 5e-2)
-        except ValueError as exc:
-            raise WorkerError(str(exc)) from None
-    pm.train()
-    method = "score_pairs" if cfg.pair_mode == "packed" else "score_sequences"
-    scorer = wrap(pm, world, device, compute_dtype=compute_dtype, method=method)
-    optimizer = _optimizer(cfg, pm)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    # 3. Resume from the newest checkpoint (with the best weights it knew of), or start clean.
-    ckpt_root = out / "checkpoints" / job.label
-    start_step = 0
-    best = Best()
+def _check_packing(pm: PreferenceModel, layout: TokenLayout, compute_dtype: torch.dtype) -> None:
+    """WorkerError unless the packed layout scores A and B on this model as two separate sequences would."""
+    probe = [i for i in range(len(layout.tokenizer)) if i not in layout.tokenizer.all_special_ids][:10]
+    try:
+        check_pair_packing(pm, token_ids=probe, atol=1e-3 if compute_dtype == torch.float32 else 5e-2)
+    except ValueError as exc:
+        raise WorkerError(str(exc)) from None
+
+
+def _resume(cfg: TrainPMConfig, job: _Job, ckpt_root: Path, *, pm: PreferenceModel, optimizer: torch.optim.Optimizer,
+            writer: MetricsWriter, world: World) -> tuple[int, Best]:
+    """The first step and the best evaluation so far: from the newest checkpoint under ``ckpt_root`` (the PM
+    and optimizer loaded from it; refused when it was written with another config), or 0 and none, seeded
+    with the job's seed (``resume=False`` discards the checkpoints first). The job's metrics lines after that
+    step are dropped."""
     latest = latest_checkpoint(ckpt_root) if cfg.resume else None
     if not cfg.resume and world.main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     world.barrier()
-    if latest is not None:
-        saved = read_checkpoint_state(latest).get("config", {})
-        diffs = diff_configs(saved, to_dict(cfg), ignore=RUN_ONLY_FIELDS)
-        if diffs:
-            raise WorkerError(
-                f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
-                "run with the same config to resume it, or resume=false to start over"
-            )
-        state = load_checkpoint(latest, model=pm, optimizer=optimizer, world=world)
-        start_step = state["step"]
-        best = Best(**state.get("best", {}))
-        writer.rewind(after_step=start_step, where={"pm": job.label})
-    else:
+    if latest is None:
         writer.clear(where={"pm": job.label})
-        seed_everything(seed)
+        seed_everything(job.seed)
+        return 0, Best()
+    saved = read_checkpoint_state(latest).get("config", {})
+    diffs = diff_configs(saved, to_dict(cfg), ignore=RUN_ONLY_FIELDS)
+    if diffs:
+        raise WorkerError(
+            f"checkpoint {latest} was written with a different config ({'; '.join(diffs)}); "
+            "run with the same config to resume it, or resume=false to start over"
+        )
+    state = load_checkpoint(latest, model=pm, optimizer=optimizer, world=world)
+    writer.rewind(after_step=state["step"], where={"pm": job.label})
+    return state["step"], Best(**state.get("best", {}))
 
-    # 4. The loop: one optimizer step per batch of comparisons; validation every eval_every steps.
-    targets_all = torch.tensor([it.target for it in train])
-    margins_all = torch.tensor([margin_of(it, cfg) for it in train])
-    bar = progress(total_steps, desc=f"train_pm {job.label}", enabled=cfg.progress and world.main, initial=start_step)
-    train_seconds = train_cpu_seconds = 0.0
-    comparisons = real_tokens = padded_tokens = 0
-    loss_value = float("nan")
-    steps_this_run = 0
-    last_step = start_step
-    for step in range(start_step, total_steps):
-        if best.stale >= (cfg.early_stop_patience or math.inf):
-            break  # early stop: no new best in early_stop_patience evaluations
-        if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
-            _checkpoint(cfg, job, step, pm, optimizer, best, world)
-            bar.close()
-            return None
-        t0, c0 = time.perf_counter(), time.process_time()
-        lr = lr_at(step, base=cfg.learning_rate, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices = order.batch(step, cfg.batch_size)
-        sums = defaultdict(float)
-        for start in range(0, cfg.batch_size, micro):
-            chunk = indices[start : start + micro][world.share(micro)]  # this process's share of the micro-batch
-            with accumulate(scorer, world, sync=start + micro >= cfg.batch_size):
-                with autocast(device, compute_dtype):
-                    r_a, r_b, real, padded = _forward(pm, [train[i] for i in chunk], pair_mode=cfg.pair_mode,
-                                                      pad_id=layout.pad_id, scorer=scorer)
-                losses, stats = bradley_terry_loss(r_a, r_b, targets_all[chunk].to(device),
-                                                   margin=margins_all[chunk].to(device))
-                # Mean over the whole batch, whatever the micro-batching; the processes' gradients are averaged.
-                (losses.sum() * world.size / cfg.batch_size).backward()
-            sums["loss"] += losses.detach().sum().item()
-            n_dec = stats.num_decisive.item()
-            if n_dec:
-                sums["correct"] += stats.accuracy.item() * n_dec
-                sums["margin"] += stats.margin.item() * n_dec
-            sums["decisive"] += n_dec
-            sums["reward"] += stats.mean_reward.item() * len(chunk)
-            real_tokens += real
-            padded_tokens += padded
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if world.distributed:  # the batch's statistics over every process's share
-            keys = sorted(sums)
-            totals = world.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-            sums = defaultdict(float, zip(keys, totals.tolist()))
-        train_seconds += time.perf_counter() - t0
-        train_cpu_seconds += time.process_time() - c0
-        comparisons += cfg.batch_size
-        steps_this_run += 1
-        loss_value = sums["loss"] / cfg.batch_size
 
-        done = last_step = step + 1
-        record = {}
-        if cfg.select_by == "val_loss" and (done % eval_every == 0 or done == total_steps):
-            # Validation log-loss; a new best is written beside the checkpoints so a resumed run still has it.
-            val = heldout_metrics(*score_pairs(pm, validation, layout=layout, batch_size=cfg.eval_batch_size,
-                                               pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype),
-                                  validation, n_bins=cfg.calibration_bins)
-            record = {"val/loss": val["heldout/log_loss"], "val/accuracy": val["heldout/accuracy"]}
-            if val["heldout/log_loss"] < best.loss:
-                best = Best(step=done, loss=val["heldout/log_loss"], stale=0)
-                _save_best(pm, ckpt_root, done, world)
-            else:
-                best = Best(step=best.step, loss=best.loss, stale=best.stale + 1)
-        if done % cfg.log_every == 0 or done == total_steps or record:
-            writer.log(
-                {
-                    "pm": job.label,
-                    "step": done,
-                    "losses/bt": loss_value,
-                    "train/accuracy": sums["correct"] / sums["decisive"] if sums["decisive"] else None,
-                    "train/margin": sums["margin"] / sums["decisive"] if sums["decisive"] else None,
-                    "train/reward_mean": sums["reward"] / cfg.batch_size,
-                    "optim/lr": lr,
-                    "optim/grad_norm": grad_norm_value(grad_norm),
-                    "data/epoch": order.epoch_of(done, cfg.batch_size),
-                    "perf/comparisons_per_s": comparisons / train_seconds,
-                    **record,
-                }
-            )
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-            _checkpoint(cfg, job, done, pm, optimizer, best, world)
-    bar.close()
+@dataclass
+class _Tally:
+    """What a PM's optimizer steps in this invocation took and went through, for its perf/* metrics."""
 
-    # 5. The selected weights, held-out evaluation, then the PM directory (the durable output, rank 0).
-    if cfg.select_by == "val_loss" and best.step:
-        if world.sharded:
-            load_full_state_dict(pm, load_file(str(_best_path(ckpt_root, best.step))), world)
-        else:
-            load_model(unwrap(pm), str(_best_path(ckpt_root, best.step)), device=str(device))
-    results = heldout_metrics(
-        *score_pairs(pm, heldout, layout=layout, batch_size=cfg.eval_batch_size, pair_mode=cfg.pair_mode,
-                     device=device, compute_dtype=compute_dtype),
-        heldout, n_bins=cfg.calibration_bins,
-    )
-    results.update(
-        {
-            "train/loss_last": loss_value,
-            "train/steps": total_steps,
-            "train/steps_run": last_step,
-            "train/selected_step": best.step if cfg.select_by == "val_loss" else last_step,
-            "train/best_val_loss": best.loss if cfg.select_by == "val_loss" else None,
-            "data/train_comparisons": len(train),
-            "data/unique_train_comparisons": job.unique_train,
-            "data/validation_comparisons": len(validation),
-            "data/heldout_comparisons": len(heldout),
-            "data/truncated_prompts": train_stats.truncated_prompts + heldout_stats.truncated_prompts,
-            "data/truncated_responses": train_stats.truncated_responses + heldout_stats.truncated_responses,
-            "data/dropped": train_stats.dropped + heldout_stats.dropped,
-            "perf/train_seconds": train_seconds,
-            "perf/train_cpu_seconds": train_cpu_seconds,
-            "perf/comparisons_per_s": comparisons / train_seconds if train_seconds else None,
-            "perf/tokens_per_s": real_tokens / train_seconds if train_seconds else None,
-            "perf/pad_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
-        }
-    )
+    seconds: float = 0.0
+    """wall-clock seconds of the steps"""
+    cpu_seconds: float = 0.0
+    """this process's CPU seconds in them"""
+    comparisons: int = 0
+    """comparisons trained on (every process's)"""
+    real_tokens: int = 0
+    """tokens of those comparisons (this process's shares)"""
+    padded_tokens: int = 0
+    """tokens of their padded rows (this process's shares)"""
+
+
+def _backward_batch(cfg: TrainPMConfig, batch: list[EncodedPair], pm: PreferenceModel, scorer, *, pad_id: int,
+                    tally: _Tally, world: World, device: torch.device,
+                    compute_dtype: torch.dtype) -> defaultdict[str, float]:
+    """The forward and backward passes of one batch, ``micro_batch_size`` comparisons at a time, each process
+    on its share of each (the gradients accumulate; they are reduced over the processes on the last); this
+    process's sums of the batch's loss, correct decisive comparisons, margins, decisive count and rewards."""
+    micro = cfg.micro_batch_size or cfg.batch_size
+    sums: defaultdict[str, float] = defaultdict(float)
+    for start in range(0, cfg.batch_size, micro):
+        chunk = batch[start : start + micro][world.share(micro)]  # this process's share of the micro-batch
+        targets = torch.tensor([it.target for it in chunk], device=device)
+        margins = torch.tensor([margin_of(it, cfg) for it in chunk], device=device)
+        with accumulate(scorer, world, sync=start + micro >= cfg.batch_size):
+            with autocast(device, compute_dtype):
+                r_a, r_b, real, padded = _forward(pm, chunk, pair_mode=cfg.pair_mode, pad_id=pad_id, scorer=scorer)
+            losses, stats = bradley_terry_loss(r_a, r_b, targets, margin=margins)
+            # Mean over the whole batch, whatever the micro-batching; the processes' gradients are averaged.
+            (losses.sum() * world.size / cfg.batch_size).backward()
+        sums["loss"] += losses.detach().sum().item()
+        n_dec = stats.num_decisive.item()
+        if n_dec:
+            sums["correct"] += stats.accuracy.item() * n_dec
+            sums["margin"] += stats.margin.item() * n_dec
+        sums["decisive"] += n_dec
+        sums["reward"] += stats.mean_reward.item() * len(chunk)
+        tally.real_tokens += real
+        tally.padded_tokens += padded
+    return sums
+
+
+def _summed(sums: defaultdict[str, float], world: World) -> defaultdict[str, float]:
+    """A batch's statistics (``_backward_batch``) summed over every process's share."""
+    if not world.distributed:
+        return sums
+    keys = sorted(sums)
+    totals = world.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    return defaultdict(float, zip(keys, totals.tolist()))
+
+
+def _train_record(sums: defaultdict[str, float], batch_size: int) -> dict[str, float | None]:
+    """The train/* keys of a step's metrics line: the batch's accuracy and margin over its decisive
+    comparisons, and its mean reward."""
+    return {
+        "train/accuracy": sums["correct"] / sums["decisive"] if sums["decisive"] else None,
+        "train/margin": sums["margin"] / sums["decisive"] if sums["decisive"] else None,
+        "train/reward_mean": sums["reward"] / batch_size,
+    }
+
+
+def _validate(cfg: TrainPMConfig, pm: PreferenceModel, validation: list[EncodedPair], best: Best, done: int,
+              ckpt_root: Path, *, layout: TokenLayout, world: World, device: torch.device,
+              compute_dtype: torch.dtype) -> tuple[dict[str, Any], Best]:
+    """The val/* keys after step ``done`` and the best evaluation so far; a new best's weights are written
+    beside the checkpoints, so a resumed run still has them."""
+    val = heldout_metrics(*score_pairs(pm, validation, layout=layout, batch_size=cfg.eval_batch_size,
+                                       pair_mode=cfg.pair_mode, device=device, compute_dtype=compute_dtype),
+                          validation, n_bins=cfg.calibration_bins)
+    record = {"val/loss": val["heldout/log_loss"], "val/accuracy": val["heldout/accuracy"]}
+    if val["heldout/log_loss"] < best.loss:
+        _save_best(pm, ckpt_root, done, world)
+        return record, Best(step=done, loss=val["heldout/log_loss"], stale=0)
+    return record, Best(step=best.step, loss=best.loss, stale=best.stale + 1)
+
+
+def _load_best(pm: PreferenceModel, path: Path, *, device: torch.device, world: World) -> None:
+    """The best weights (``_save_best``) back into the PM, every process (under fsdp, into its shards)."""
+    if world.sharded:
+        load_full_state_dict(pm, load_file(str(path)), world)
+    else:
+        load_model(unwrap(pm), str(path), device=str(device))
+
+
+def _train_metrics(cfg: TrainPMConfig, job: _Job, data: _Encoded, tally: _Tally, *, loss_value: float, steps: int,
+                   steps_run: int, best: Best) -> dict[str, Any]:
+    """The train/*, data/* and perf/* keys of a trained PM's metrics (beside its held-out ones)."""
+    val_loss = cfg.select_by == "val_loss"
+    return {
+        "train/loss_last": loss_value,
+        "train/steps": steps,
+        "train/steps_run": steps_run,
+        "train/selected_step": best.step if val_loss else steps_run,
+        "train/best_val_loss": best.loss if val_loss else None,
+        "data/train_comparisons": len(data.train),
+        "data/unique_train_comparisons": job.unique_train,
+        "data/validation_comparisons": len(data.validation),
+        "data/heldout_comparisons": len(data.heldout),
+        "data/truncated_prompts": data.train_stats.truncated_prompts + data.heldout_stats.truncated_prompts,
+        "data/truncated_responses": data.train_stats.truncated_responses + data.heldout_stats.truncated_responses,
+        "data/dropped": data.train_stats.dropped + data.heldout_stats.dropped,
+        "perf/train_seconds": tally.seconds,
+        "perf/train_cpu_seconds": tally.cpu_seconds,
+        "perf/comparisons_per_s": tally.comparisons / tally.seconds if tally.seconds else None,
+        "perf/tokens_per_s": tally.real_tokens / tally.seconds if tally.seconds else None,
+        "perf/pad_fraction": 1 - tally.real_tokens / tally.padded_tokens if tally.padded_tokens else None,
+    }
+
+
+def _save_pm_dir(cfg: TrainPMConfig, job: _Job, pm: PreferenceModel, target: Path, results: dict[str, Any],
+                 ckpt_root: Path, *, layout: TokenLayout, world: World) -> None:
+    """The PM directory at ``target`` with its spec and metrics, then its checkpoints removed: rank 0 writes,
+    every process calls it (under fsdp the whole weights are gathered first)."""
     spec = {
         "append_eos": cfg.append_eos,
         "max_length": layout.max_length,
@@ -849,13 +891,14 @@ def _train_one(
     if job.members > 1:
         spec["member"] = job.member
     pm.eval()
-    state = full_state_dict(pm, world) if world.distributed else None
-    if world.main:
+    state = gathered_state(pm, world)
+
+    def write() -> None:
         with _LOADING:
             save_pm(pm, layout.tokenizer, target, spec=spec, config=cfg, step=STEP, state_dict=state)
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    world.barrier()
-    return results
+
+    on_main(world, write)
 
 
 @dataclass(frozen=True)
@@ -889,17 +932,17 @@ def _drop_best_files(ckpt_root: Path, *, keep: set[int | None]) -> None:
 def _save_best(pm: PreferenceModel, ckpt_root: Path, step: int, world: World) -> None:
     """The best weights so far beside the checkpoints (rank 0 writes them; under fsdp every process gathers)."""
     path = _best_path(ckpt_root, step)
-    if world.sharded:
-        state = full_state_dict(pm, world)
-        if world.main:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    elif world.main:
+    state = gathered_state(pm, world)
+
+    def write() -> None:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        save_model(unwrap(pm), str(path))
-    if world.main:
+        if state is None:
+            save_model(unwrap(pm), str(path))
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         _drop_best_files(ckpt_root, keep={step, _checkpointed_best(ckpt_root)})
-    world.barrier()
+
+    on_main(world, write)
 
 
 def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, optimizer, best: Best,
@@ -915,9 +958,7 @@ def _checkpoint(cfg: TrainPMConfig, job: _Job, step: int, pm: PreferenceModel, o
         keep=cfg.keep_checkpoints,
         world=world,
     )
-    if world.main:
-        _drop_best_files(root, keep={best.step})
-    world.barrier()
+    on_main(world, lambda: _drop_best_files(root, keep={best.step}))
 
 
 @torch.no_grad()

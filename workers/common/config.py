@@ -291,6 +291,24 @@ def diff_configs(saved: Mapping[str, Any], current: Mapping[str, Any], *, ignore
     return out
 
 
+# -- range checks (for validate()) -------------------------------------------------
+
+
+def check_at_least(cfg: Any, names: Sequence[str], minimum: int) -> None:
+    """ConfigError naming the first of the fields ``names`` below ``minimum``, with its value."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ConfigError(f"{name} ({getattr(cfg, name)}) must be >= {minimum}")
+
+
+def check_at_least_or_null(cfg: Any, names: Sequence[str], minimum: int = 1) -> None:
+    """ConfigError naming the first of the optional fields ``names`` set below ``minimum``, with its value."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} ({value}) must be >= {minimum} or null")
+
+
 # -- the command line --------------------------------------------------------------
 
 

@@ -19,6 +19,11 @@ tokens do not reweight anything).
   bfloat16 while the float32 master weights stay sharded (gradients are
   reduced in float32).
 
+Rank 0 writes a step's files (the Hugging Face or PM directory, the
+summary): ``gathered_state`` gathers a sharded model's whole weights into it
+(every process calls it), and ``on_main`` runs the writing there and holds
+the others at a barrier until it is done.
+
 CPU processes talk over gloo, CUDA processes over NCCL, one device each
 (``cuda:LOCAL_RANK``). One process (no torchrun, or ``--nproc_per_node 1``)
 runs exactly as before: ``SINGLE``, no process group, nothing wrapped.
