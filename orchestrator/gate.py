@@ -19,12 +19,12 @@ the reference must stay within budget.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
+
+from store.intervals import wilson_lower_bound
 
 
 @dataclass(frozen=True)
@@ -132,26 +132,6 @@ class GateDecision:
 
 
 # -- lower confidence bounds ---------------------------------------------------------------
-
-
-def _z(level: float) -> float:
-    return NormalDist().inv_cdf(level)
-
-
-def wilson_lower_bound(successes: float, n: int, level: float) -> float | None:
-    """The one-sided lower bound of a proportion at ``level`` (Wilson's score interval; None for n = 0).
-
-    ``successes`` may be fractional (a tie counts half a win): each outcome
-    is then treated as a coin worth 0 or 1, whose variance is at least that
-    of a half-win, so the bound errs low.
-    """
-    if n <= 0:
-        return None
-    z = _z(level)
-    p = successes / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
 def bootstrap_lower_bound(outcomes: list[float], level: float, *, resamples: int = 4000, seed: int = 0) -> float | None:

@@ -171,15 +171,10 @@ def snapshot_comparisons(
     content-addressed key, so a crash between writing the file and committing
     the row is repaired by simply running the snapshot again.
     """
-    query = select(FeedbackBatch).order_by(FeedbackBatch.id)
-    if batch_ids is not None:
-        query = query.where(FeedbackBatch.id.in_(list(batch_ids)))
-    batches = list(session.scalars(query))
-    if batch_ids is not None and len(batches) != len(set(batch_ids)):
-        missing = sorted(set(batch_ids) - {b.id for b in batches})
-        raise NotFound(f"feedback batches {missing} do not exist")
+    batches = _feedback_batches(session, batch_ids)
     ids = [b.id for b in batches]
     excluded_raters = excluded_raters or {}
+    # 1. What stays out: eval and gold answers, and every answer of the excluded raters.
     evals = excluded_eval_positions(session, ids, include_eval=include_eval, cycle_id=cycle_id)
     golds = excluded_gold_positions(session, ids)
     by_raters = excluded_rater_positions(session, ids, sorted(excluded_raters))
@@ -187,49 +182,17 @@ def snapshot_comparisons(
     batches = [b for b in batches if len(excluded.get(b.id, ())) < b.comparison_count]
     if not batches:
         raise InvalidInput("there are no feedback batches to snapshot")
+    # 2. The content address: the same comparisons are the version that already holds them.
     sha = snapshot_sha256(batches, excluded)
     existing = session.scalar(select(Dataset).where(Dataset.name == name, Dataset.content_sha256 == sha))
     if existing is not None:
         return existing, False
-    lines = []
-    left_out = {b: set(p) for b, p in excluded.items()}
-    everything = comparisons_of(session, [b.id for b in batches])
-    comparisons = [comp for comp in everything if comp.position not in left_out.get(comp.batch_id, ())]
+    # 3. The comparisons kept, as JSONL records, and what the metadata counts of them.
+    comparisons = _kept_comparisons(session, batches, excluded)
     source_of = {b.id: b.source for b in batches}
-    sources = Counter(source_of[comp.batch_id] for comp in comparisons)
-    # Counted over every batch considered: a batch of one left-out rater's answers is dropped whole above.
-    rater_counts = {rater: 0 for rater in excluded_raters}
-    rater_counts.update(session.execute(
-        select(Comparison.rater_id, func.count())
-        .where(Comparison.batch_id.in_(ids), Comparison.rater_id.in_(sorted(excluded_raters)))
-        .group_by(Comparison.rater_id)
-    ).all())
-    task_meta = chat_task_metadata(session, batch_ids=[b.id for b in batches])
-    chat, invalid, first_invalid = 0, 0, None
-    for comp in comparisons:
-        messages, problem = prompt_messages(comp.meta, task_meta.get(comp.task_id))
-        chat += messages is not None
-        if problem is not None:
-            invalid += 1
-            first_invalid = first_invalid or problem
-        record = {
-            "batch_id": comp.batch_id,
-            "prompt": comp.prompt,
-            "response_a": comp.response_a,
-            "response_b": comp.response_b,
-            "choice": comp.choice,
-            "rater_id": comp.rater_id,
-            "source": source_of[comp.batch_id],
-        }
-        if comp.task_id is not None:
-            record["task_id"] = comp.task_id
-        if comp.meta:
-            record["metadata"] = comp.meta
-        if comp.strength is not None:
-            record["strength"] = comp.strength
-        if messages is not None:
-            record["messages"] = messages
-        lines.append(json.dumps(record, ensure_ascii=False))
+    rater_counts = _excluded_rater_counts(session, ids, excluded_raters)
+    lines, messages_meta = _jsonl_lines(session, batches, comparisons, source_of)
+    # 4. The artifact, then the version and its batches.
     ref = artifacts.put_bytes(f"datasets/{name}/{sha}.jsonl", ("\n".join(lines) + "\n").encode())
     dataset, created = create_dataset(
         session,
@@ -239,25 +202,121 @@ def snapshot_comparisons(
         row_count=len(lines),
         artifact=ref,
         cycle_id=cycle_id,
-        # A snapshot never changes, so its rater agreement is computed once, here.
-        metadata={
-            "batch_count": len(batches),
-            "sources": dict(sorted(sources.items())),
-            "ai_comparisons": sum(n for source, n in sources.items() if source.startswith(AI_SOURCE_PREFIX)),
-            "agreement": agreement_of(comparisons),
-            "excluded_eval_comparisons": sum(len(v) for v in evals.values()),
-            "excluded_gold_comparisons": sum(len(v) for v in golds.values()),
-            "excluded_raters": [
-                {"rater_id": rater, "reason": excluded_raters[rater], "comparisons": rater_counts[rater]}
-                for rater in sorted(excluded_raters) if rater_counts[rater]
-            ],
-            **({"chat_comparisons": chat} if chat else {}),
-            **({"invalid_messages": {"comparisons": invalid, "first": first_invalid}} if invalid else {}),
-        },
+        metadata=_snapshot_metadata(
+            batches, comparisons, source_of, evals=evals, golds=golds, excluded_raters=excluded_raters,
+            rater_counts=rater_counts, messages_meta=messages_meta,
+        ),
     )
     if created:
         session.execute(insert(dataset_batches), [{"dataset_id": dataset.id, "batch_id": b.id} for b in batches])
     return dataset, created
+
+
+def _feedback_batches(session: Session, batch_ids: Sequence[int] | None) -> list[FeedbackBatch]:
+    """The batches ``batch_ids`` (all of them when None) in id order; ``NotFound`` names any that do not exist."""
+    query = select(FeedbackBatch).order_by(FeedbackBatch.id)
+    if batch_ids is not None:
+        query = query.where(FeedbackBatch.id.in_(list(batch_ids)))
+    batches = list(session.scalars(query))
+    if batch_ids is not None and len(batches) != len(set(batch_ids)):
+        missing = sorted(set(batch_ids) - {b.id for b in batches})
+        raise NotFound(f"feedback batches {missing} do not exist")
+    return batches
+
+
+def _kept_comparisons(
+    session: Session, batches: Sequence[FeedbackBatch], excluded: dict[int, list[int]]
+) -> list[Comparison]:
+    """The comparisons of ``batches`` less the ``excluded`` positions, in batch and position order."""
+    left_out = {b: set(p) for b, p in excluded.items()}
+    everything = comparisons_of(session, [b.id for b in batches])
+    return [comp for comp in everything if comp.position not in left_out.get(comp.batch_id, ())]
+
+
+def _excluded_rater_counts(
+    session: Session, batch_ids: Sequence[int], excluded_raters: dict[str, str]
+) -> dict[str, int]:
+    """rater -> comparisons in ``batch_ids``, for each of ``excluded_raters`` (0 for those with none)."""
+    # Counted over every batch considered: a batch of one left-out rater's answers is not in the snapshot at all.
+    rater_counts = {rater: 0 for rater in excluded_raters}
+    rater_counts.update(session.execute(
+        select(Comparison.rater_id, func.count())
+        .where(Comparison.batch_id.in_(batch_ids), Comparison.rater_id.in_(sorted(excluded_raters)))
+        .group_by(Comparison.rater_id)
+    ).all())
+    return rater_counts
+
+
+def _jsonl_lines(
+    session: Session, batches: Sequence[FeedbackBatch], comparisons: Sequence[Comparison], source_of: dict[int, str]
+) -> tuple[list[str], dict[str, Any]]:
+    """One JSON line a comparison, and the metadata that counts their chat messages (none when there are none)."""
+    task_meta = chat_task_metadata(session, batch_ids=[b.id for b in batches])
+    lines = []
+    chat, invalid, first_invalid = 0, 0, None
+    for comp in comparisons:
+        messages, problem = prompt_messages(comp.meta, task_meta.get(comp.task_id))
+        chat += messages is not None
+        if problem is not None:
+            invalid += 1
+            first_invalid = first_invalid or problem
+        lines.append(json.dumps(_record(comp, source_of[comp.batch_id], messages), ensure_ascii=False))
+    messages_meta = {
+        **({"chat_comparisons": chat} if chat else {}),
+        **({"invalid_messages": {"comparisons": invalid, "first": first_invalid}} if invalid else {}),
+    }
+    return lines, messages_meta
+
+
+def _record(comp: Comparison, source: str, messages: list[dict[str, str]] | None) -> dict[str, Any]:
+    """A snapshot's record of ``comp``: its optional fields only when set."""
+    record = {
+        "batch_id": comp.batch_id,
+        "prompt": comp.prompt,
+        "response_a": comp.response_a,
+        "response_b": comp.response_b,
+        "choice": comp.choice,
+        "rater_id": comp.rater_id,
+        "source": source,
+    }
+    if comp.task_id is not None:
+        record["task_id"] = comp.task_id
+    if comp.meta:
+        record["metadata"] = comp.meta
+    if comp.strength is not None:
+        record["strength"] = comp.strength
+    if messages is not None:
+        record["messages"] = messages
+    return record
+
+
+def _snapshot_metadata(
+    batches: Sequence[FeedbackBatch],
+    comparisons: Sequence[Comparison],
+    source_of: dict[int, str],
+    *,
+    evals: dict[int, list[int]],
+    golds: dict[int, list[int]],
+    excluded_raters: dict[str, str],
+    rater_counts: dict[str, int],
+    messages_meta: dict[str, Any],
+) -> dict[str, Any]:
+    """A snapshot's metadata: its sources, rater agreement and what it left out."""
+    sources = Counter(source_of[comp.batch_id] for comp in comparisons)
+    # A snapshot never changes, so its rater agreement is computed once, here.
+    return {
+        "batch_count": len(batches),
+        "sources": dict(sorted(sources.items())),
+        "ai_comparisons": sum(n for source, n in sources.items() if source.startswith(AI_SOURCE_PREFIX)),
+        "agreement": agreement_of(comparisons),
+        "excluded_eval_comparisons": sum(len(v) for v in evals.values()),
+        "excluded_gold_comparisons": sum(len(v) for v in golds.values()),
+        "excluded_raters": [
+            {"rater_id": rater, "reason": excluded_raters[rater], "comparisons": rater_counts[rater]}
+            for rater in sorted(excluded_raters) if rater_counts[rater]
+        ],
+        **messages_meta,
+    }
 
 
 def get_dataset(session: Session, dataset_id: int) -> Dataset:

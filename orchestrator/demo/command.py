@@ -65,23 +65,27 @@ DEMO_QC = {
     "gold_share": 0.15,
     "overlap_share": 0.2,
     "min_gold_answers": 8,
-    "min_gold_accuracy": 0.6,
+    "min_gold_accuracy": 0.7,
+    "gold_confidence": 0.99,
     "min_agreement_pairs": 100,
     "min_agreement": 0.1,
 }
 """Quality control of the demo's raters (``store.raters.QCPolicy``).
 
 On gold tasks (clear winners) the careful rater is right ~95% of the time,
-the noisy one ~82.5% and the random one a third: 0.6 sits between the last
-two. The first snapshot comes after a few dozen gold answers per rater, and
-each rater sees all of the demo's 60 within a cycle or two; over 40 gold
-answers either mistake (flagging the noisy rater, missing the random one)
-is a binomial tail under 0.1%. Agreement is measured against the raters
-gold has not flagged (``store.raters.rater_stats``): the careful and the
-noisy rater against each other (agreeing on about 4 answers in 5, a kappa
-near 0.5), the random one against them (kappa near 0). 0.1 after 100 pairs
-sits well clear of both, so kappa backs up what gold shows rather than
-deciding alone.
+the noisy one ~82.5% and the random one a third. Raters are checked after
+every answer, from the 8th gold one: a rater is flagged once the 99% upper
+bound of its gold accuracy is under 0.7. Simulated over a rater's first 60
+gold answers (50,000 runs each), that flags the noisy rater in 0.2% of runs
+and leaves the random one unflagged past 40 gold answers in 0.25% (median:
+flagged at its 9th). Flagging on the share itself (under 0.6 after 8) flags
+the noisy rater in 7.6% of runs: its first few answers are a short run.
+
+Agreement is measured against the raters gold has not flagged
+(``store.raters.rater_stats``): the careful and the noisy rater against each
+other (agreeing on about 4 answers in 5, a kappa near 0.5), the random one
+against them (kappa near 0). 0.1 after 100 pairs sits well clear of both, so
+kappa backs up what gold shows rather than deciding alone.
 """
 
 GOLD_ITEMS = 60
@@ -318,102 +322,124 @@ def run_demo(
     console.print(f"[bold]Ratchet demo[/bold]: store {shown}{' (fresh)' if paths.fresh else ''}, artifacts {paths.artifacts_url}")
     weeks = free_weeks(database, cycles, start=start_week)
 
-    # 1. The world: prompt sets, P0 fine-tuned, registered, deployed; Prefect starts meanwhile (its temporary
-    #    local server unless PREFECT_API_URL is set: a process of its own, on the other core).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-start") as pool:
-        prefect_started = pool.submit(start_prefect)
-        with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
-            # one thread: the other core is Prefect's while it starts
-            world = build_world(database, artifacts, paths.work_dir, config=world_config, tag=f"world-{weeks[0]}",
-                                num_threads=1)
-        console.print(
-            f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
-            f"registered as policy v{world.policy_version} and deployed"
-        )
-        # 2. Prefect, the API with a cycle launcher, keys, the raters.
-        with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
-            prefect_api = prefect_started.result()
-    console.print(f"Prefect API at {prefect_api}")
+    # 1. The world: prompt sets, P0 fine-tuned, registered, deployed; Prefect starts meanwhile.
+    _build_world_while_prefect_starts(database, artifacts, paths.work_dir, console, world_config,
+                                      tag=f"world-{weeks[0]}")
+    # 2. The API with a cycle launcher; the raters label through it while the cycles run.
     env = CycleEnv(database, artifacts, work_dir=paths.work_dir, defaults=defaults)
     api_settings = settings.model_copy(update={"database_url": paths.database_url, "artifacts_url": paths.artifacts_url})
     launcher = ThreadLauncher(database, defaults)
-    stop = threading.Event()
-    summaries: list[dict[str, Any]] = []
     with use_env(env):
         server = ApiThread(create_app(api_settings, database=database, artifacts=artifacts, cycle_launcher=launcher))
         server.start()
         console.print(f"REST API at {server.url}")
-        suffix = weeks[0].lower()
-        # A fresh store's raters are named by their kind; in a store that has others, by the first week too
-        # (a rater id belongs to the key it first leased under).
-        profiles = demo_raters(raters, noise=labeler_noise, suffix="" if paths.fresh else f"-{suffix}")
-        with database.session() as session:
-            operator = create_api_key(session, name=f"demo-operator-{suffix}", role="operator")[1]
-            tokens = {p.rater_id: create_api_key(session, name=p.rater_id, role="labeler")[1] for p in profiles}
-        from workers.demo_world import gold_score
-
-        labelers = [SimulatedLabeler.of(p, server.url, tokens[p.rater_id], gold=gold_score, seed=seed,
-                                        batch_size=RATER_BATCH) for p in profiles]
-        threads = [threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2}, daemon=True,
-                                    name=f"labeler-{labeler.rater_id}") for labeler in labelers]
-        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {operator}"}, timeout=30)
-        try:
-            gold_registered = register_demo_gold(client, n=gold_items, seed=seed) if gold_items else 0
-            console.print(
-                f"{gold_registered} gold comparisons registered; raters "
-                + ", ".join(f"{p.rater_id} ({_profile(p)})" for p in profiles)
-                + f"; quality control {'leaves flagged raters out' if qc else 'flags raters but leaves none out'}"
-            )
-            for thread in threads:
-                thread.start()
-            # 3. One cycle per simulated week, triggered and followed through the API.
-            for index, week in enumerate(weeks, start=1):
-                summaries.append(_run_one(client, database, console, index, week, cycles))
-                if summaries[-1]["status"] != "succeeded":
-                    break
-            # 4. What quality control made of each rater.
-            rater_rows = rater_qc(client, [p.rater_id for p in profiles])
-        finally:
-            stop.set()
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join(timeout=10)
-            for labeler in labelers:
-                labeler.close()
-            client.close()
-            server.stop()
+        run = _run_with_raters(server, database, console, weeks, fresh=paths.fresh, raters=raters,
+                               labeler_noise=labeler_noise, qc=qc, gold_items=gold_items, seed=seed)
     database.dispose()
+    return _demo_result(run, weeks=weeks, labeler_noise=labeler_noise, raters=raters, qc=qc, method=method,
+                        seed=seed, t_start=t_start, shown=shown)
 
-    rows = [
-        {
-            "cycle": i,
-            "week": s["week"],
-            "status": s["status"],
-            "pm_accuracy": s["pm_accuracy"],
-            "test_pm_accuracy": s["test_pm_accuracy"],
-            "method": s["method"],
-            "policy_reward": s["policy_reward"],
-            "kl": s["kl"],
-            "eval_kl": s["eval_kl"],
-            "win_rate": s["win_rate"],
-            "human_win_rate": s["human_win_rate"],
-            "human_lower_bound": s["human_lower_bound"],
-            "human_answers": s["human_answers"],
-            "elo": s["elo_candidate"] if s["deployed"] else s["elo_baseline"],
-            "policy_reward_spread": s["policy_reward_spread"],
-            "tasks": s["tasks"],
-            "top_up_rounds": s["top_up_rounds"],
-            "gather_outcome": s["gather_outcome"],
-            "deployed": s["deployed"],
-            "gold_score": s["gold_score"],
-            "policy_version": s["policy_version"],
-            "comparisons": s["comparisons"],
-            "excluded_raters": s["excluded_raters"],
-            "excluded_comparisons": s["excluded_comparisons"],
-            "reason": s["reason"],
-        }
-        for i, s in enumerate(summaries, start=1)
-    ]
+
+@dataclass(frozen=True)
+class _DemoRun:
+    """What the raters and the cycles leave for the demo's summary."""
+
+    summaries: list[dict[str, Any]]
+    """each cycle's summary (``_run_one``), in week order, up to the first that did not succeed"""
+    labelers: list[SimulatedLabeler]
+    gold_registered: int
+    """gold comparisons registered before the cycles"""
+    rater_rows: list[dict[str, Any]]
+    """each rater's quality-control numbers at the end (``rater_qc``)"""
+
+
+def _build_world_while_prefect_starts(
+    database: Database, artifacts: ArtifactStore, work_dir: Path, console: Console, world_config: WorldConfig,
+    *, tag: str,
+) -> None:
+    """Build the demo world while Prefect starts in a thread (its temporary local server unless
+    PREFECT_API_URL is set: a process of its own, on the other core)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-start") as pool:
+        prefect_started = pool.submit(start_prefect)
+        with console.status("building the demo world: tokenizer, tiny GPT-2, fine-tuning P0 on the mixed corpus"):
+            # one thread: the other core is Prefect's while it starts
+            world = build_world(database, artifacts, work_dir, config=world_config, tag=tag, num_threads=1)
+        console.print(
+            f"P0 fine-tuned in {world.compute_s:.1f} s (loss {world.sft_metrics.get('train/loss_last', float('nan')):.3f}); "
+            f"registered as policy v{world.policy_version} and deployed"
+        )
+        with console.status("starting Prefect (its temporary local server unless PREFECT_API_URL is set)"):
+            prefect_api = prefect_started.result()
+    console.print(f"Prefect API at {prefect_api}")
+
+
+def _run_with_raters(
+    server: ApiThread, database: Database, console: Console, weeks: list[str], *, fresh: bool, raters: RaterSet,
+    labeler_noise: float, qc: bool, gold_items: int, seed: int,
+) -> _DemoRun:
+    """The raters labeling through ``server``, the gold comparisons, one cycle a week (up to the first that does
+    not succeed) and what quality control made of each rater; then, whether those succeeded or not, stops the
+    raters and ``server``."""
+    suffix = weeks[0].lower()
+    # A fresh store's raters are named by their kind; in a store that has others, by the first week too
+    # (a rater id belongs to the key it first leased under).
+    profiles = demo_raters(raters, noise=labeler_noise, suffix="" if fresh else f"-{suffix}")
+    operator, labelers = _keyed_labelers(database, server.url, profiles, suffix=suffix, seed=seed)
+    stop = threading.Event()
+    threads = [threading.Thread(target=labeler.run, args=(stop,), kwargs={"poll_interval_s": 0.2}, daemon=True,
+                                name=f"labeler-{labeler.rater_id}") for labeler in labelers]
+    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {operator}"}, timeout=30)
+    summaries: list[dict[str, Any]] = []
+    try:
+        gold_registered = register_demo_gold(client, n=gold_items, seed=seed) if gold_items else 0
+        console.print(
+            f"{gold_registered} gold comparisons registered; raters "
+            + ", ".join(f"{p.rater_id} ({_profile(p)})" for p in profiles)
+            + f"; quality control {'leaves flagged raters out' if qc else 'flags raters but leaves none out'}"
+        )
+        for thread in threads:
+            thread.start()
+        # 3. One cycle per simulated week, triggered and followed through the API.
+        for index, week in enumerate(weeks, start=1):
+            summaries.append(_run_one(client, database, console, index, week, len(weeks)))
+            if summaries[-1]["status"] != "succeeded":
+                break
+        # 4. What quality control made of each rater.
+        rater_rows = rater_qc(client, [p.rater_id for p in profiles])
+    finally:
+        stop.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(timeout=10)
+        for labeler in labelers:
+            labeler.close()
+        client.close()
+        server.stop()
+    return _DemoRun(summaries, labelers, gold_registered, rater_rows)
+
+
+def _keyed_labelers(
+    database: Database, url: str, profiles: list[RaterProfile], *, suffix: str, seed: int
+) -> tuple[str, list[SimulatedLabeler]]:
+    """A new operator key, and a simulated labeler of the API at ``url`` with a new key of its own for each of
+    ``profiles``."""
+    with database.session() as session:
+        operator = create_api_key(session, name=f"demo-operator-{suffix}", role="operator")[1]
+        tokens = {p.rater_id: create_api_key(session, name=p.rater_id, role="labeler")[1] for p in profiles}
+    from workers.demo_world import gold_score
+
+    labelers = [SimulatedLabeler.of(p, url, tokens[p.rater_id], gold=gold_score, seed=seed,
+                                    batch_size=RATER_BATCH) for p in profiles]
+    return operator, labelers
+
+
+def _demo_result(
+    run: _DemoRun, *, weeks: list[str], labeler_noise: float, raters: RaterSet, qc: bool, method: Method, seed: int,
+    t_start: float, shown: str,
+) -> dict[str, Any]:
+    """The demo's summary: a row a cycle, the gold scores before and after, the raters' work and QC numbers."""
+    summaries, labelers = run.summaries, run.labelers
+    rows = [_cycle_row(i, s) for i, s in enumerate(summaries, start=1)]
     return {
         "cycles": rows,
         "gold_score_initial": summaries[0]["gold_baseline"] if summaries else None,
@@ -428,12 +454,43 @@ def run_demo(
         "raters": raters,
         "qc": qc,
         "method": method,
-        "gold_registered": gold_registered,
-        "rater_qc": rater_rows,
+        "gold_registered": run.gold_registered,
+        "rater_qc": run.rater_rows,
         "start_week": weeks[0],
         "seed": seed,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "store": shown,
+    }
+
+
+def _cycle_row(i: int, s: dict[str, Any]) -> dict[str, Any]:
+    """The summary's row for cycle ``i`` (from 1), from its ``_run_one`` summary ``s``."""
+    return {
+        "cycle": i,
+        "week": s["week"],
+        "status": s["status"],
+        "pm_accuracy": s["pm_accuracy"],
+        "test_pm_accuracy": s["test_pm_accuracy"],
+        "method": s["method"],
+        "policy_reward": s["policy_reward"],
+        "kl": s["kl"],
+        "eval_kl": s["eval_kl"],
+        "win_rate": s["win_rate"],
+        "human_win_rate": s["human_win_rate"],
+        "human_lower_bound": s["human_lower_bound"],
+        "human_answers": s["human_answers"],
+        "elo": s["elo_candidate"] if s["deployed"] else s["elo_baseline"],
+        "policy_reward_spread": s["policy_reward_spread"],
+        "tasks": s["tasks"],
+        "top_up_rounds": s["top_up_rounds"],
+        "gather_outcome": s["gather_outcome"],
+        "deployed": s["deployed"],
+        "gold_score": s["gold_score"],
+        "policy_version": s["policy_version"],
+        "comparisons": s["comparisons"],
+        "excluded_raters": s["excluded_raters"],
+        "excluded_comparisons": s["excluded_comparisons"],
+        "reason": s["reason"],
     }
 
 

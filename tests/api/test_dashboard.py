@@ -235,7 +235,7 @@ def test_the_data_behind_the_raters_panel(pg_db):
     mallory = raters["mallory"]
     assert (mallory["gold_accuracy"], mallory["agreement_pairs"]) == (0.0, 24)
     assert mallory["kappa"] == pytest.approx(-0.5)  # never agrees with alice or bob; p_e = 1/3
-    assert mallory["flags"] == ["gold accuracy 0.00 over 5 gold answers is under 0.6",
+    assert mallory["flags"] == ["gold accuracy 0.00 over 5 gold answers is under 0.6 (at most 0.35 at 95% confidence)",
                                 "agreement (Cohen's kappa) -0.50 over 24 answer pairs is under 0.2"]
     assert mallory["flagged"] and mallory["excluded"] and mallory["exclusion_reason"] == "; ".join(mallory["flags"])
     dave = raters["dave"]
@@ -259,7 +259,7 @@ def test_the_raters_panel_uses_the_policy_in_force(pg_db):
     data = dashboard_data(pg_db, weeks=12, qc_default=QCPolicy(exclude_flagged=False))
     assert data["raters"]["policy"]["min_agreement_pairs"] == 30 and data["raters"]["policy"]["exclude_flagged"] is True
     mallory = by_rater(data)["mallory"]  # 24 answer pairs are too few to flag on agreement now; gold still flags
-    assert mallory["flags"] == ["gold accuracy 0.00 over 5 gold answers is under 0.6"] and mallory["excluded"]
+    assert mallory["flags"] == ["gold accuracy 0.00 over 5 gold answers is under 0.6 (at most 0.35 at 95% confidence)"] and mallory["excluded"]
 
 
 def test_the_page_shows_the_raters_panel_and_marks_flagged_raters(client, keys, pg_db):
@@ -276,7 +276,7 @@ def test_the_page_shows_the_raters_panel_and_marks_flagged_raters(client, keys, 
                                   "mallory": "rater flagged excluded skipped"}
     mallory = panel.split("<td>mallory</td>", 1)[1].split("</tr>", 1)[0]
     assert '<span class="chip no">flagged</span>' in mallory and "0.000" in mallory and "-0.500" in mallory
-    assert "<li>gold accuracy 0.00 over 5 gold answers is under 0.6</li>" in mallory
+    assert "<li>gold accuracy 0.00 over 5 gold answers is under 0.6 (at most 0.35 at 95% confidence)</li>" in mallory
     dave = panel.split("<td>dave</td>", 1)[1].split("</tr>", 1)[0]
     assert '<span class="chip no">exclude</span>' in dave and "duplicate account" in dave
     alice = panel.split("<td>alice</td>", 1)[1].split("</tr>", 1)[0]

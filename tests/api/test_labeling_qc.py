@@ -410,7 +410,7 @@ CAREFUL_SECONDS = 10
 @pytest.fixture
 def qc_raters(pg_db) -> dict[str, list[int]]:
     """Two raters through the store, under no key: ``careful`` answers every gold task right, ``careless``
-    picks at random; each is handed tasks half of them gold until it answered ten gold tasks. Every
+    answers every gold task wrong and the others at random; each is handed tasks half of them gold until it answered ten gold tasks. Every
     ``careful`` lease took ``CAREFUL_SECONDS`` more than the one before. Returns rater -> its batch ids."""
     rng = random.Random(20)
     batches: dict[str, list[int]] = {}
@@ -426,7 +426,11 @@ def qc_raters(pg_db) -> dict[str, list[int]]:
                 answers = []
                 for leased in page:
                     t = leased.task
-                    choice = t.expected_choice if rater == "careful" and t.kind == "gold" else rng.choice(CHOICES)
+                    if t.kind == "gold":
+                        right = rater == "careful"
+                        choice = t.expected_choice if right else rng.choice([c for c in CHOICES if c != t.expected_choice])
+                    else:
+                        choice = rng.choice(CHOICES)
                     gold_answered += t.kind == "gold"
                     answers.append(NewComparison(prompt=t.prompt, response_a=t.response_a, response_b=t.response_b,
                                                  choice=choice, rater_id=rater, task_id=t.id))

@@ -9,8 +9,8 @@ from orchestrator.gate import (
     PMEvidence,
     bootstrap_lower_bound,
     decide,
-    wilson_lower_bound,
 )
+from store.intervals import wilson_lower_bound, wilson_upper_bound
 
 GOOD = GateInput(win_rate_test_pm=0.6, win_rate_train_pm=0.65, kl=0.3, test_pm_delta=0.2, train_pm_delta=0.25)
 
@@ -69,6 +69,14 @@ def test_wilson_lower_bound_by_hand():
     assert wilson_lower_bound(5, 0, 0.9) is None
     # a tie counts half a win: 6 wins and 4 ties of 10 is 8 "wins"
     assert wilson_lower_bound(6 + 0.5 * 4, 10, 0.9) == wilson_lower_bound(8, 10, 0.9)
+
+
+def test_wilson_upper_bound_by_hand():
+    # 2 of 10 at 90% one-sided is one minus the lower bound of the 8 failures: 1 - 0.60157
+    assert wilson_upper_bound(2, 10, 0.9) == pytest.approx(0.39843, abs=1e-4)
+    # 0 of 5 at 95%: z = 1.6449, (0 + z^2/10 + z * sqrt(z^2/100)) / (1 + z^2/5) = 0.54110 / 1.54113
+    assert wilson_upper_bound(0, 5, 0.95) == pytest.approx(0.35112, abs=1e-4)
+    assert wilson_upper_bound(10, 10, 0.9) == 1.0 and wilson_upper_bound(3, 0, 0.9) is None
 
 
 def test_bootstrap_lower_bound_is_seeded_and_sits_below_the_mean():

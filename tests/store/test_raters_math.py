@@ -1,8 +1,8 @@
-"""Cohen's kappa and Krippendorff's alpha against numbers worked out by hand (no database)."""
+"""Cohen's kappa, Krippendorff's alpha and the gold flag against numbers worked out by hand (no database)."""
 
 import pytest
 
-from store.raters import cohen_kappa, krippendorff_alpha
+from store.raters import QCPolicy, cohen_kappa, gold_flag, krippendorff_alpha
 
 
 def test_kappa_of_a_worked_example():
@@ -91,3 +91,15 @@ def test_alpha_of_two_raters_who_always_disagree_is_below_zero():
     # two units (a,b) and (b,a): o_ab = o_ba = 2, n = 4, n_a = n_b = 2
     # alpha = 1 - 3 * 4 / (16 - 8) = -0.5
     assert krippendorff_alpha([["a", "b"], ["b", "a"]]) == pytest.approx(-0.5)
+
+
+def test_gold_flags_a_rater_only_once_its_upper_bound_is_under_the_threshold():
+    policy = QCPolicy(min_gold_answers=5, min_gold_accuracy=0.6, gold_confidence=0.95)
+    assert gold_flag(0, 4, policy) is None  # too few answers yet
+    # 0 of 5: upper bound 0.351 (worked in test_gate) < 0.6
+    assert gold_flag(0, 5, policy) == "gold accuracy 0.00 over 5 gold answers is under 0.6 (at most 0.35 at 95% confidence)"
+    # 4 of 8 is a share of 0.5, but its 95% upper bound is 0.751: a short run, not evidence
+    assert gold_flag(4, 8, policy) is None
+    # 15 of 40 (0.375): upper bound 0.51 < 0.6
+    assert gold_flag(15, 40, policy).startswith("gold accuracy 0.38 over 40 gold answers is under 0.6 (at most 0.51")
+    assert gold_flag(15, 40, policy.model_copy(update={"min_gold_accuracy": 0.5})) is None
