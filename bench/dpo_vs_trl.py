@@ -64,38 +64,17 @@ run's numbers.
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
-import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
+from peers import (ROOT, TRL_CPU, build_sized_models, child_parser, hh_comparisons, max_peak, median, peak_rss_mb,
+                   quiet_trl, run_child, run_order, serve_child, spread, train_timer)
+
 WORK = ROOT / "bench" / "results" / "dpo_vs_trl"
-ASSISTANT = "\n\nAssistant:"
-SIZES = {
-    "small": {"n_layer": 6, "hidden_size": 320, "n_head": 5},  # ~10M parameters with an 8192 vocabulary
-    "tiny": {"n_layer": 2, "hidden_size": 64, "n_head": 2},
-}
 DEFAULT_STEPS = {"small": 8, "tiny": 20}
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """(prompt, response): the prompt runs to the end of the last "\\n\\nAssistant:"."""
-    cut = text.rindex(ASSISTANT) + len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- setup (parent) ------------------------------------------------------------------
@@ -103,19 +82,10 @@ def peak_rss_mb() -> float:
 
 def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: float) -> dict:
     """Tokenizer, models and the train / held-out pairs, written under ``work``."""
-    from transformers import AutoModelForCausalLM
-
     from workers.common.data import Comparison, split_comparisons
-    from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
+    from workers.common.testing import build_tokenizer
 
-    records = []
-    with gzip.open(HH, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            prompt, chosen = split_hh(rec["chosen"])
-            prompt_r, rejected = split_hh(rec["rejected"])
-            if prompt == prompt_r:
-                records.append((prompt, chosen, rejected))
+    records = hh_comparisons()
     tokenizer = build_tokenizer(
         [p + c for p, c, _ in records] + [r for _, _, r in records], vocab_size=vocab_size, model_max_length=10**6
     )
@@ -142,14 +112,8 @@ def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: f
             for c in part:
                 fh.write(json.dumps({"prompt": c.prompt, "response_a": c.response_a, "response_b": c.response_b,
                                      "choice": "a"}) + "\n")
-    info = {"records": len(records), "token_mismatch": differ, "kept": len(kept), "train": len(train),
-            "heldout": len(heldout), "models": {}}
-    for size, shape in SIZES.items():
-        path = build_tiny_model(work / f"model-{size}", tokenizer=tokenizer, max_positions=max(512, max_length),
-                                dropout=0.0, seed=0, **shape)
-        n = count_parameters(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
-        info["models"][size] = {"path": str(path), "parameters": n}
-    return info
+    return {"records": len(records), "token_mismatch": differ, "kept": len(kept), "train": len(train),
+            "heldout": len(heldout), "models": build_sized_models(work, tokenizer, max_length=max_length)}
 
 
 # -- the shared held-out measurement -----------------------------------------------------
@@ -259,15 +223,11 @@ def child_ours(args) -> dict:
 
 def child_trl(args) -> dict:
     import torch
-    import transformers
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    quiet_trl(args.threads)
     work = Path(args.work)
     rows = [{"prompt": r["prompt"], "chosen": r["response_a"], "rejected": r["response_b"]}
             for r in read_rows(work / "train.jsonl")]
@@ -288,32 +248,15 @@ def child_trl(args) -> dict:
         max_length=args.max_length,
         precompute_ref_log_probs=False,
         seed=args.seed,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # TRL's default is True; off for a like-for-like run
-        disable_dropout=True,
-        use_cpu=True,
-        save_strategy="no",
         eval_strategy="no",
         logging_steps=1,  # the last step's loss is read from the log
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **TRL_CPU,
     )
-
-    class Timer(TrainerCallback):
-        begin = end = None
-
-        def on_train_begin(self, *a, **k):
-            Timer.begin = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            Timer.end = time.perf_counter()
-
+    timer = train_timer()
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Timer()])
+                         processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    seconds = Timer.end - Timer.begin
+    seconds = timer.seconds
     peak = peak_rss_mb()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     policy_dir = work / f"out-trl-{args.size}-{args.rep}" / "policy"
@@ -328,28 +271,18 @@ def child_trl(args) -> dict:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_child(impl: str, size: str, rep: int, model: str, steps: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--size", size, "--rep", str(rep), "--model", model,
-           "--work", str(args.work), "--steps", str(steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--lr", str(args.lr), "--beta", str(args.beta),
-           "--threads", str(args.threads), "--seed", str(args.seed + rep), "--heldout-pairs", str(args.heldout_pairs)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "WANDB_DISABLED": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{impl} run failed ({size}, repeat {rep})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float]) -> list[float]:
-    return [round(min(values), 3), round(max(values), 3)]
+def run_one(impl: str, size: str, rep: int, model: str, steps: int, args) -> dict:
+    """One training run of ``impl`` in a child process, seeded ``--seed`` + ``rep``."""
+    return run_child(__file__, [impl, "--size", size, "--rep", str(rep), "--model", model, "--work", str(args.work),
+                                "--steps", str(steps), "--batch-size", str(args.batch_size),
+                                "--max-length", str(args.max_length), "--lr", str(args.lr), "--beta", str(args.beta),
+                                "--threads", str(args.threads), "--seed", str(args.seed + rep),
+                                "--heldout-pairs", str(args.heldout_pairs)],
+                     failure=f"{impl} run failed ({size}, repeat {rep})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", choices=["ours", "trl"])
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--rep", type=int, default=0)
+    parser = child_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--sizes", default="small,tiny")
@@ -370,9 +303,7 @@ def main() -> None:
     parser.add_argument("--heldout-pairs", type=int, default=128, help="held-out pairs scored (the first of the split)")
     args = parser.parse_args()
 
-    if args.child:
-        result = child_ours(args) if args.child == "ours" else child_trl(args)
-        print(json.dumps(result))
+    if serve_child(args, child_ours, child_trl):
         return
 
     sys.path.insert(0, str(ROOT))
@@ -395,24 +326,24 @@ def main() -> None:
         (work / f"reference-logps-{size}.json").write_text(json.dumps(reference))
         runs = {"ours": [], "trl": []}
         for rep in range(args.reps):
-            for impl in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-                r = {"seed": args.seed + rep, **run_child(impl, size, rep, model, steps, args)}
+            for impl in run_order(rep):
+                r = {"seed": args.seed + rep, **run_one(impl, size, rep, model, steps, args)}
                 runs[impl].append(r)
                 print(f"{size} rep {rep} {impl:4s} (seed {r['seed']}): {r['pairs_per_s']:8.2f} pairs/s  "
                       f"accuracy {r['accuracy']:.3f}  peak {r['peak_mb']:7.1f} MiB  ({r['train_seconds']:.1f} s)",
                       flush=True)
-        ours = statistics.median(r["pairs_per_s"] for r in runs["ours"])
-        peer = statistics.median(r["pairs_per_s"] for r in runs["trl"])
+        ours = median(runs["ours"], "pairs_per_s")
+        peer = median(runs["trl"], "pairs_per_s")
         lines.append({
             "size": size,
             "parameters": info["models"][size]["parameters"],
             "ours": round(ours, 3),
             "peer": round(peer, 3),
             "ratio": round(ours / peer, 3),
-            "ours_accuracy": round(statistics.median(r["accuracy"] for r in runs["ours"]), 4),
-            "peer_accuracy": round(statistics.median(r["accuracy"] for r in runs["trl"]), 4),
-            "ours_peak_mb": round(max(r["peak_mb"] for r in runs["ours"]), 1),
-            "peer_peak_mb": round(max(r["peak_mb"] for r in runs["trl"]), 1),
+            "ours_accuracy": round(median(runs["ours"], "accuracy"), 4),
+            "peer_accuracy": round(median(runs["trl"], "accuracy"), 4),
+            "ours_peak_mb": max_peak(runs["ours"]),
+            "peer_peak_mb": max_peak(runs["trl"]),
             "ours_spread": spread([r["pairs_per_s"] for r in runs["ours"]]),
             "peer_spread": spread([r["pairs_per_s"] for r in runs["trl"]]),
             "heldout": min(info["heldout"], args.heldout_pairs),

@@ -25,31 +25,13 @@ the tiny size last) with at least ``ours``, ``peer``, ``ratio``,
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
-import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
-ASSISTANT = "\n\nAssistant:"
-SIZES = {
-    "small": {"n_layer": 6, "hidden_size": 320, "n_head": 5},  # ~10M parameters with an 8192 vocabulary
-    "tiny": {"n_layer": 2, "hidden_size": 64, "n_head": 2},
-}
-
-
-def split_hh(text: str) -> tuple[str, str]:
-    """(prompt, response): the prompt runs to the end of the last "\\n\\nAssistant:"."""
-    cut = text.rindex(ASSISTANT) + len(ASSISTANT)
-    return text[:cut], text[cut:]
+from peers import (ROOT, TRL_CPU, build_sized_models, child_parser, hh_comparisons, max_peak, median, peak_rss_mb,
+                   quiet_trl, run_child, run_order, serve_child, train_timer)
 
 
 def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: float) -> dict:
@@ -57,16 +39,9 @@ def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: f
     sys.path.insert(0, str(ROOT))
     from workers.common.data import Comparison, split_comparisons
     from workers.common.pm import TokenLayout
-    from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
+    from workers.common.testing import build_tokenizer
 
-    records = []
-    with gzip.open(HH, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            prompt, chosen = split_hh(rec["chosen"])
-            prompt_r, rejected = split_hh(rec["rejected"])
-            if prompt == prompt_r:
-                records.append((prompt, chosen, rejected))
+    records = hh_comparisons()
     tokenizer = build_tokenizer(
         [p + c for p, c, _ in records] + [r for _, _, r in records], vocab_size=vocab_size, model_max_length=10**6
     )
@@ -85,23 +60,11 @@ def prepare(work: Path, *, max_length: int, vocab_size: int, heldout_fraction: f
             for c in part:
                 fh.write(json.dumps({"prompt": c.prompt, "response_a": c.response_a, "response_b": c.response_b,
                                      "choice": "a", "metadata": {"source": c.source}}) + "\n")
-    info = {"records": len(records), "kept": len(kept), "train": len(train), "heldout": len(heldout), "models": {}}
-    from transformers import AutoModelForCausalLM
-
-    for size, shape in SIZES.items():
-        path = build_tiny_model(work / f"model-{size}", tokenizer=tokenizer, max_positions=max(512, max_length),
-                                dropout=0.0, seed=0, **shape)
-        n = count_parameters(AutoModelForCausalLM.from_pretrained(path, use_safetensors=True))
-        info["models"][size] = {"path": str(path), "parameters": n}
-    return info
+    return {"records": len(records), "kept": len(kept), "train": len(train), "heldout": len(heldout),
+            "models": build_sized_models(work, tokenizer, max_length=max_length)}
 
 
 # -- children ---------------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child_ours(args) -> dict:
@@ -146,15 +109,11 @@ def child_ours(args) -> dict:
 
 def child_trl(args) -> dict:
     import torch
-    import transformers
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    quiet_trl(args.threads)
     work = Path(args.work)
 
     def rows(name):
@@ -178,32 +137,15 @@ def child_trl(args) -> dict:
         max_steps=args.steps,
         max_length=args.max_length,
         seed=args.seed,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # TRL's default is True; off for a like-for-like run
-        disable_dropout=True,
-        use_cpu=True,
-        save_strategy="no",
         eval_strategy="no",
         logging_steps=10**6,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **TRL_CPU,
     )
-
-    class Timer(TrainerCallback):
-        begin = end = None
-
-        def on_train_begin(self, *a, **k):
-            Timer.begin = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            Timer.end = time.perf_counter()
-
+    timer = train_timer()
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows("train")),
-                            processing_class=tokenizer, callbacks=[Timer()])
+                            processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    seconds = Timer.end - Timer.begin
+    seconds = timer.seconds
     # Held-out accuracy on the same comparisons, tokenized as TRL trains (prompt + response + EOS).
     model = trainer.model.eval()
     heldout = rows("heldout")
@@ -229,24 +171,17 @@ def child_trl(args) -> dict:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_child(impl: str, size: str, rep: int, model: str, steps: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--size", size, "--rep", str(rep), "--model", model,
-           "--work", str(args.work), "--steps", str(steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--lr", str(args.lr), "--threads", str(args.threads),
-           "--seed", str(args.seed)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{impl} run failed ({size}, repeat {rep})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_one(impl: str, size: str, rep: int, model: str, steps: int, args) -> dict:
+    """One training run of ``impl`` in a child process."""
+    return run_child(__file__, [impl, "--size", size, "--rep", str(rep), "--model", model, "--work", str(args.work),
+                                "--steps", str(steps), "--batch-size", str(args.batch_size),
+                                "--max-length", str(args.max_length), "--lr", str(args.lr),
+                                "--threads", str(args.threads), "--seed", str(args.seed)],
+                     failure=f"{impl} run failed ({size}, repeat {rep})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", choices=["ours", "trl"])
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--rep", type=int, default=0)
+    parser = child_parser(__doc__)
     parser.add_argument("--model")
     parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "pm_vs_trl"))
     parser.add_argument("--sizes", default="small,tiny")
@@ -261,9 +196,7 @@ def main() -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.25)
     args = parser.parse_args()
 
-    if args.child:
-        result = child_ours(args) if args.child == "ours" else child_trl(args)
-        print(json.dumps(result))
+    if serve_child(args, child_ours, child_trl):
         return
 
     work = Path(args.work)
@@ -279,13 +212,13 @@ def main() -> None:
         model = info["models"][size]["path"]
         runs = {"ours": [], "trl": []}
         for rep in range(args.repeats):
-            for impl in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-                r = run_child(impl, size, rep, model, steps, args)
+            for impl in run_order(rep):
+                r = run_one(impl, size, rep, model, steps, args)
                 runs[impl].append(r)
                 print(f"{size} rep {rep} {impl:4s}: {r['comparisons_per_s']:8.2f} comparisons/s  "
                       f"accuracy {r['accuracy']:.3f}  peak {r['peak_mb']:7.1f} MiB  ({r['train_seconds']:.1f} s)", flush=True)
-        ours = statistics.median(r["comparisons_per_s"] for r in runs["ours"])
-        peer = statistics.median(r["comparisons_per_s"] for r in runs["trl"])
+        ours = median(runs["ours"], "comparisons_per_s")
+        peer = median(runs["trl"], "comparisons_per_s")
         lines.append({
             "size": size,
             "parameters": info["models"][size]["parameters"],
@@ -295,11 +228,11 @@ def main() -> None:
             "ours": round(ours, 3),
             "peer": round(peer, 3),
             "ratio": round(ours / peer, 3),
-            "ours_accuracy": round(statistics.median(r["accuracy"] for r in runs["ours"]), 4),
-            "peer_accuracy": round(statistics.median(r["accuracy"] for r in runs["trl"]), 4),
+            "ours_accuracy": round(median(runs["ours"], "accuracy"), 4),
+            "peer_accuracy": round(median(runs["trl"], "accuracy"), 4),
             "heldout": runs["ours"][0]["heldout"],
-            "ours_peak_mb": round(max(r["peak_mb"] for r in runs["ours"]), 1),
-            "peer_peak_mb": round(max(r["peak_mb"] for r in runs["trl"]), 1),
+            "ours_peak_mb": max_peak(runs["ours"]),
+            "peer_peak_mb": max_peak(runs["trl"]),
         })
     for line in lines:
         print(json.dumps(line), flush=True)

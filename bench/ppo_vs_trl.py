@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from peers import ROOT, peak_rss_mb, run_child, save_reward_model
+
 TRL_VENV = ROOT / "bench" / ".venv-trl112"
 WORK = ROOT / "bench" / "results" / "ppo_vs_trl"
 SIZES = {
@@ -51,19 +50,10 @@ PROMPTS = [f"\n\nHuman: question number {i} about {w}?\n\nAssistant:" for i, w i
      "rivers", "cats", "trains", "maps", "tea", "stars", "shoes", "clocks"])]
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # -- setup (parent) ------------------------------------------------------------------
 
 
 def build_models(size: str) -> Path:
-    import torch
-    from transformers import GPT2ForSequenceClassification
-
-    from workers.common.pm import PreferenceModel
-    from workers.common.score import save_pm
     from workers.common.testing import build_tiny_model, build_tokenizer
 
     spec = SIZES[size]
@@ -74,21 +64,7 @@ def build_models(size: str) -> Path:
     tokenizer = build_tokenizer(vocab_size=512)
     policy = build_tiny_model(root / "policy", tokenizer=tokenizer, n_layer=spec["n_layer"],
                               hidden_size=spec["hidden_size"], n_head=spec["n_head"], dropout=0.0, seed=0)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(policy)
-    config.num_labels = 1
-    config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        rm = GPT2ForSequenceClassification(config)
-    rm.save_pretrained(root / "reward", safe_serialization=True)
-    tokenizer.save_pretrained(root / "reward")
-    head = torch.nn.Linear(config.hidden_size, 1, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(rm.score.weight)
-    save_pm(PreferenceModel(rm.transformer, head), tokenizer, root / "pm",
-            spec={"max_length": 512, "append_eos": False, "base_model": str(root / "policy")})
+    save_reward_model(root, policy, tokenizer)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
     (root / "done").write_text("ok")
     return root
@@ -138,7 +114,7 @@ def child_ours(root: Path, episodes: int) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_s = sum(s["rollout_batch_size"] / r["charts/episodes_per_s"] for r in rows)
     return {"episodes_per_s": episodes / train_s, "wall_s": wall, "train_s": train_s,
-            "peak_mb": peak_mb(), "reward": result.metrics["ppo/reward"]}
+            "peak_mb": peak_rss_mb(), "reward": result.metrics["ppo/reward"]}
 
 
 def child_trl(root: Path, episodes: int) -> dict:
@@ -171,19 +147,16 @@ def child_trl(root: Path, episodes: int) -> dict:
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
-    return {"episodes_per_s": episodes / train_s, "train_s": train_s, "peak_mb": peak_mb()}
+    return {"episodes_per_s": episodes / train_s, "train_s": train_s, "peak_mb": peak_rss_mb()}
 
 
 # -- parent --------------------------------------------------------------------------
 
 
-def run_child(python: Path, impl: str, size: str, root: Path) -> dict:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
-    cmd = [str(python), __file__, "--child", impl, "--size", size, "--root", str(root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{impl} ({size}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_one(python: Path, impl: str, size: str, root: Path) -> dict:
+    """One training run of ``impl`` in a child process of ``python``."""
+    return run_child(__file__, [impl, "--size", size, "--root", str(root)], python=python,
+                     failure=f"{impl} ({size}) failed")
 
 
 def main() -> None:
@@ -206,8 +179,8 @@ def main() -> None:
         root = build_models(size)
         ours, peer = [], []
         for rep in range(args.reps):
-            ours.append(run_child(Path(sys.executable), "ours", size, root))
-            peer.append(run_child(trl_python, "trl", size, root))
+            ours.append(run_one(Path(sys.executable), "ours", size, root))
+            peer.append(run_one(trl_python, "trl", size, root))
             print(f"{size} rep {rep + 1}: ours {ours[-1]['episodes_per_s']:.1f} episodes/s "
                   f"({ours[-1]['peak_mb']:.0f} MB), TRL {peer[-1]['episodes_per_s']:.1f} episodes/s "
                   f"({peer[-1]['peak_mb']:.0f} MB)", flush=True)

@@ -67,36 +67,22 @@ spread of each side, the settings and every run's numbers.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
+from peers import (ASSISTANT, HH, ROOT, SIZES, TRL_CPU, child_parser, max_peak, median, peak_rss_mb, quiet_trl,
+                   run_child, run_order, save_reward_model, serve_child, spread, train_timer)
+
 WORK = ROOT / "bench" / "results" / "rloo_vs_trl"
-ASSISTANT = "\n\nAssistant:"
-SIZES = {
-    "small": {"n_layer": 6, "hidden_size": 320, "n_head": 5},  # ~10M parameters with an 8192 vocabulary
-    "tiny": {"n_layer": 2, "hidden_size": 64, "n_head": 2},
-}
 DEFAULT_ROLLOUTS = {"small": 8, "tiny": 24}
 SETTINGS = {
     "k": 4, "prompts_per_rollout": 4, "response_length": 32, "prompt_tokens": 48, "temperature": 1.0,
     "kl_coef": 0.05, "clip": 0.2, "learning_rate": 1e-5, "adam_eps": 1e-5, "max_grad_norm": 1.0, "seed": 0,
 }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- setup (parent) ------------------------------------------------------------------
@@ -123,11 +109,8 @@ def hh_prompts(tokenizer, *, tokens: int, count: int) -> list[str]:
 
 def prepare(work: Path, *, vocab_size: int, prompts_needed: int) -> dict:
     """Tokenizer, prompts, and per size a policy, a reward model and the same reward model as a PM."""
-    import torch
-    from transformers import AutoConfig, GPT2ForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
-    from workers.common.pm import PreferenceModel
-    from workers.common.score import save_pm
     from workers.common.testing import build_tiny_model, build_tokenizer, count_parameters
 
     texts = []
@@ -143,21 +126,7 @@ def prepare(work: Path, *, vocab_size: int, prompts_needed: int) -> dict:
     for size, shape in SIZES.items():
         root = work / size
         policy = build_tiny_model(root / "policy", tokenizer=tokenizer, dropout=0.0, seed=0, **shape)
-        config = AutoConfig.from_pretrained(policy)
-        config.num_labels = 1
-        config.pad_token_id = tokenizer.pad_token_id
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1)
-            rm = GPT2ForSequenceClassification(config)
-        rm.save_pretrained(root / "reward", safe_serialization=True)
-        tokenizer.save_pretrained(root / "reward")
-        head = torch.nn.Linear(config.hidden_size, 1, bias=False)
-        with torch.no_grad():
-            head.weight.copy_(rm.score.weight)
-        save_pm(PreferenceModel(rm.transformer, head), tokenizer, root / "pm",
-                spec={"max_length": 512, "append_eos": False, "base_model": str(policy)})
-        from transformers import AutoModelForCausalLM
-
+        save_reward_model(root, policy, tokenizer)
         n = count_parameters(AutoModelForCausalLM.from_pretrained(policy, use_safetensors=True))
         info["models"][size] = {"root": str(root), "parameters": n}
     return info
@@ -198,15 +167,11 @@ def child_ours(args) -> dict:
 
 def child_trl(args) -> dict:
     import torch
-    import transformers
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
-    disable_progress_bar()
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    quiet_trl(args.threads)
     s = SETTINGS
     root = Path(args.root)
     batch = s["prompts_per_rollout"] * s["k"]
@@ -236,32 +201,15 @@ def child_trl(args) -> dict:
         max_grad_norm=s["max_grad_norm"],
         max_steps=args.rollouts,
         seed=s["seed"],
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # TRL's default is True; off for a like-for-like run
-        disable_dropout=True,
-        use_cpu=True,
-        save_strategy="no",
         logging_steps=1,  # the last step's reward and response length are read from the log
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **TRL_CPU,
     )
-
-    class Timer(TrainerCallback):
-        begin = end = None
-
-        def on_train_begin(self, *a, **k):
-            Timer.begin = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            Timer.end = time.perf_counter()
-
+    timer = train_timer()
     trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=config,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          reward_processing_classes=tokenizer, callbacks=[Timer()])
+                          reward_processing_classes=tokenizer, callbacks=[timer])
     trainer.train()
-    train_s = Timer.end - Timer.begin
+    train_s = timer.seconds
     logs = [h for h in trainer.state.log_history if "reward" in h]
     tokens = sum(batch * h["completions/mean_length"] for h in logs)
     return {"episodes_per_s": args.rollouts * batch / train_s, "tokens_per_s": tokens / train_s, "train_s": train_s,
@@ -272,26 +220,15 @@ def child_trl(args) -> dict:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_child(impl: str, size: str, rep: int, root: str, rollouts: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--size", size, "--rep", str(rep), "--root", root,
-           "--work", str(args.work), "--rollouts", str(rollouts), "--threads", str(args.threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), "WANDB_DISABLED": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{impl} run failed ({size}, repeat {rep})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def spread(values: list[float]) -> list[float]:
-    return [round(min(values), 3), round(max(values), 3)]
+def run_one(impl: str, size: str, rep: int, root: str, rollouts: int, args) -> dict:
+    """One training run of ``impl`` in a child process."""
+    return run_child(__file__, [impl, "--size", size, "--rep", str(rep), "--root", root, "--work", str(args.work),
+                                "--rollouts", str(rollouts), "--threads", str(args.threads)],
+                     failure=f"{impl} run failed ({size}, repeat {rep})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", choices=["ours", "trl"])
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--rep", type=int, default=0)
+    parser = child_parser(__doc__)
     parser.add_argument("--root")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--sizes", default="small,tiny")
@@ -305,9 +242,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     args = parser.parse_args()
 
-    if args.child:
-        result = child_ours(args) if args.child == "ours" else child_trl(args)
-        print(json.dumps(result))
+    if serve_child(args, child_ours, child_trl):
         return
 
     sys.path.insert(0, str(ROOT))
@@ -330,14 +265,14 @@ def main() -> None:
         root = info["models"][size]["root"]
         runs = {"ours": [], "trl": []}
         for rep in range(args.reps):
-            for impl in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):
-                r = run_child(impl, size, rep, root, rollouts[size], args)
+            for impl in run_order(rep):
+                r = run_one(impl, size, rep, root, rollouts[size], args)
                 runs[impl].append(r)
                 print(f"{size} rep {rep} {impl:4s}: {r['episodes_per_s']:7.2f} episodes/s  "
                       f"{r['tokens_per_s']:8.1f} tokens/s  peak {r['peak_mb']:7.1f} MiB  reward {r['reward']:+.4f}  "
                       f"({r['train_s']:.1f} s)", flush=True)
-        ours = statistics.median(r["episodes_per_s"] for r in runs["ours"])
-        peer = statistics.median(r["episodes_per_s"] for r in runs["trl"])
+        ours = median(runs["ours"], "episodes_per_s")
+        peer = median(runs["trl"], "episodes_per_s")
         lines.append({
             "size": size,
             "parameters": info["models"][size]["parameters"],
@@ -346,14 +281,14 @@ def main() -> None:
             "ratio": round(ours / peer, 3),
             "ours_accuracy": None,
             "peer_accuracy": None,
-            "ours_peak_mb": round(max(r["peak_mb"] for r in runs["ours"]), 1),
-            "peer_peak_mb": round(max(r["peak_mb"] for r in runs["trl"]), 1),
-            "ours_reward": round(statistics.median(r["reward"] for r in runs["ours"]), 4),
-            "peer_reward": round(statistics.median(r["reward"] for r in runs["trl"]), 4),
+            "ours_peak_mb": max_peak(runs["ours"]),
+            "peer_peak_mb": max_peak(runs["trl"]),
+            "ours_reward": round(median(runs["ours"], "reward"), 4),
+            "peer_reward": round(median(runs["trl"], "reward"), 4),
             "ours_spread": spread([r["episodes_per_s"] for r in runs["ours"]]),
             "peer_spread": spread([r["episodes_per_s"] for r in runs["trl"]]),
-            "ours_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs["ours"]), 1),
-            "peer_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs["trl"]), 1),
+            "ours_tokens_per_s": round(median(runs["ours"], "tokens_per_s"), 1),
+            "peer_tokens_per_s": round(median(runs["trl"], "tokens_per_s"), 1),
             "rollouts": rollouts[size],
             "episodes": rollouts[size] * batch,
             **{key: s[key] for key in ("k", "prompts_per_rollout", "response_length", "prompt_tokens", "kl_coef",
