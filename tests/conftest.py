@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,26 @@ def pytest_terminal_summary(terminalreporter) -> None:
     )
 
 
+@contextmanager
+def throwaway_database(*, template: str | None = None) -> Iterator[str]:
+    """URL of a new database on the Postgres server, dropped on exit: migrated, or a copy of ``template`` (a
+    database URL; nothing may be connected to it while it is copied)."""
+    name = f"ratchet_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
+    source = f' TEMPLATE "{make_url(template).database}"' if template else ""
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"{source}'))
+    url = make_url(PG_SERVER_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        if template is None:
+            upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """URL of a throwaway, migrated Postgres database for this test session."""
@@ -89,16 +110,8 @@ def pg_url() -> Iterator[str]:
         if IN_CI:
             pytest.fail(message + " (CI=true: Postgres tests must run)", pytrace=False)
         pytest.skip(message)
-    name = f"ratchet_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_SERVER_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

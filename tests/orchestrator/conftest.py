@@ -46,5 +46,5 @@ def fake_env(pg_db, artifacts, work_dir) -> CycleEnv:
 
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
-        if "tests/orchestrator/" in str(item.fspath) and "pg_db" in getattr(item, "fixturenames", ()):
+        if "tests/orchestrator/" in str(item.fspath) and {"pg_db", "pg_url"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
