@@ -9,7 +9,6 @@ process: the driver calls ``run_child``, the child ``serve_child``, which prints
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -20,8 +19,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT / "tests" / "data" / "hh-rlhf" / "harmless-base-test.first1000.jsonl.gz"
-ASSISTANT = "\n\nAssistant:"
+sys.path.insert(0, str(ROOT))  # the service's packages and the tests' builders
+
+from tests.workers.builders import ASSISTANT, HH_SAMPLE as HH  # noqa: E402
+from tests.workers.builders import hh_comparisons as hh_comparison_records  # noqa: E402
+
 SIZES = {
     "small": {"n_layer": 6, "hidden_size": 320, "n_head": 5},  # ~10M parameters with an 8192 vocabulary
     "tiny": {"n_layer": 2, "hidden_size": 64, "n_head": 2},
@@ -43,23 +45,10 @@ TRL_CPU = {
 # -- data and models (parent) --------------------------------------------------------------
 
 
-def split_hh(text: str) -> tuple[str, str]:
-    """(prompt, response): the prompt runs to the end of the last "\\n\\nAssistant:"."""
-    cut = text.rindex(ASSISTANT) + len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
 def hh_comparisons() -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) of each HH sample record whose chosen and rejected texts share their prompt."""
-    records = []
-    with gzip.open(HH, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            prompt, chosen = split_hh(rec["chosen"])
-            prompt_r, rejected = split_hh(rec["rejected"])
-            if prompt == prompt_r:
-                records.append((prompt, chosen, rejected))
-    return records
+    """(prompt, chosen, rejected) of each HH sample record whose chosen and rejected texts share their prompt
+    (the tests' reading of the sample, ``tests.workers.builders.hh_comparisons``)."""
+    return [(c["prompt"], c["response_a"], c["response_b"]) for c in hh_comparison_records()]
 
 
 def build_sized_models(work: Path, tokenizer, *, max_length: int) -> dict:
