@@ -1,19 +1,30 @@
 """The process the crash tests kill: runs the week's cycle with a fake runner and a store labeler.
 
-    python -m tests.orchestrator.crash_child DATABASE_URL ARTIFACTS WORK_DIR WEEK ACK_FILE HOOK_LOG
+The crash test starts each run with :func:`start`, from a ``multiprocessing``
+fork server that imported this module (and so Prefect and the orchestrator)
+once: a run costs a fork, not the seconds those imports take. ``kill_at``
+becomes ``RATCHET_TEST_KILL_AT`` (orchestrator.faults), which makes the run
+SIGKILL itself at one point of one stage; ``prefect_api`` is the test
+session's server. The run's stdout and stderr go to ``log``.
 
-``RATCHET_TEST_KILL_AT`` (orchestrator.faults) makes it SIGKILL itself at one
-point of one stage; ``PREFECT_API_URL`` points at the test session's server.
+By hand, without the fork server:
+
+    python -m tests.orchestrator.crash_child DATABASE_URL ARTIFACTS WORK_DIR WEEK ACK_FILE HOOK_LOG
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 from pathlib import Path
 
+from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_LEVEL, temporary_settings
+
+from orchestrator.cycle import CycleEnv
+from orchestrator.faults import KILL_ENV
 from orchestrator.flow import use_env, weekly_cycle
 from orchestrator.hooks import DeployHook
-from orchestrator.cycle import CycleEnv
 from store.artifacts import ArtifactStore
 from store.db import Database
 from tests.orchestrator.fakes import FakeRunner, StoreLabeler, fast_settings
@@ -30,6 +41,32 @@ def main(argv: list[str]) -> int:
         summary = weekly_cycle(week=week)
     print(summary["status"])
     return 0 if summary["status"] == "succeeded" else 1
+
+
+def _forked(argv: list[str], kill_at: str | None, prefect_api: str, log: str) -> None:
+    with open(log, "ab", buffering=0) as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ.pop(KILL_ENV, None)
+    if kill_at:
+        os.environ[KILL_ENV] = kill_at
+    # Prefect read its settings when the fork server imported it; the server's URL is set here
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api, PREFECT_LOGGING_LEVEL: "ERROR"}):
+        code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def start(argv: list[str], *, kill_at: str | None, prefect_api: str, log: Path) -> multiprocessing.Process:
+    """One run of :func:`main`, forked from a fork server that preloaded this module."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    process = context.Process(target=_forked, args=(argv, kill_at, prefect_api, str(log)), daemon=True)
+    process.start()
+    return process
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ no acknowledged comparison was lost.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -31,9 +27,9 @@ from store.models import (
     PreferenceModel,
     dataset_batches,
 )
+from tests.orchestrator import crash_child
 from tests.orchestrator.fakes import fake_world
 
-ROOT = Path(__file__).resolve().parents[2]
 WEEK = "2026-W20"
 
 KILL_POINTS = [
@@ -55,14 +51,17 @@ KILL_POINTS = [
 ]
 
 
-def _child(pg_url, artifacts, work_dir, tmp_path, prefect_api, kill_at=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "ERROR"}
-    env.pop("RATCHET_TEST_KILL_AT", None)
-    if kill_at:
-        env["RATCHET_TEST_KILL_AT"] = kill_at
+def _child(pg_url, artifacts, work_dir, tmp_path, prefect_api, kill_at=None) -> tuple[int, str]:
+    """One run of the child, forked from the fork server; its exit code and the end of its output."""
     args = [pg_url, artifacts.root_url, str(work_dir), WEEK, str(tmp_path / "acks"), str(tmp_path / "hook.log")]
-    return subprocess.run([sys.executable, "-m", "tests.orchestrator.crash_child", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    log = tmp_path / f"child-{kill_at or 'last'}.log"
+    process = crash_child.start(args, kill_at=kill_at, prefect_api=prefect_api, log=log)
+    process.join(timeout=120)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    output = log.read_text(errors="replace") if log.exists() else ""
+    return process.exitcode, output[-3000:]
 
 
 def test_killed_inside_each_stage_the_reruns_finish_the_cycle_with_one_version_of_everything(
@@ -70,10 +69,10 @@ def test_killed_inside_each_stage_the_reruns_finish_the_cycle_with_one_version_o
 ):
     fake_world(pg_db, artifacts, work_dir)
     for point in KILL_POINTS:
-        done = _child(pg_url, artifacts, work_dir, tmp_path, prefect_api, kill_at=point)
-        assert done.returncode == -signal.SIGKILL, f"{point}: expected a SIGKILL, got {done.returncode}\n{done.stderr[-3000:]}"
-    done = _child(pg_url, artifacts, work_dir, tmp_path, prefect_api)
-    assert done.returncode == 0, done.stderr[-3000:]
+        code, output = _child(pg_url, artifacts, work_dir, tmp_path, prefect_api, kill_at=point)
+        assert code == -signal.SIGKILL, f"{point}: expected a SIGKILL, got {code}\n{output}"
+    code, output = _child(pg_url, artifacts, work_dir, tmp_path, prefect_api)
+    assert code == 0, output
 
     with pg_db.session() as s:
         cycle = s.scalar(select(Cycle).where(Cycle.week == WEEK))
