@@ -87,7 +87,7 @@ def main() -> int:
     from store.artifacts import ArtifactStore
     from store.db import open_database
     from store.keys import create_api_key
-    from store.models import Cycle
+    from store.cycles import get_cycle
     from store.settings import Settings
     from workers.demo_world import gold_score
 
@@ -126,7 +126,7 @@ def main() -> int:
             print(f"the cycle {summary['status']}: {summary['reason']}", file=sys.stderr)
             return 1
         with database.session() as session:
-            cycle = session.scalar(sa.select(Cycle).where(Cycle.week == args.week))
+            cycle = get_cycle(session, summary["cycle_id"])
             stages = {run.stage: run.compute_s or 0.0 for run in cycle.stages}
         compute = sum(stages.values())
         for stage in STAGES:

@@ -42,12 +42,41 @@ def run_migrations_online() -> None:
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                _sqlite_foreign_keys(conn, "OFF")
             _configure(connection=conn, url=str(engine.url))
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite:
+                    _check_foreign_keys(conn)
             conn.commit()
+            if sqlite:
+                _sqlite_foreign_keys(conn, "ON")
     finally:
         engine.dispose()
+
+
+def _sqlite_foreign_keys(conn, state: str) -> None:
+    """Turn SQLite's foreign-key enforcement on or off for this connection, outside any transaction (inside one
+    the pragma does nothing).
+
+    A batch migration that changes a constraint of a table others refer to (``cycles`` in 0006) recreates it:
+    a copy, the old table dropped, the copy renamed. With enforcement on, the drop fails on every row that
+    refers to the table, though the copy holds the same ids: SQLite's own procedure for such changes
+    (https://sqlite.org/lang_altertable.html, "Making Other Kinds Of Table Schema Changes") turns it off for
+    the change and checks the references before the commit (``_check_foreign_keys``).
+    """
+    conn.connection.driver_connection.execute(f"PRAGMA foreign_keys={state}")
+
+
+def _check_foreign_keys(conn) -> None:
+    """Refuse to commit a migration that left a reference to a row that does not exist (SQLite)."""
+    from sqlalchemy import text
+
+    broken = conn.execute(text("PRAGMA foreign_key_check")).all()
+    if broken:
+        raise RuntimeError(f"the migration left {len(broken)} broken foreign key(s), e.g. {tuple(broken[0])}")
 
 
 if context.is_offline_mode():

@@ -9,16 +9,69 @@ import sys
 from typing import Annotated, Literal
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
+from api.formats import FormatName
 from orchestrator.settings import Method
 from store import errors
 from store.cycles import week_problem
 from store.db import Database, assert_schema_at_head, current_revision, head_revision, open_database, upgrade
 from store.settings import get_settings
 
-app = typer.Typer(help="Ratchet: iterated online RLHF as a service.", no_args_is_help=True)
+
+class BadInput(Exception):
+    """Input a command cannot use (an option's value, a missing or unreadable file): ``error: <message>`` on
+    stderr and exit code 2."""
+
+
+BAD_INPUT = (BadInput, errors.InvalidInput, errors.NotFound, errors.Conflict)
+"""what the user gave wrong, the store's refusals included: one line on stderr and exit code 2"""
+MAX_ERROR_DETAILS = 100
+"""an InvalidInput's bad records printed under its line (the rest counted)"""
+
+
+class _Commands(typer.core.TyperGroup):
+    """The ``ratchet`` command group: the one place a command's errors become what the user reads.
+
+    ``BAD_INPUT`` (bad input, and the store's InvalidInput, NotFound and
+    Conflict) is ``error: <message>`` on stderr, an InvalidInput's bad
+    records indented under it, and exit code 2; any other store error (a
+    schema not at head, a database that does not answer) is the same line
+    with exit code 1. Everything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BAD_INPUT as exc:
+            _report(exc)
+            raise typer.Exit(2) from None
+        except errors.StoreError as exc:
+            _report(exc)
+            raise typer.Exit(1) from None
+
+
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr, on one line (not wrapped to the terminal, no markup read in the message)."""
+    typer.secho("error:", fg="red", err=True, nl=False)
+    typer.echo(f" {message}", err=True)
+
+
+def _report(exc: Exception) -> None:
+    _error_line(str(exc))
+    details = getattr(exc, "errors", None) or []
+    for detail in details[:MAX_ERROR_DETAILS]:
+        where = [f"line {detail['index']}"] if detail.get("index") is not None else []
+        if detail.get("field") and detail.get("field") != "line":
+            where.append(str(detail["field"]))
+        typer.echo(f"  {': '.join([*where, str(detail.get('message', ''))])}", err=True)
+    if len(details) > MAX_ERROR_DETAILS:
+        typer.echo(f"  ... and {len(details) - MAX_ERROR_DETAILS} more", err=True)
+
+
+app = typer.Typer(help="Ratchet: iterated online RLHF as a service.", no_args_is_help=True, cls=_Commands)
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 cycle_app = typer.Typer(help="Weekly cycles.", no_args_is_help=True)
@@ -33,29 +86,29 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(policy_app, name="policy")
 labeler_app = typer.Typer(help="AI labelers: a PM or an LM judge answering comparison tasks.", no_args_is_help=True)
 app.add_typer(labeler_app, name="labeler")
+feedback_app = typer.Typer(help="Feedback batches: preference pairs imported from files.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    """End the command with ``error: <message>`` on stderr (for bad input raise ``BadInput`` instead: exit code 2)."""
+    _error_line(message)
     raise typer.Exit(code)
 
 
 def _checked_week(option: str, week: str) -> str:
-    """``week`` if it labels an ISO week that exists (2026 has 53, 2027 has 52), else exit saying why."""
+    """``week`` if it labels an ISO week that exists (2026 has 53, 2027 has 52), else ``BadInput`` saying why."""
     problem = week_problem(week)
     if problem is not None:
-        _fail(f"{option} {problem}")
+        raise BadInput(f"{option} {problem}")
     return week
 
 
 def _database() -> Database:
-    """The configured database, refusing a schema that is not at head."""
-    try:
-        return open_database(get_settings().resolved_database_url)
-    except errors.StoreError as exc:
-        _fail(str(exc))
+    """The configured database, refusing a schema that is not at head (``SchemaNotAtHead``: exit code 1)."""
+    return open_database(get_settings().resolved_database_url)
 
 
 @app.callback()
@@ -69,10 +122,7 @@ def _main() -> None:
 def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
     """Create or migrate the schema (a no-op when it is at head already)."""
     url = get_settings().resolved_database_url
-    try:
-        before, after = upgrade(url, revision)
-    except errors.StoreError as exc:
-        _fail(str(exc))
+    before, after = upgrade(url, revision)
     if before == after:
         typer.echo(f"schema already at {after}: nothing to do")
     else:
@@ -85,8 +135,6 @@ def db_current() -> None:
     db = Database(get_settings().resolved_database_url)
     try:
         typer.echo(f"database: {current_revision(db.engine) or '(empty)'}  code: {head_revision()}")
-    except errors.StoreError as exc:
-        _fail(str(exc))
     finally:
         db.dispose()
 
@@ -172,11 +220,8 @@ def demo(
     from orchestrator.demo.command import json_line, rater_table, run_demo, summary_table
 
     hf_logging.set_verbosity_error()
-    try:
-        result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, raters=raters, qc=not no_qc,
-                          start_week=start_week, seed=seed, method=method)
-    except errors.StoreError as exc:
-        _fail(str(exc))
+    result = run_demo(settings, cycles=cycles, console=console, labeler_noise=noise, raters=raters, qc=not no_qc,
+                      start_week=start_week, seed=seed, method=method)
     Console().print(summary_table(result))
     Console().print(rater_table(result))
     console.print(
@@ -188,8 +233,10 @@ def demo(
     env = "" if settings.database_url else f"RATCHET_HOME={(settings.home / 'demo').resolve()} "
     console.print(
         f"on the dashboard: {env}ratchet keys create --role operator --name me, then {env}ratchet api "
-        "and open http://127.0.0.1:8000/dashboard"
+        f"and open {settings.public_url.rstrip('/')}/dashboard; each cycle's page:"
     )
+    for row in result["cycles"]:
+        console.print(f"  cycle {row['cycle']} ({row['week']}, {row['status']}): {row['page']}")
     if as_json:
         typer.echo(json_line(result))
     if any(row["status"] != "succeeded" for row in result["cycles"]) or len(result["cycles"]) < cycles:
@@ -197,19 +244,21 @@ def demo(
 
 
 def _parse_params(items: list[str], raw: str | None) -> dict:
-    """``--params JSON`` deep-merged with ``--param a.b=value`` items (values parsed as JSON when they can be)."""
+    """``--params JSON`` deep-merged with ``--param a.b=value`` items (values parsed as JSON when they can be);
+    ``BadInput`` saying what is wrong with them."""
     params: dict = {}
     if raw:
         try:
             params = json.loads(raw)
         except json.JSONDecodeError as exc:
-            _fail(f"--params is not valid JSON: {exc}")
+            raise BadInput(f"--params is not valid JSON: {exc}") from None
         if not isinstance(params, dict):
-            _fail("--params must be a JSON object")
+            raise BadInput("--params must be a JSON object")
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            _fail(f"--param {item!r} is not of the form key=value (dotted keys for sections: ppo.config.learning_rate=1e-4)")
+            raise BadInput(f"--param {item!r} is not of the form key=value (dotted keys for sections: "
+                           "ppo.config.learning_rate=1e-4)")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -219,7 +268,7 @@ def _parse_params(items: list[str], raw: str | None) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                _fail(f"--param {item!r}: {part} is not a section")
+                raise BadInput(f"--param {item!r}: {part} is not a section")
         node[leaf] = value
     return params
 
@@ -230,37 +279,154 @@ def cycle_run(
     param: Annotated[list[str], typer.Option("--param", help="a setting override, key=value (dotted: ppo.config.learning_rate=1e-4)")] = [],  # noqa: B006
     params: Annotated[str | None, typer.Option(help="setting overrides as a JSON object")] = None,
     via_deployment: Annotated[bool, typer.Option("--via-deployment", help="create a flow run of the weekly-cycle deployment instead of running here")] = False,
+    target: Annotated[str, typer.Option(help="the deployment target whose cycle it is")] = "default",
 ) -> None:
-    """Start the week's cycle now (or resume it, after a crash or a failure).
+    """Start the week's cycle of a deployment target now (or resume it, after a crash or a failure).
 
     By default the flow runs in this process (worker steps run as the cycle's
     settings say: in-process, or as deployments on the gpu pool) and the
-    cycle's summary is printed as JSON. A week's cycle that already succeeded
-    is not run again.
+    cycle's summary is printed as JSON. A cycle that already succeeded is not
+    run again. Each target has its own cycle of a week (``--target``).
     """
     from datetime import UTC, datetime
 
+    from orchestrator.launcher import cycle_run_key
     from orchestrator.settings import week_of
 
     settings = get_settings()
     _prefect_env(settings.home)
     overrides = _parse_params(param, params)
     week = _checked_week("--week", week) if week is not None else week_of(datetime.now(UTC))
+    _checked_target("--target", target)
     if via_deployment:
         from prefect.deployments import run_deployment
 
         flow_run = run_deployment(
-            settings.cycle_deployment, parameters={"week": week, "params": overrides, "trigger": "cli"},
-            idempotency_key=f"cycle:{week}", timeout=0, as_subflow=False,
+            settings.cycle_deployment,
+            parameters={"week": week, "params": overrides, "trigger": "cli", "target": target},
+            idempotency_key=cycle_run_key(week, target), timeout=0, as_subflow=False,
         )
-        typer.echo(json.dumps({"week": week, "flow_run_id": str(flow_run.id), "deployment": settings.cycle_deployment}))
+        typer.echo(json.dumps({"week": week, "target": target, "flow_run_id": str(flow_run.id),
+                               "deployment": settings.cycle_deployment}))
         return
+    _run_flow(week, overrides, target)
+
+
+def _checked_target(option: str, target: str) -> str:
+    """``target`` if it can name a cycle's deployment target, else ``BadInput`` saying why."""
+    from store.cycles import target_problem
+
+    problem = target_problem(target)
+    if problem is not None:
+        raise BadInput(f"{option} {problem}")
+    return target
+
+
+def _week_cycle_id(db: Database, week: str, target: str) -> int:
+    """The id of the cycle of (target, week) (``NotFound`` if there is none)."""
+    from store.cycles import DEFAULT_TARGET, find_cycle
+
+    with db.session() as session:
+        cycle = find_cycle(session, week=week, target=target)
+        if cycle is None:
+            of = "" if target == DEFAULT_TARGET else f" of target {target!r}"
+            raise errors.NotFound(f"there is no cycle for week {week}{of}")
+        return cycle.id
+
+
+def _actor() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@cycle_app.command("cancel")
+def cycle_cancel(
+    week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")],
+    reason: Annotated[str, typer.Option(help="why (recorded with the cancel, shown on the cycle's page)")] = "",
+    target: Annotated[str, typer.Option(help="the deployment target whose cycle it is")] = "default",
+) -> None:
+    """Cancel the week's running (or failed) cycle of a deployment target.
+
+    The store marks it cancelled and closes its open tasks; finished stages and
+    versions are kept. The Prefect flow run and the step runs of its week and
+    target are set to Cancelling (PREFECT_API_URL), and the step the cycle
+    waits on stops at its next unit of work, registering nothing; another
+    target's cycle of the week runs on. Prints what was done as JSON.
+    """
+    from orchestrator.operations import cancel
+    from store.cycles import cycle_label
+
+    _checked_week("--week", week)
+    _checked_target("--target", target)
+    settings = get_settings()
+    _prefect_env(settings.home)
+    db = _database()
+    try:
+        out = cancel(db, cycle_id=_week_cycle_id(db, week, target), actor=_actor(), via="cli", reason=reason)
+    finally:
+        db.dispose()
+    console.print(f"cycle {cycle_label(week, target)} cancelled; Prefect: {out['prefect']}")
+    typer.echo(json.dumps(out, default=str))
+
+
+@cycle_app.command("rerun")
+def cycle_rerun(
+    week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")],
+    param: Annotated[list[str], typer.Option("--param", help="a corrected setting, key=value (dotted: ppo.learning_rate=1e-4)")] = [],  # noqa: B006
+    params: Annotated[str | None, typer.Option(help="corrected settings as a JSON object")] = None,
+    reason: Annotated[str, typer.Option(help="why (recorded with the attempt)")] = "",
+    via_deployment: Annotated[bool, typer.Option("--via-deployment", help="create a flow run of the weekly-cycle deployment instead of running here")] = False,
+    target: Annotated[str, typer.Option(help="the deployment target whose cycle it is")] = "default",
+) -> None:
+    """Re-run the week's failed or cancelled cycle of a deployment target with corrected settings, as a new attempt.
+
+    The corrections are merged over the cycle's params and checked as a
+    trigger's are. Finished stages whose inputs did not change are kept; the
+    rest run again (the plan, with why, is printed first). Then the flow runs
+    here, as `ratchet cycle run` does, and the summary is printed as JSON.
+    """
+    from orchestrator.flow import current_env
+    from orchestrator.launcher import cycle_run_key
+    from orchestrator.operations import rerun
+    from store.cycles import cycle_label
+
+    _checked_week("--week", week)
+    _checked_target("--target", target)
+    settings = get_settings()
+    _prefect_env(settings.home)
+    overrides = _parse_params(param, params)
+    env = current_env()  # the database and default settings the flow run here will use
+    plan = rerun(env.database, env.defaults, cycle_id=_week_cycle_id(env.database, week, target), params=overrides,
+                 actor=_actor(), trusted=True, via="cli", reason=reason)
+    console.print(f"cycle {cycle_label(week, target)}, attempt {plan['attempt']}: changed "
+                  f"{', '.join(plan['changed']) or 'nothing'}; keeps {', '.join(plan['kept']) or 'no stage'}")
+    for stage in plan["rerun"]:
+        console.print(f"  runs {stage} again: {plan['why'][stage]}")
+    if via_deployment:
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(
+            settings.cycle_deployment, parameters={"week": week, "trigger": "cli", "target": target},
+            idempotency_key=cycle_run_key(week, target, plan["attempt"]), timeout=0, as_subflow=False,
+        )
+        typer.echo(json.dumps({**plan, "flow_run_id": str(flow_run.id), "deployment": settings.cycle_deployment}))
+        return
+    _run_flow(week, {}, target)
+
+
+def _run_flow(week: str, overrides: dict, target: str) -> None:
+    """Run the cycle flow of (target, week) here and print its summary as JSON; exit 1 if it failed or was
+    cancelled."""
+    from prefect.exceptions import CancelledRun
+
     from orchestrator.flow import weekly_cycle
+    from store.cycles import cycle_label
 
     try:
-        summary = weekly_cycle(week=week, params=overrides, trigger="cli")
-    except errors.StoreError as exc:
-        _fail(str(exc))
+        summary = weekly_cycle(week=week, params=overrides, trigger="cli", target=target)
+    except CancelledRun as exc:
+        _fail(f"cycle {cycle_label(week, target)} was cancelled while it ran: {exc}")
     typer.echo(json.dumps(summary, default=str))
     if summary.get("status") == "failed":
         raise typer.Exit(1)
@@ -279,29 +445,23 @@ def cycle_defaults(
     """
     from orchestrator.settings import describe, load_defaults, resolve
 
-    try:
-        settings = resolve(load_defaults(get_settings().cycle_config), _parse_params(param, params), trusted=True)
-    except errors.InvalidInput as exc:
-        _fail("; ".join([str(exc), *(f"{e['field']}: {e['message']}" for e in exc.errors)]), code=2)
+    settings = resolve(load_defaults(get_settings().cycle_config), _parse_params(param, params), trusted=True)
     typer.echo("\n".join(describe(settings)))
 
 
 @cycle_app.command("show")
-def cycle_show(week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")]) -> None:
+def cycle_show(
+    week: Annotated[str, typer.Option(help="ISO week, e.g. 2026-W48")],
+    target: Annotated[str, typer.Option(help="the deployment target whose cycle it is")] = "default",
+) -> None:
     """Print a cycle's summary (versions, metrics, gate decision, stages) as JSON."""
-    from sqlalchemy import select
-
     from orchestrator.report import cycle_summary
-    from store.models import Cycle
 
     _checked_week("--week", week)
+    _checked_target("--target", target)
     db = _database()
     try:
-        with db.session() as session:
-            cycle_id = session.scalar(select(Cycle.id).where(Cycle.week == week))
-        if cycle_id is None:
-            _fail(f"there is no cycle for week {week}")
-        typer.echo(json.dumps(cycle_summary(db, cycle_id), default=str))
+        typer.echo(json.dumps(cycle_summary(db, _week_cycle_id(db, week, target)), default=str))
     finally:
         db.dispose()
 
@@ -315,6 +475,7 @@ def deploy_rollback(
     import getpass
 
     from orchestrator.hooks import HookFailed, deploy_event, hook_from_settings
+    from store.alerts import deliver_pending
     from store.deployments import rollback
 
     settings = get_settings()
@@ -322,10 +483,10 @@ def deploy_rollback(
     db = _database()
     try:
         with db.session() as session:
-            row = rollback(session, name=target, reason=reason, actor=f"cli:{getpass.getuser()}")
+            row = rollback(session, name=target, reason=reason, actor=f"cli:{getpass.getuser()}", api_key_id=None,
+                           via="cli")
             event = deploy_event(session, row)
-    except errors.StoreError as exc:
-        _fail(str(exc))
+        deliver_pending(db, settings)  # the rollback's alert, now that it committed (never raises)
     finally:
         db.dispose()
     policy = event["policy"]
@@ -355,8 +516,6 @@ def keys_create(
         with db.session() as session:
             key, token = create_api_key(session, name=name, role=role)
             console.print(f"created {key.role} key {key.name!r} (id {key.id}); the token is shown once:")
-    except errors.StoreError as exc:
-        _fail(str(exc))
     finally:
         db.dispose()
     typer.echo(token)
@@ -391,8 +550,6 @@ def keys_revoke(name: Annotated[str, typer.Option(help="the key's name")]) -> No
         with db.session() as session:
             key = revoke_api_key(session, name=name)
             typer.echo(f"revoked key {key.name!r} at {key.revoked_at.isoformat(timespec='seconds')}")
-    except errors.StoreError as exc:
-        _fail(str(exc))
     finally:
         db.dispose()
 
@@ -409,12 +566,6 @@ def prompts_add(
     db = _database()
     try:
         dataset, created = register_prompt_set(db, ArtifactStore(get_settings().resolved_artifacts_url), path, name=name)
-    except errors.InvalidInput as exc:
-        for problem in exc.errors[:20]:
-            console.print(f"  line {problem.get('index')}: {problem.get('field')}: {problem.get('message')}")
-        _fail(str(exc))
-    except errors.StoreError as exc:
-        _fail(str(exc))
     finally:
         db.dispose()
     typer.echo(f"{'registered' if created else 'already registered:'} {dataset.name} v{dataset.version} "
@@ -436,12 +587,115 @@ def policy_add(
         policy, deployment = register_policy(
             db, ArtifactStore(get_settings().resolved_artifacts_url), path, name=name, deploy_to=deploy_to
         )
-    except errors.StoreError as exc:
-        _fail(str(exc))
     finally:
         db.dispose()
     typer.echo(f"registered policy {policy.name} v{policy.version} (id {policy.id})"
                + (f", deployed on {deployment.name} v{deployment.version}" if deployment else ""))
+
+
+IMPORT_READ_BYTES = 1 << 20
+"""bytes ``ratchet feedback import`` reads (and parses) at a time"""
+
+
+@feedback_app.command("import")
+def feedback_import(
+    path: Annotated[str, typer.Argument(help="a JSONL file of preference pairs, plain or gzipped")],
+    fmt: Annotated[FormatName, typer.Option(
+        "--format", help="hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected} strings; "
+                         "trl-conversational: the same as {role, content} message lists")] = "hh-rlhf",
+    source: Annotated[str | None, typer.Option(help="the batch's source (default: import:<format>)")] = None,
+    rater_id: Annotated[str | None, typer.Option(
+        "--rater-id", help="the rater id of every comparison (default: the source)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="write nothing if any line is skipped")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(
+        "--idempotency-key", help="import the file once: run again with this key, nothing is written and the "
+                                  "first import is reported (another file under the key is refused)")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print the result as POST /v1/feedback-batches/import answers it")] = False,
+) -> None:
+    """Import a file of preference pairs as one feedback batch, as POST /v1/feedback-batches/import does.
+
+    Each line becomes a comparison whose chosen response is preferred to the
+    rejected one. A line that cannot be used is skipped, named at the end
+    with its reason, and the rest are imported (--strict: nothing is
+    written); a file with no usable line writes nothing. The batch counts
+    in the next cycle's snapshot. Prints what was registered on stdout.
+    """
+    import hashlib
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from api.formats import DecodedTooLarge, FormatError, JsonlImportParser
+    from api.schemas.feedback import MAX_TEXT_CHARS, FeedbackBatchPublic, ImportResult, SkippedLine
+    from store.feedback import IdempotentReplay
+    from store.imports import MAX_SKIPPED_REPORTED, PreferenceImport, import_counts, replay_of, replay_winner
+
+    settings = get_settings()
+    limit = settings.max_import_bytes
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below, after the import has read it
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror}") from None
+    db = None
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise BadInput(f"{path} is {size} bytes, over the import limit of {limit} (RATCHET_MAX_IMPORT_BYTES)")
+        db = _database()
+        hasher, skipped, job = hashlib.sha256(), None, None
+        if idempotency_key is not None and (batch := replay_of(db, idempotency_key=idempotency_key)) is not None:
+            while chunk := fh.read(IMPORT_READ_BYTES):
+                hasher.update(chunk)
+            replay_of(db, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())  # Conflict: another file
+            console.print(f"{path} was imported under idempotency key {idempotency_key!r} already: nothing written")
+        else:
+            parser = JsonlImportParser(fmt, max_decoded_bytes=limit, max_text_chars=MAX_TEXT_CHARS)
+            job = PreferenceImport(db, parser, fmt=fmt, source=source, rater_id=rater_id,
+                                   max_records=settings.max_batch_records)
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+            try:
+                # Drawn on a terminal only: elsewhere (a pipe, a log) it would only leave a blank line.
+                with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+                    bar = progress.add_task(f"reading {os.path.basename(path)}", total=size)
+                    while chunk := fh.read(IMPORT_READ_BYTES):
+                        hasher.update(chunk)
+                        job.consume(chunk)
+                        progress.update(bar, advance=len(chunk), description=(
+                            f"reading {os.path.basename(path)}: {job.imported} imported, {job.skipped_count} skipped"))
+                    job.end()
+                batch = job.finish(strict=strict, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())
+                skipped = job.skipped
+            except IdempotentReplay as lost:  # a concurrent import under this key committed first
+                job.abort(lost)
+                batch = replay_winner(db, lost)
+                console.print(f"{path} was imported under idempotency key {idempotency_key!r} meanwhile: "
+                              "nothing written")
+            except (FormatError, DecodedTooLarge) as exc:
+                job.abort(exc)
+                raise BadInput(f"{path} could not be read: {exc}; nothing was written") from None
+            except BaseException as exc:
+                raise job.abort(exc) from None
+    finally:
+        fh.close()
+        if db is not None:
+            db.dispose()
+    counts = import_counts(batch)
+    named = skipped if skipped is not None else counts.skipped_lines  # a replay has the first ones with its batch
+    for line in named:
+        typer.echo(f"skipped line {line.line}: {line.reason}", err=True)
+    if counts.skipped > len(named):
+        kept = f"the first {len(named)} are named" if named else "none is named"
+        typer.echo(f"... {counts.skipped - len(named)} more line(s) skipped ({kept}; an import keeps the reasons of "
+                   f"{MAX_SKIPPED_REPORTED})", err=True)
+    if as_json:
+        result = ImportResult(batch=FeedbackBatchPublic.model_validate(batch), imported=counts.imported,
+                              skipped=counts.skipped,
+                              skipped_lines=[SkippedLine(line=s.line, reason=s.reason) for s in counts.skipped_lines])
+        typer.echo(result.model_dump_json())
+        return
+    rater = f", rater {job.rater_id!r}" if job is not None and skipped is not None else ""
+    typer.echo(f"imported {counts.imported} comparison(s) from {path} as feedback batch {batch.id} "
+               f"(source {batch.source!r}{rater}); {counts.skipped} line(s) skipped")
 
 
 @labeler_app.command("run")

@@ -5,9 +5,12 @@ Each stage is idempotent on (cycle, stage):
 1. ``run_stage`` skips a stage whose stage run succeeded (or was skipped)
    and returns the outputs it recorded; otherwise it marks the stage running.
 2. The stage does its work. Worker output directories are keyed by
-   (week, stage), so a step re-run after a crash resumes or reuses what it
-   wrote; uploads go to keys of the same (week, stage), so a re-upload lands
-   on the same artifact.
+   (target, week, stage), so a step re-run after a crash resumes or reuses
+   what it wrote; uploads go to keys of the same (target, week, stage), so a
+   re-upload lands on the same artifact (``CycleContext.step_request``: the
+   default target's keys are ``<week>:<stage>`` and ``cycles/<week>/<stage>``,
+   another target's ``<week>@<target>:<stage>`` and
+   ``cycles/<target>/<week>/<stage>``).
 3. ``CycleContext.commit`` registers the stage's versions (datasets, PMs,
    policies, deployments, tasks) and marks the stage succeeded with its
    outputs in ONE transaction, holding the stage row's lock. A crash
@@ -34,15 +37,30 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from orchestrator.alerts import deliver as deliver_alerts, stage_failed
 from orchestrator.faults import kill_point
 from orchestrator.outputs import OpenOutputs, StageOutputs
-from orchestrator.runners import DeploymentRunner, InProcessRunner, StepOutcome, StepRequest, StepRunner
+from orchestrator.runners import DeploymentRunner, InProcessRunner, StepOutcome, StepRequest, StepRunner, cycle_tags
 from orchestrator.settings import CycleSettings
 from store.artifacts import ArtifactRef, ArtifactStore, get_artifact
-from store.cycles import claim_cycle, finish_cycle, finish_stage, get_cycle, get_stage, open_cycle, start_stage
+from store.cycles import (
+    DEFAULT_TARGET,
+    CycleNotRunning,
+    claim_cycle,
+    cycle_label,
+    current_attempt,
+    finish_cycle,
+    finish_stage,
+    get_cycle,
+    get_stage,
+    lock_running,
+    open_cycle,
+    start_stage,
+)
 from store.db import Database
 from store.errors import InvalidInput, NotFound
 from store.models import Policy, PreferenceModel, utcnow
+from workers.common.stopping import stop_when
 
 log = logging.getLogger("ratchet.cycle")
 
@@ -90,37 +108,56 @@ class CycleEnv:
 
 
 class CycleFinished(Exception):
-    """The week's cycle already finished; nothing to run."""
+    """The (target, week)'s cycle already finished; nothing to run."""
 
-    def __init__(self, cycle_id: int, week: str, status: str):
-        super().__init__(f"cycle {week} already {status}")
-        self.cycle_id, self.week, self.status = cycle_id, week, status
+    def __init__(self, cycle_id: int, week: str, status: str, target: str = DEFAULT_TARGET):
+        super().__init__(f"cycle {cycle_label(week, target)} already {status}")
+        self.cycle_id, self.week, self.status, self.target = cycle_id, week, status, target
 
 
-def claim(env: CycleEnv, *, week: str, params: dict[str, Any] | None, trigger: str, flow_run_id: str | None) -> int:
-    """The week's cycle (created, or found: one per week), claimed by this flow run in its own transaction, so
-    a failure of its open stage is recorded against it; ``CycleFinished`` when it already finished."""
+def claim(env: CycleEnv, *, week: str, params: dict[str, Any] | None, trigger: str, flow_run_id: str | None,
+          target: str = DEFAULT_TARGET) -> int:
+    """The cycle of (``target``, ``week``) (created, or found: one per target and week), claimed by this flow run
+    in its own transaction, so a failure of its open stage is recorded against it; ``CycleFinished`` when it
+    already finished."""
     with env.database.session() as session:
-        cycle, created = open_cycle(session, week=week, trigger=trigger, params=params or {})
+        cycle, created = open_cycle(session, week=week, target=target, trigger=trigger, params=params or {})
         if cycle.status in ("succeeded", "cancelled"):
-            raise CycleFinished(cycle.id, week, cycle.status)
+            raise CycleFinished(cycle.id, week, cycle.status, target)
         claim_cycle(session, cycle_id=cycle.id, flow_run_id=flow_run_id)
         if not created and params and params != cycle.params:
-            log.warning("cycle %s was opened with params %s; ignoring the new params %s", week, cycle.params, params)
+            option = "" if target == DEFAULT_TARGET else f" --target {target}"
+            log.warning("cycle %s runs with params %s; ignoring the new params %s (to change a failed or cancelled "
+                        "cycle's settings: `ratchet cycle rerun --week %s%s --param key=value`)",
+                        cycle_label(week, target), cycle.params, params, week, option)
         return cycle.id
 
 
 class CycleContext:
-    """One cycle in flight: its id and week, its env, and (once its open stage recorded them) its settings."""
+    """One cycle in flight: its id, week and deployment target, its env, and (once its open stage recorded them)
+    its settings."""
 
-    def __init__(self, env: CycleEnv, *, cycle_id: int, week: str):
+    def __init__(self, env: CycleEnv, *, cycle_id: int, week: str, target: str = DEFAULT_TARGET):
         self.env = env
         self.cycle_id = cycle_id
         self.week = week
+        self.target = target
 
     @property
     def db(self) -> Database:
         return self.env.database
+
+    @property
+    def label(self) -> str:
+        """How messages name the cycle: ``2026-W48``, or ``2026-W48@<target>`` for a target other than the default."""
+        return cycle_label(self.week, self.target)
+
+    @property
+    def folder(self) -> str:
+        """The artifact folder of the cycle: ``cycles/<week>`` for the default target (as before targets),
+        ``cycles/<target>/<week>`` for another, so two targets' cycles of a week never share a key. (No default
+        folder's second part can be a week label, so the two forms never meet.)"""
+        return f"cycles/{self.week}" if self.target == DEFAULT_TARGET else f"cycles/{self.target}/{self.week}"
 
     @cached_property
     def settings(self) -> CycleSettings:
@@ -131,6 +168,42 @@ class CycleContext:
     def runner(self) -> StepRunner:
         return self.env.runner_for(self.settings)
 
+    @cached_property
+    def attempt(self) -> int:
+        """The cycle's attempt this run belongs to: 1, or the number of an operator's re-run."""
+        with self.db.session() as session:
+            row = current_attempt(session, self.cycle_id)
+            return row.number if row is not None else 1
+
+    @cached_property
+    def restarted_at(self) -> datetime | None:
+        """When an operator's re-run (attempt 2 on) was asked for; None in the first attempt. A wait for
+        labelers run again counts its deadline from here, not from when its tasks first appeared."""
+        with self.db.session() as session:
+            row = current_attempt(session, self.cycle_id)
+            return row.created_at if row is not None and row.number > 1 else None
+
+    def wait_from(self, since: datetime) -> datetime:
+        """Where a deadline counts from: ``since``, or the re-run's request if that came later."""
+        return since if self.restarted_at is None else max(since, self.restarted_at)
+
+    @cached_property
+    def eval_task_floor(self) -> int | None:
+        """Eval tasks with this id or lower were made for an earlier attempt's candidate (None: none were)."""
+        with self.db.session() as session:
+            row = current_attempt(session, self.cycle_id)
+            return row.eval_task_floor if row is not None else None
+
+    def check_running(self, session: Session) -> None:
+        """``CycleNotRunning`` once an operator has cancelled the cycle (a long wait asks at every poll)."""
+        cycle = get_cycle(session, self.cycle_id)
+        if cycle.status != "running":
+            raise CycleNotRunning(f"cycle {self.label} is {cycle.status}: {cycle.reason or 'no reason given'}")
+
+    def still_running(self) -> bool:
+        with self.db.session() as session:
+            return get_cycle(session, self.cycle_id).status == "running"
+
     def outputs(self, stage: str, model: type[O]) -> O:
         """The recorded outputs of a finished stage of this cycle, as ``model``."""
         return model.model_validate(self.recorded(stage))
@@ -140,7 +213,7 @@ class CycleContext:
         with self.db.session() as session:
             run = get_stage(session, cycle_id=self.cycle_id, stage=stage)
             if run is None or run.status not in DONE:
-                raise NotFound(f"stage {stage!r} of cycle {self.week} has not finished")
+                raise NotFound(f"stage {stage!r} of cycle {self.label} has not finished")
             return dict(run.outputs)
 
     def commit(
@@ -154,25 +227,35 @@ class CycleContext:
         """Register the stage's versions and finish the stage with their outputs, in one transaction; returns
         the outputs as stored.
 
-        The stage row is locked first: if another run finished the stage in
-        the meantime, its outputs are returned and nothing is registered.
+        The cycle row is locked first (``CycleNotRunning`` if an operator
+        cancelled it: nothing is registered), then the stage row: if another
+        run finished the stage in the meantime, its outputs are returned and
+        nothing is registered.
         """
         with self.db.session() as session:
+            lock_running(session, self.cycle_id)
             run = get_stage(session, cycle_id=self.cycle_id, stage=stage, for_update=True)
             if run is None:
-                raise NotFound(f"stage {stage!r} of cycle {self.week} was never started")
+                raise NotFound(f"stage {stage!r} of cycle {self.label} was never started")
             if run.status in DONE:
                 return dict(run.outputs)
             outputs = stored(register(session))
             finish_stage(session, cycle_id=self.cycle_id, stage=stage, outputs=outputs, compute_s=compute_s, status=status)
             kill_point(stage, "in_commit")
+        deliver_alerts(self.env)  # what the stage's transaction recorded (orchestrator.alerts); never raises
         return outputs
 
     def step_request(
         self, stage: str, step: str, config: dict[str, Any], inputs: dict[str, ArtifactRef], outputs: list[str],
         *, input_sets: dict[str, dict[str, ArtifactRef]] | None = None, part: str | None = None,
     ) -> StepRequest:
-        """A run of worker ``step`` for ``stage``; its artifacts go under ``cycles/<week>/<stage>``.
+        """A run of worker ``step`` for ``stage``; its artifacts go under ``<folder>/<stage>``
+        (``<folder>/a<n>/<stage>`` in an operator's re-run, attempt n: a stage run again with other
+        settings starts from a clean folder, and its outputs never land on the keys of the first attempt's).
+
+        Its key is ``<week>:<stage>`` (``<week>:a<n>:<stage>``) for the default target, as before targets, and
+        ``<week>@<target>:<stage>`` for another; ``folder`` is ``cycles/<week>`` or ``cycles/<target>/<week>``.
+        Two targets' cycles of one week so never share a step run, an output folder or an artifact.
 
         ``inputs`` (and ``input_sets``, for a field naming several) are the
         config fields that name an input artifact. A stage that runs a step
@@ -180,20 +263,31 @@ class CycleContext:
         output folder and artifact keys: ``<stage>-<part>``).
         """
         name = stage if part is None else f"{stage}-{part}"
+        if self.attempt > 1:
+            name = f"a{self.attempt}/{name}"
         return StepRequest(
             step=step,
-            key=f"{self.week}:{name}",
+            key=f"{self.label}:{name.replace('/', ':')}",
             config=config,
             inputs=inputs,
             input_sets=input_sets or {},
             outputs=outputs,
-            artifact_prefix=f"cycles/{self.week}/{name}",
+            artifact_prefix=f"{self.folder}/{name}",
+            tags=cycle_tags(self.week, self.target),
         )
 
     def run_step(self, stage: str, request: StepRequest) -> StepOutcome:
-        """Run a worker step for ``stage`` with the cycle's runner."""
-        log.info("cycle %s: running %s", self.week, request.step)
-        outcome = self.runner.run(request)
+        """Run a worker step for ``stage`` with the cycle's runner; it stops at its next unit of work once
+        an operator cancels the cycle (``workers.common.stopping``), and then ``CycleNotRunning``."""
+        log.info("cycle %s: running %s", self.label, request.step)
+        try:
+            with stop_when(lambda: not self.still_running()):
+                outcome = self.runner.run(request)
+        except Exception as exc:
+            if not self.still_running():
+                raise CycleNotRunning(f"cycle {self.label} stopped running while {request.step} ran; "
+                                      f"the step stopped ({type(exc).__name__}: {exc})") from exc
+            raise
         kill_point(stage, "ran")
         return outcome
 
@@ -212,8 +306,9 @@ def run_stage(ctx: CycleContext, stage: str, function: Callable[[CycleContext], 
     with ctx.db.session() as session:
         run = get_stage(session, cycle_id=ctx.cycle_id, stage=stage)
         if run is not None and run.status in DONE:
-            log.info("cycle %s: stage %s already %s; skipping", ctx.week, stage, run.status)
+            log.info("cycle %s: stage %s already %s; skipping", ctx.label, stage, run.status)
             return dict(run.outputs)
+        lock_running(session, ctx.cycle_id)
         start_stage(session, cycle_id=ctx.cycle_id, stage=stage)
     kill_point(stage, "started")
     try:
@@ -242,6 +337,8 @@ def fail_cycle(env: CycleEnv, cycle_id: int, stage: str, exc: BaseException) -> 
     with env.database.session() as session:
         if get_cycle(session, cycle_id).status == "running":
             finish_cycle(session, cycle_id=cycle_id, status="failed", reason=reason[:10_000])
+            stage_failed(session, cycle_id=cycle_id, stage=stage, reason=reason)
+    deliver_alerts(env)
 
 
 def skip_stage(ctx: CycleContext, stage: str, reason: str) -> dict[str, Any]:

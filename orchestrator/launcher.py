@@ -1,11 +1,14 @@
 """Starting a cycle now: what ``POST /v1/cycles`` and ``ratchet cycle run`` call.
 
-A launcher validates the trigger's params, opens the week's cycle in the
-store (one per week: a second trigger finds the first and starts nothing),
-and, when it created the cycle, starts its flow run:
+A launcher validates the trigger's params, opens the cycle of (deployment
+target, week) in the store (one per target and week: a second trigger finds
+the first and starts nothing), and, when it created the cycle, starts its
+flow run, handing it the week and the target (a resume reads the params from
+the cycle row, but must know which target's cycle it resumes):
 
 - ``DeploymentLauncher`` (production API): ``run_deployment`` of the
-  ``weekly-cycle`` deployment with idempotency key ``cycle:<week>``, not
+  ``weekly-cycle`` deployment with idempotency key ``cycle:<week>``
+  (``cycle:<target>:<week>`` for a target other than "default"), not
   waiting; a Prefect worker on the ``cpu`` pool runs it, under the
   deployment's concurrency limit of 1. It needs ``PREFECT_API_URL`` and never
   starts Prefect's temporary server: no worker would poll one, and it would be
@@ -19,6 +22,12 @@ and, when it created the cycle, starts its flow run:
   was the one to start it.
 
 The flow run reads the params from the cycle row, so they are not passed twice.
+
+Operators' actions on a cycle go through the launcher too (the API holds it,
+and may not import the orchestrator): ``cancel`` and ``rerun`` call
+``orchestrator.operations``, and a re-run's new attempt is started as a new
+cycle is (the deployment's idempotency key is ``cycle:<week>:a<n>``, or
+``cycle:<target>:<week>:a<n>``).
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from api.schemas.registry import CyclePublic, CycleStarted
-from orchestrator.settings import CycleSettings, resolve
-from store.cycles import open_cycle
+from orchestrator.settings import CycleSettings, cycle_target, resolve
+from store.cycles import DEFAULT_TARGET, cycle_label, open_cycle
 from store.db import Database
 from store.errors import ServiceUnavailable
 
@@ -45,24 +54,64 @@ class _Launcher:
         self.database = database
         self.defaults = defaults
 
-    def __call__(self, *, week: str, params: dict[str, Any], actor: str) -> CycleStarted:
-        resolve(self.defaults, params, trusted=False)  # InvalidInput (422) before anything is written
+    def __call__(self, *, week: str, params: dict[str, Any], actor: str, target: str | None = None) -> CycleStarted:
+        """Open the cycle of (target, week) and start it. ``target`` None: the params' ``deploy_target``, else
+        the server's (``cycle_target``); a target and a params ``deploy_target`` that differ are 422."""
+        target = cycle_target(self.defaults, params, target)
+        resolve(self.defaults, params, trusted=False, target=target)  # InvalidInput (422) before anything is written
         self.prepare()  # ServiceUnavailable (503) before anything is written
         with self.database.session() as session:
-            cycle, created = open_cycle(session, week=week, trigger=self.trigger, params={**params} if params else {})
+            cycle, created = open_cycle(session, week=week, target=target, trigger=self.trigger,
+                                        params={**params} if params else {})
             started = CycleStarted(cycle=CyclePublic.model_validate(cycle), created=created)
         if started.cycle.status == "running":
-            self.start(week, created=created, actor=actor)
+            self.start(week, created=created, actor=actor, target=target)
         return started
+
+    def cancel(self, *, cycle_id: int, actor: str, api_key_id: int | None = None, via: str = "api",
+               reason: str = "") -> dict[str, Any]:
+        """Cancel a running or failed cycle (``orchestrator.operations.cancel``)."""
+        from orchestrator.operations import cancel
+
+        return cancel(self.database, cycle_id=cycle_id, actor=actor, api_key_id=api_key_id, via=via, reason=reason)
+
+    def rerun(self, *, cycle_id: int, params: dict[str, Any], actor: str, api_key_id: int | None = None,
+              via: str = "api", reason: str = "") -> dict[str, Any]:
+        """Record a re-run of a failed or cancelled cycle with corrected ``params`` (checked as an API trigger's
+        are) and start it; the plan (``orchestrator.operations.rerun``). ``ServiceUnavailable`` before anything
+        is written if no flow run could be started; one that fails to start after the attempt is recorded
+        leaves the cycle failed, to be resumed with ``ratchet cycle run --week W``."""
+        from orchestrator.operations import rerun
+
+        self.prepare()
+        plan = rerun(self.database, self.defaults, cycle_id=cycle_id, params=params, actor=actor, trusted=False,
+                     api_key_id=api_key_id, via=via, reason=reason)
+        self.start(plan["week"], created=True, actor=actor, attempt=plan["attempt"], target=plan["target"])
+        return plan
+
+    def preview_rerun(self, *, cycle_id: int, params: dict[str, Any]) -> dict[str, Any]:
+        """The plan a re-run with ``params`` would follow (``orchestrator.operations.preview_rerun``); nothing
+        is written."""
+        from orchestrator.operations import preview_rerun
+
+        return preview_rerun(self.database, self.defaults, cycle_id=cycle_id, params=params, trusted=False)
 
     def prepare(self) -> None:
         """Get ready to start a cycle, or raise ``ServiceUnavailable`` saying why it cannot be started."""
 
-    def start(self, week: str, *, created: bool, actor: str) -> None:
+    def start(self, week: str, *, created: bool, actor: str, attempt: int = 1, target: str = DEFAULT_TARGET) -> None:
+        """Start the flow run of the cycle of (target, week) (``attempt`` > 1: an operator's re-run of it)."""
         raise NotImplementedError
 
     def close(self) -> None:
         """Release what the launcher started (nothing, unless a subclass says otherwise)."""
+
+
+def cycle_run_key(week: str, target: str = DEFAULT_TARGET, attempt: int = 1) -> str:
+    """The idempotency key of a cycle's flow run of the ``weekly-cycle`` deployment: ``cycle:<week>`` for the
+    default target (as before targets), ``cycle:<target>:<week>`` for another; ``:a<n>`` for re-run attempt n."""
+    key = f"cycle:{week}" if target == DEFAULT_TARGET else f"cycle:{target}:{week}"
+    return key if attempt == 1 else f"{key}:a{attempt}"
 
 
 class OrchestratorUnavailable(ServiceUnavailable):
@@ -80,8 +129,10 @@ class ThreadLauncher(_Launcher):
     """Runs the new cycle's flow in a daemon thread of this process.
 
     If the process exits mid-cycle, the cycle stays ``running`` in the store;
-    ``ratchet cycle run --week W`` resumes it. ``run`` replaces the flow (and
-    with it Prefect): it is called as ``run(week=, trigger=)``.
+    ``ratchet cycle run --week W [--target T]`` resumes it. ``run`` replaces the flow (and
+    with it Prefect): it is called as ``run(week=, trigger=, target=)``. ``threads`` and ``errors`` are keyed
+    by the cycle's label (``cycle_label``: the week for the default target, ``<week>@<target>`` for another),
+    so two targets' cycles of one week run side by side.
 
     Without a configured Prefect API the flows run on Prefect's temporary
     server. The launcher starts it in the trigger's request, before the cycle
@@ -125,23 +176,25 @@ class ThreadLauncher(_Launcher):
                 self._server = server
             self._api_url = server.api_url
 
-    def start(self, week: str, *, created: bool, actor: str) -> None:
+    def start(self, week: str, *, created: bool, actor: str, attempt: int = 1, target: str = DEFAULT_TARGET) -> None:
         if not created:
             return  # whoever opened the cycle runs it; `ratchet cycle run --week W` resumes a crashed one
-        log.info("%s opened cycle %s; running it in this process", actor, week)
+        label = cycle_label(week, target)
+        log.info("%s %s cycle %s; running it in this process", actor,
+                 "opened" if attempt == 1 else f"re-ran (attempt {attempt})", label)
 
-        def target() -> None:
+        def run_cycle() -> None:
             from orchestrator.flow import weekly_cycle
 
             try:
                 with self._flow_settings():
-                    (self._run or weekly_cycle)(week=week, trigger=self.trigger)
+                    (self._run or weekly_cycle)(week=week, trigger=self.trigger, target=target)
             except BaseException as exc:  # noqa: BLE001 - recorded in the store by the flow; kept for callers
-                self.errors[week] = exc
-                log.error("cycle %s failed: %s", week, exc)
+                self.errors[label] = exc
+                log.error("cycle %s failed: %s", label, exc)
 
-        thread = threading.Thread(target=target, name=f"cycle-{week}", daemon=True)
-        self.threads[week] = thread
+        thread = threading.Thread(target=run_cycle, name=f"cycle-{label}", daemon=True)
+        self.threads[label] = thread
         thread.start()
 
     def _flow_settings(self) -> AbstractContextManager:
@@ -174,9 +227,10 @@ class DeploymentLauncher(_Launcher):
         super().__init__(database, defaults)
         self.deployment = deployment
 
-    def start(self, week: str, *, created: bool, actor: str) -> None:
+    def start(self, week: str, *, created: bool, actor: str, attempt: int = 1, target: str = DEFAULT_TARGET) -> None:
         # Called for every trigger of a running cycle: the idempotency key makes a second call return the
         # first flow run, and a cycle opened while Prefect was down gets its flow run on the next trigger.
+        # A re-run is a flow run of its own (its attempt in the key).
         from prefect.deployments import run_deployment
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
@@ -185,17 +239,17 @@ class DeploymentLauncher(_Launcher):
             with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
                 flow_run = run_deployment(
                     self.deployment,
-                    parameters={"week": week, "trigger": self.trigger},
-                    idempotency_key=f"cycle:{week}",
+                    parameters={"week": week, "trigger": self.trigger, "target": target},
+                    idempotency_key=cycle_run_key(week, target, attempt),
                     timeout=0,
                     as_subflow=False,
                 )
         except Exception as exc:  # noqa: BLE001 - any Prefect failure: the API answers 503
             raise OrchestratorUnavailable(
-                f"cycle {week} is opened but its flow run could not be created on deployment "
+                f"cycle {cycle_label(week, target)} is opened but its flow run could not be created on deployment "
                 f"{self.deployment!r}: {self._why(exc)}"
             ) from exc
-        log.info("%s: cycle %s is flow run %s of %s", actor, week, flow_run.id, self.deployment)
+        log.info("%s: cycle %s is flow run %s of %s", actor, cycle_label(week, target), flow_run.id, self.deployment)
 
     def _why(self, exc: Exception) -> str:
         """What went wrong and what to do, for the 503 (Prefect's own messages can be empty or ``None``)."""

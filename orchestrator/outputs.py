@@ -76,6 +76,9 @@ class SampleOutputs(StageOutputs):
     """each round's prompts, policies, temperature, responses and tasks so far"""
     short: str | None = None
     """why the tasks fall short of gather.min_comparisons (None: they do not)"""
+    prompts_cut: int = 0
+    """prompts longer than the step's max_prompt_tokens (default: what the policy's positions leave after
+    max_new_tokens), sampled on their BOS and their end (``samples/prompts_cut``)"""
     metrics: dict[str, Any] = {}
 
 

@@ -1,14 +1,16 @@
 """A cycle's report: versions, metrics and the gate's decision, as a dict and as markdown.
 
 The dict is what ``ratchet demo`` tabulates; the markdown is the Prefect
-artifact each cycle publishes (key ``cycle-<week>``), so the Prefect UI shows
-the same report as the store.
+artifact each cycle publishes (key ``cycle-<week>``, ``cycle-<target>-<week>``
+for a deployment target other than "default": ``orchestrator.flow.report_key``),
+so the Prefect UI shows the same report as the store.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from store.cycles import DEFAULT_TARGET, cycle_label
 from store.status import cycle_summary
 
 __all__ = ["cycle_markdown", "cycle_summary"]
@@ -32,7 +34,7 @@ def _human(summary: dict[str, Any]) -> str:
 def cycle_markdown(summary: dict[str, Any]) -> str:
     """The report as markdown (the Prefect artifact)."""
     lines = [
-        f"# Ratchet cycle {summary['week']}",
+        f"# Ratchet cycle {cycle_label(summary['week'], summary.get('deploy_target', DEFAULT_TARGET))}",
         "",
         f"**Status:** {summary['status']}" + (f" — {summary['reason']}" if summary.get("reason") else ""),
         "",

@@ -13,11 +13,13 @@ refs, and the step's own compute time.
   others are fetched (checksums verified) into a content-addressed cache.
 - ``DeploymentRunner`` (production): ``run_deployment`` of the step's own
   Prefect deployment on the ``gpu`` work pool, idempotency key
-  ``"<week>:<stage>"``; that flow (``orchestrator.worker_flows``) runs the
+  ``"<week>:<stage>"`` (``"<week>@<target>:<stage>"`` for a deployment
+  target other than "default"), tagged with the cycle's week and target
+  (``cycle_tags``), so a cancel finds one cycle's step runs; that flow (``orchestrator.worker_flows``) runs the
   step with an ``InProcessRunner`` on the GPU node and writes the outcome
   next to the outputs, where this runner reads it.
 
-Output directories and upload keys are both keyed by (week, stage): a step
+Output directories and upload keys are both keyed by (target, week, stage): a step
 re-run after a crash resumes or reuses its output directory, and its uploads
 land on the same keys.
 """
@@ -54,6 +56,12 @@ STEPS: dict[str, tuple[str, str]] = {
 RESULT_FILENAME = "result.json"
 
 
+def cycle_tags(week: str, target: str) -> list[str]:
+    """The Prefect tags that say which cycle a step's flow run belongs to: ``week:<week>`` and
+    ``target:<target>`` (``orchestrator.operations`` cancels one cycle's step runs by both)."""
+    return [f"week:{week}", f"target:{target}"]
+
+
 class StepFailed(RuntimeError):
     """A worker step did not produce its outputs."""
 
@@ -65,7 +73,7 @@ class StepRequest:
     step: str
     """the worker step (a key of ``STEPS``)"""
     key: str
-    """idempotency key, ``"<week>:<stage>"``"""
+    """idempotency key, ``"<week>:<stage>"`` (``"<week>@<target>:<stage>"`` for a target other than "default")"""
     config: dict[str, Any]
     """the step's config fields other than its inputs; output_dir is filled in by the runner"""
     inputs: dict[str, ArtifactRef]
@@ -76,6 +84,9 @@ class StepRequest:
     """artifact key the outputs are uploaded under (``cycles/<week>/<stage>``)"""
     input_sets: dict[str, dict[str, ArtifactRef]] = field(default_factory=dict)
     """the config fields that name several inputs by label (sample's ``policies``), with their artifacts"""
+    tags: list[str] = field(default_factory=list)
+    """Prefect tags of the step's flow run that say whose it is (``cycle_tags``: week and target; none for a step
+    run outside a cycle, whose week the runner reads off the key)"""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (a Prefect deployment parameter)."""
@@ -87,6 +98,7 @@ class StepRequest:
             "input_sets": {name: {label: vars(ref) for label, ref in refs.items()} for name, refs in self.input_sets.items()},
             "outputs": list(self.outputs),
             "artifact_prefix": self.artifact_prefix,
+            "tags": list(self.tags),
         }
 
     @classmethod
@@ -100,6 +112,7 @@ class StepRequest:
                         for name, refs in data.get("input_sets", {}).items()},
             outputs=list(data["outputs"]),
             artifact_prefix=data["artifact_prefix"],
+            tags=list(data.get("tags", [])),
         )
 
     def step_config(self, path_of: Callable[[ArtifactRef], str]) -> dict[str, Any]:
@@ -282,7 +295,9 @@ class DeploymentRunner:
     if that flow run ended failed, crashed or cancelled, the next attempt uses
     ``"<week>:<stage>:2"`` and so on. A re-run after an orchestrator crash
     therefore finds the GPU job it started (still running: it waits; finished:
-    it reads the outcome) instead of starting a second one.
+    it reads the outcome) instead of starting a second one. Each step's flow
+    run is tagged ``week:<week>``, ``target:<target>`` and ``stage:<stage>``,
+    so cancelling a cycle finds the step runs of its week and target.
     """
 
     def __init__(
@@ -327,7 +342,8 @@ class DeploymentRunner:
                         deployment.id,
                         parameters={"request": request.to_dict()},
                         idempotency_key=key,
-                        tags=["ratchet", f"stage:{request.key.split(':')[-1]}"],
+                        tags=["ratchet", *(request.tags or [f"week:{request.key.split(':')[0]}"]),
+                              f"stage:{request.key.split(':')[-1]}"],
                     )
                     log.info("started %s as flow run %s (key %s)", name, existing.id, key)
                 final = self._wait(client, existing.id)
@@ -340,10 +356,19 @@ class DeploymentRunner:
                 return StepOutcome(outcome.result, outcome.outputs, outcome.compute_s, {"flow_run_id": str(final.id), "key": key})
 
     def _wait(self, client, flow_run_id):
+        """The step's flow run once it is final. If the cycle is cancelled meanwhile (``stop_requested``), the
+        flow run is set to Cancelling (its worker stops the process) and ``StepFailed`` is raised."""
+        from workers.common.stopping import stop_requested
+
         while True:
             flow_run = client.read_flow_run(flow_run_id)
             if flow_run.state is not None and flow_run.state.is_final():
                 return flow_run
+            if stop_requested():
+                from prefect.states import Cancelling
+
+                client.set_flow_run_state(flow_run_id, Cancelling(message="the cycle was cancelled"), force=True)
+                raise StepFailed(f"flow run {flow_run_id} was cancelled with its cycle")
             time.sleep(self.poll_interval_s)
 
     def read_outcome(self, request: StepRequest) -> StepOutcome:

@@ -21,6 +21,7 @@ cycle launcher for ``POST /v1/cycles`` and the deploy hook for rollbacks.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,6 +52,9 @@ def create_service_app(settings: Settings | None = None) -> FastAPI:
             log.warning("PREFECT_API_URL is not set: POST /v1/cycles answers 503 until it is (and the server restarts)")
     if app.state.cycle_launcher is not None:
         _close_on_shutdown(app, app.state.cycle_launcher)
+    # What the server imported and built lives as long as it does: left out of the collector's full passes,
+    # which otherwise walk every module's objects (tens of ms each, the dashboard's p99 at a year of cycles).
+    gc.freeze()
     return app
 
 

@@ -21,10 +21,20 @@ Some fields choose code or machines (the gold function, the runner, work
 pools and deployments): those come from the server's file only, never from
 a trigger's params (an operator key must not be able to run code of its
 choosing).
+
+A cycle runs for one deployment target (``deploy_target``: a trigger's
+``target``, else its params', else the server's). A target other than
+"default" has its own data by default: each name in ``OWN_NAMES`` (its
+prompt sets, its PMs, its comparison snapshot) becomes ``<name>@<target>``
+unless it was set explicitly, in the trigger's params or in the server's
+file; set explicitly, it is used as given, which is how two targets share a
+prompt set or a PM. ``resolve`` applies this once, so the settings a cycle
+records name what it really read and registered.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -34,7 +44,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from store.cycles import check_week
+from store.cycles import DEFAULT_TARGET, check_week, target_problem
 from store.errors import InvalidInput
 from store.raters import QCPolicy
 from store.settings import read_cycle_config
@@ -343,8 +353,15 @@ class CycleSettings(_Section):
     """name of the candidate policy versions (None: the deployed policy's name)"""
     reference_policy: str | None = None
     """"name:version" of the KL reference (None: the deployed policy's reference, or the deployed policy itself)"""
-    deploy_target: str = "default"
-    """the deployment target the cycle samples from and deploys to"""
+    deploy_target: str = DEFAULT_TARGET
+    """the deployment target the cycle samples from and deploys to; one cycle per (target, week)"""
+    snapshot_name: str = "comparisons"
+    """name of the comparison snapshot D(k) the snapshot stage registers (a target other than "default":
+    <name>@<target> unless set explicitly)"""
+    feedback_from: list[str] = []
+    """other deployment targets whose cycles' answers this cycle's snapshot and gather also take; by default a
+    target takes the answers to its own cycles' tasks and every comparison that answers no task (imports, direct
+    posts), and leaves out the answers to other targets' cycles"""
     sample: SampleSettings = SampleSettings()
     """the sample stage"""
     gather: GatherSettings = GatherSettings()
@@ -402,6 +419,14 @@ class CycleSettings(_Section):
     retry_delay_s: float = Field(default=30.0, ge=0)
     """delay before the first retry; doubles for each later one"""
 
+    @field_validator("deploy_target")
+    @classmethod
+    def _target_name(cls, value: str) -> str:
+        problem = target_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     @field_validator("gold")
     @classmethod
     def _gold_ref(cls, value: str | None) -> str | None:
@@ -422,6 +447,11 @@ class CycleSettings(_Section):
         step = getattr(self, section)
         return {**step.step_defaults(), "device": self.device, "progress": False, **step.config}
 
+    def feedback_targets(self) -> list[str]:
+        """The deployment targets whose cycles' answers this cycle's snapshot and gather take: its own first,
+        then ``feedback_from``."""
+        return [self.deploy_target, *(t for t in self.feedback_from if t != self.deploy_target)]
+
     def method_section(self) -> StepSection:
         """The step section of the improve stage's method (``ppo``, ``dpo``, ...)."""
         return getattr(self, self.improve.method)
@@ -435,11 +465,13 @@ STEP_SECTIONS = ("sample", "pm", *METHODS, "evaluate")
 """the sections of the stages that run a worker step (``StepSection``)"""
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_params(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` deep-merged into it (a section merges field by field; step_deployments is
+    replaced whole)."""
     out = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "step_deployments":
-            out[key] = _merge(out[key], value)
+            out[key] = merge_params(out[key], value)
         else:
             out[key] = value
     return out
@@ -453,11 +485,62 @@ def load_defaults(path: str | Path | None) -> CycleSettings:
     return _validated(read_cycle_config(path), f"cycle config {path} is invalid")
 
 
-def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: bool = False) -> CycleSettings:
-    """``defaults`` overridden by a trigger's ``params`` (deep merge), validated.
+OWN_NAMES = ("prompt_set", "evaluate.prompt_set", "pm.name", "pm.test_name", "snapshot_name")
+"""the names of what a cycle reads or registers that are its deployment target's own unless set explicitly
+(a target other than "default": ``<name>@<target>``)"""
+
+
+def cycle_target(defaults: CycleSettings, params: dict[str, Any] | None, target: str | None = None) -> str:
+    """The deployment target a cycle runs for: ``target`` when given, else the params' ``deploy_target``, else
+    the defaults'. ``InvalidInput`` when ``target`` and the params' ``deploy_target`` differ: which one the
+    trigger meant cannot be told."""
+    asked = (params or {}).get("deploy_target")
+    if target is not None and asked is not None and asked != target:
+        message = f"the trigger's target {target!r} and params.deploy_target {asked!r} differ: give one of them"
+        raise InvalidInput(message, [{"field": "params.deploy_target", "message": message}])
+    if target is not None:
+        return target
+    return asked if isinstance(asked, str) else defaults.deploy_target
+
+
+def with_own_names(data: dict[str, Any], explicit: dict[str, Any], target: Any) -> dict[str, Any]:
+    """``data`` (merged settings) with each of ``OWN_NAMES`` that ``explicit`` (what the server's file and the
+    trigger's params set) does not set made the target's own: ``<name>@<target>``. The default target's names,
+    names set explicitly, None (``evaluate.prompt_set``: the training set) and names already ending in
+    ``@<target>`` are left as they are, so resolving resolved settings again changes nothing."""
+    if target == DEFAULT_TARGET or not isinstance(target, str):
+        return data
+    data = copy.deepcopy(data)  # the caller's dicts stay as they were
+    for dotted in OWN_NAMES:
+        *sections, field = dotted.split(".")
+        where = data
+        for section in sections:
+            where = where.setdefault(section, {})
+        name = where.get(field)
+        if _is_set(explicit, dotted) or not isinstance(name, str) or name.endswith(f"@{target}"):
+            continue
+        where[field] = f"{name}@{target}"
+    return data
+
+
+def _is_set(data: dict[str, Any], dotted: str) -> bool:
+    """Whether the nested dicts ``data`` hold the dotted key (``pm.name``)."""
+    *sections, field = dotted.split(".")
+    for section in sections:
+        data = data.get(section) if isinstance(data, dict) else None
+    return isinstance(data, dict) and field in data
+
+
+def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: bool = False,
+            target: str | None = None) -> CycleSettings:
+    """``defaults`` overridden by a trigger's ``params`` (deep merge), validated, for the deployment target
+    ``target`` (None: the params' ``deploy_target``, else the defaults'; ``cycle_target``).
 
     Untrusted params (from the API or a scheduled run) may not set the
-    server-only fields; ``InvalidInput`` names every bad field.
+    server-only fields; ``InvalidInput`` names every bad field. For a
+    target other than "default", the names in ``OWN_NAMES`` neither the
+    server's file nor the params set become the target's own
+    (``with_own_names``).
 
     ``defaults`` are taken as checked (``load_defaults`` checks every
     section; the built-in ones are valid), so the step sections checked
@@ -476,7 +559,11 @@ def resolve(defaults: CycleSettings, params: dict[str, Any] | None, *, trusted: 
                 "these cycle settings come from the server's RATCHET_CYCLE_CONFIG only",
                 [{"field": f"params.{f}", "message": "may not be set by a trigger"} for f in locked],
             )
-    data = _merge(defaults.model_dump(), params)
+    data = merge_params(defaults.model_dump(), params)
+    if target is not None:
+        data["deploy_target"] = cycle_target(defaults, params, target)
+    explicit = merge_params(defaults.model_dump(exclude_unset=True), params)
+    data = with_own_names(data, explicit, data.get("deploy_target"))
     return _validated(data, "invalid cycle params", prefix="params.", steps=touched_steps(params, data))
 
 
@@ -530,6 +617,19 @@ def with_improve(data: dict[str, Any]) -> dict[str, Any]:
     if moved:
         data["ppo"], data["improve"] = ppo, {**(data.get("improve") or {}), **moved}
     return data
+
+
+LATER_FIELDS = ("snapshot_name", "feedback_from")
+"""top-level fields added after cycles were first recorded (with several deployment targets)"""
+
+
+def with_later_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings as an open stage recorded them, with each of ``LATER_FIELDS`` they lack at its default: what a
+    cycle recorded before the field existed ran with (its snapshot was named ``comparisons``, and took every
+    answer while one target was all there was), so a re-run does not see it as changed."""
+    missing = {name: CycleSettings.model_fields[name].get_default(call_default_factory=True)
+               for name in LATER_FIELDS if name not in data}
+    return {**data, **missing}
 
 
 def recorded(data: dict[str, Any]) -> CycleSettings:

@@ -26,6 +26,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from formats.chat import prompt_text
+from orchestrator.alerts import check_raters, deadline_reached, gate_refused
+from orchestrator.alerts import deliver as deliver_alerts
 from orchestrator.cycle import (
     STAGES,
     CycleContext,
@@ -53,10 +55,10 @@ from orchestrator.outputs import (
     SnapshotOutputs,
     TrainPMOutputs,
 )
-from orchestrator.settings import CycleSettings, resolve
+from orchestrator.settings import CycleSettings, cycle_target, resolve
 from orchestrator.tasks import eval_pairs, make_tasks, rank_prompts, storable, with_overlap
 from store.artifacts import get_artifact, register_artifact
-from store.cycles import finish_cycle, get_cycle, get_stage
+from store.cycles import DEFAULT_TARGET, finish_cycle, get_cycle, get_stage
 from store.datasets import create_dataset, get_dataset, get_dataset_version, snapshot_comparisons
 from store.deployments import active_deployment, cycle_deployment, deploy, deployed_policy_ids
 from store.errors import InvalidInput, NotFound
@@ -64,7 +66,6 @@ from store.feedback import count_comparisons
 from store.models import Cycle, PreferenceModel, StageRun
 from store.pms import create_pm, get_pm, get_pm_version
 from store.policies import create_policy, get_policy, get_policy_version
-from store.raters import excluded_raters
 from store.tasks import create_tasks, eval_judgements, eval_tasks_of, task_counts
 
 log = logging.getLogger("ratchet.cycle")
@@ -73,20 +74,26 @@ log = logging.getLogger("ratchet.cycle")
 # -- open ------------------------------------------------------------------------------------
 
 
-def open_stage(env: CycleEnv, *, week: str, params: dict[str, Any] | None, trigger: str, flow_run_id: str | None) -> CycleContext:
-    """Open (or resume) the week's cycle: claim it, then run its open stage (``stage_open``)."""
-    ctx = CycleContext(env, cycle_id=claim(env, week=week, params=params, trigger=trigger, flow_run_id=flow_run_id),
-                       week=week)
+def open_stage(env: CycleEnv, *, week: str, params: dict[str, Any] | None, trigger: str, flow_run_id: str | None,
+               target: str | None = None) -> CycleContext:
+    """Open (or resume) the cycle of (target, week): claim it, then run its open stage (``stage_open``).
+
+    ``target`` None: the deployment target the params and the server's defaults name (``cycle_target``); a
+    resumed cycle (no params) of a target other than the defaults' must be given its target."""
+    target = cycle_target(env.defaults, params, target)
+    cycle_id = claim(env, week=week, params=params, trigger=trigger, flow_run_id=flow_run_id, target=target)
+    ctx = CycleContext(env, cycle_id=cycle_id, week=week, target=target)
     run_stage(ctx, "open", stage_open)
     return ctx
 
 
 def stage_open(ctx: CycleContext) -> dict[str, Any]:
-    """Fix, once, what every later stage and every re-run uses: the resolved settings, the deployed (baseline)
+    """Fix, once, what every later stage and every re-run uses: the resolved settings (for the cycle's
+    deployment target, with its own names: ``orchestrator.settings.with_own_names``), the deployed (baseline)
     policy, the reference policy, the PMs' base and the prompt sets."""
     with ctx.db.session() as session:
         cycle = get_cycle(session, ctx.cycle_id)
-        settings = resolve(ctx.env.defaults, cycle.params, trusted=cycle.trigger != "api")
+        settings = resolve(ctx.env.defaults, cycle.params, trusted=cycle.trigger != "api", target=cycle.deploy_target)
     return ctx.commit("open", lambda session: _opened(session, settings, ctx.week, ctx.cycle_id))
 
 
@@ -103,7 +110,7 @@ def _opened(session: Session, settings: CycleSettings, week: str, cycle_id: int)
     else:
         reference = get_policy(session, baseline.reference_policy_id) if baseline.reference_policy_id else baseline
     pm_base = _policy_named(session, settings.pm.base_policy) if settings.pm.base_policy else reference
-    prompts = get_dataset_version(session, name=settings.prompt_set)
+    prompts = _prompt_set(session, settings)
     if prompts.kind != "prompts" or prompts.artifact_id is None:
         raise InvalidInput(f"dataset {prompts.name} v{prompts.version} is a {prompts.kind} dataset, not a prompt set")
     eval_prompts = prompts
@@ -137,6 +144,18 @@ def _opened(session: Session, settings: CycleSettings, week: str, cycle_id: int)
         warm_start_pm_ids=warm,
         opened_at=get_cycle(session, cycle_id).created_at.isoformat(),
     )
+
+
+def _prompt_set(session: Session, settings: CycleSettings):
+    """The newest version of the cycle's prompt set; ``NotFound`` says how a target other than the default one
+    gets one (its own, ``<name>@<target>``, or a shared one named explicitly)."""
+    try:
+        return get_dataset_version(session, name=settings.prompt_set)
+    except NotFound as exc:
+        if settings.deploy_target == DEFAULT_TARGET:
+            raise
+        raise NotFound(f"{exc}: target {settings.deploy_target!r} samples its own prompt set by default; register "
+                       f"{settings.prompt_set!r}, or set prompt_set to share another target's") from exc
 
 
 def _policy_named(session: Session, ref: str):
@@ -184,7 +203,7 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
         used = labels[: len(opened.sample_policy_ids) + r]
         body = "".join(json.dumps(_prompt_line(p), ensure_ascii=False) + "\n" for p in chosen)
         suffix = "" if r == 0 else f"-r{r}"
-        week_prompts = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/prompts{suffix}.jsonl", body.encode("utf-8"))
+        week_prompts = ctx.env.artifacts.put_bytes(f"{ctx.folder}/sample/prompts{suffix}.jsonl", body.encode("utf-8"))
         temperature = step_config["temperature"] + r * sample.top_up_temperature
         week_seed = _seed(ctx.week, "sample") if r == 0 else _seed(ctx.week, "sample", r)
         config = {**step_config, "temperature": temperature, "seed": sample.config.get("seed", week_seed)}
@@ -211,17 +230,17 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
             f"responses to {len(rounds[-1]['chosen'])} prompts); gather.min_comparisons is {needed}, so gather "
             "ends when every task is answered"
         )
-        log.warning("cycle %s: %s", ctx.week, short)
+        log.warning("cycle %s: %s", ctx.label, short)
     if len(rounds) == 1:
         samples_ref = rounds[0]["outcome"].outputs["samples"]
     else:
         body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples)
-        samples_ref = ctx.env.artifacts.put_bytes(f"cycles/{ctx.week}/sample/samples-all.jsonl", body.encode("utf-8"))
+        samples_ref = ctx.env.artifacts.put_bytes(f"{ctx.folder}/sample/samples-all.jsonl", body.encode("utf-8"))
 
     def register(session: Session) -> SampleOutputs:
         dataset, _ = create_dataset(
             session,
-            name="samples",
+            name=own_name("samples", ctx.target),
             kind="samples",
             content_sha256=samples_ref.sha256,
             row_count=len(samples),
@@ -244,6 +263,8 @@ def stage_sample(ctx: CycleContext) -> dict[str, Any]:
             top_up_rounds=len(rounds) - 1,
             rounds=[{k: v for k, v in r_.items() if k not in ("chosen", "used", "outcome")} for r_ in rounds],
             short=short,
+            # The last round sampled every prompt and policy the earlier ones did.
+            prompts_cut=rounds[-1]["metrics"].get("samples/prompts_cut") or 0,
             metrics=rounds[0]["metrics"],
         )
 
@@ -259,23 +280,26 @@ def stage_gather(ctx: CycleContext) -> dict[str, Any]:
 
     Counted: every comparison in a feedback batch registered since the cycle
     opened, whatever its source (answers to this cycle's tasks through the
-    API, imports, other tools), except answers to eval tasks; the snapshot
-    takes all batches anyway. Once every task of the cycle is answered the
+    API, imports, other tools), except answers to eval tasks and to the tasks
+    of other deployment targets' cycles (unless ``feedback_from`` names them):
+    what the snapshot takes. Once every task of the cycle is answered the
     stage goes on even short of the minimum: waiting longer could only bring
     imports. The deadline runs from the end of sampling (when the tasks
     appeared), as recorded in the store, so a re-run after a crash keeps the
-    same deadline.
+    same deadline; an operator's re-run counts it from its request.
     """
     gather = ctx.settings.gather
     with ctx.db.session() as session:
         opened_at = get_cycle(session, ctx.cycle_id).created_at
         sampled_at = get_stage(session, cycle_id=ctx.cycle_id, stage="sample").finished_at
-    deadline = sampled_at + timedelta(seconds=gather.deadline_s)
+    deadline = ctx.wait_from(sampled_at) + timedelta(seconds=gather.deadline_s)
 
     def count(session: Session) -> Arrivals:
         tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="train")
+        check_raters(session, ctx, ctx.settings.qc)  # a rater flagged while answering is heard of now, not days later
         # An overlap task answered once counts as answered: its second rater is for QC, not to wait on.
-        return Arrivals(answers=count_comparisons(session, since=opened_at, training_only=True),
+        return Arrivals(answers=count_comparisons(session, since=opened_at, training_only=True,
+                                                  targets=ctx.settings.feedback_targets()),
                         open_tasks=tasks["unanswered"], tasks=sum(v for k, v in tasks.items() if k != "unanswered"))
 
     waited = wait_for_labelers(ctx, count, minimum=gather.min_comparisons, all_tasks=gather.all_tasks,
@@ -284,8 +308,14 @@ def stage_gather(ctx: CycleContext) -> dict[str, Any]:
         tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="train")
     outputs = GatherOutputs(comparisons=waited.arrivals.answers, min_comparisons=gather.min_comparisons,
                             outcome=waited.outcome, deadline=deadline.isoformat(), tasks=tasks, waited_s=waited.seconds)
+
+    def register(session: Session) -> GatherOutputs:
+        deadline_reached(session, ctx, stage="gather", outcome=outputs.outcome, answers=outputs.comparisons,
+                         minimum=outputs.min_comparisons, what="comparisons", deadline=outputs.deadline)
+        return outputs
+
     # The wait is labelers' time, not the orchestrator's: it is the stage's own (compute) time.
-    return ctx.commit("gather", lambda session: outputs, compute_s=waited.seconds)
+    return ctx.commit("gather", register, compute_s=waited.seconds)
 
 
 # -- snapshot --------------------------------------------------------------------------------
@@ -296,7 +326,12 @@ def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
     answers and the comparisons of excluded raters (``qc``: flagged by quality control, or by an operator).
 
     Answers to eval tasks stay out: this cycle's always (they judge its own
-    candidate), earlier cycles' unless ``human_eval.train_on``. When there is
+    candidate), earlier cycles' unless ``human_eval.train_on``. So do the
+    answers to other deployment targets' cycles' tasks, unless
+    ``feedback_from`` names their targets; comparisons that answer no task
+    (imports, direct posts) belong to every target. The dataset is named
+    ``snapshot_name`` (``comparisons``; ``comparisons@<target>`` for another
+    target unless set explicitly). When there is
     no feedback at all, or no comparison the PMs have not already been
     trained on (the snapshot is a version PMs were trained on), there is
     nothing to learn from: the stage halts the cycle with that reason, and
@@ -307,9 +342,10 @@ def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
     def register(session: Session) -> SnapshotOutputs:
         try:
             dataset, created = snapshot_comparisons(
-                session, artifacts=ctx.env.artifacts, name="comparisons", cycle_id=ctx.cycle_id,
+                session, artifacts=ctx.env.artifacts, name=ctx.settings.snapshot_name, cycle_id=ctx.cycle_id,
                 include_eval=ctx.settings.human_eval.train_on,
-                excluded_raters=excluded_raters(session, ctx.settings.qc),
+                excluded_raters=check_raters(session, ctx, ctx.settings.qc),
+                targets=ctx.settings.feedback_targets(),
             )
         except InvalidInput as exc:
             if not str(exc).startswith("there are no feedback batches"):
@@ -321,7 +357,7 @@ def stage_snapshot(ctx: CycleContext) -> dict[str, Any]:
             .order_by(PreferenceModel.version.desc()).limit(1)
         )
         halt = {} if trained is None else {"halt": (
-            f"no new feedback: comparisons v{dataset.version} ({dataset.row_count} comparisons) is what "
+            f"no new feedback: {dataset.name} v{dataset.version} ({dataset.row_count} comparisons) is what "
             f"{trained.name} v{trained.version} was trained on; nothing to retrain"
         )}
         return SnapshotOutputs(
@@ -533,7 +569,7 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
         pairs, identical = eval_pairs(ctx.read_jsonl(samples_ref), prompts, week=ctx.week, max_tasks=human.max_tasks)
         pairs = with_messages(pairs, chat_messages(prompt_set, id_key="id"))
         get_stage(session, cycle_id=ctx.cycle_id, stage="human_eval", for_update=True)
-        existing = eval_tasks_of(session, cycle_id=ctx.cycle_id)
+        existing = eval_tasks_of(session, cycle_id=ctx.cycle_id, after_id=ctx.eval_task_floor)
         if not existing:
             existing = create_tasks(session, tasks=pairs, cycle_id=ctx.cycle_id, kind="eval")
         created_at = min((t.created_at for t in existing), default=ctx.env.clock())
@@ -541,17 +577,17 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
     kill_point("human_eval", "tasks")
 
     # 2. Wait for the labelers.
-    deadline = created_at + timedelta(seconds=human.deadline_s)
+    deadline = ctx.wait_from(created_at) + timedelta(seconds=human.deadline_s)
 
     def counted(session: Session) -> tuple[list[float], dict[str, str]]:
         # Raters quality control leaves out of snapshots are left out of the verdict too.
-        left_out = excluded_raters(session, ctx.settings.qc)
-        judgements = eval_judgements(session, cycle_id=ctx.cycle_id)
+        left_out = check_raters(session, ctx, ctx.settings.qc)
+        judgements = eval_judgements(session, cycle_id=ctx.cycle_id, after_id=ctx.eval_task_floor)
         return [j.outcome for j in judgements if j.rater_id not in left_out], {
             r: why for r, why in left_out.items() if any(j.rater_id == r for j in judgements)}
 
     def count(session: Session) -> Arrivals:
-        tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="eval")
+        tasks = task_counts(session, cycle_id=ctx.cycle_id, kind="eval", after_id=ctx.eval_task_floor)
         return Arrivals(answers=len(counted(session)[0]), open_tasks=tasks["open"],
                         tasks=tasks["open"] + tasks["done"] + tasks["closed"])
 
@@ -561,7 +597,7 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
     # 3. The verdict and the Elo ratings.
     with ctx.db.session() as session:
         outcomes, left_out = counted(session)
-        answered = len(eval_judgements(session, cycle_id=ctx.cycle_id))
+        answered = len(eval_judgements(session, cycle_id=ctx.cycle_id, after_id=ctx.eval_task_floor))
         matches = human_matches(session, deploy_target=ctx.settings.deploy_target)
     wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
     losses = len(outcomes) - wins - ties
@@ -594,7 +630,13 @@ def stage_human_eval(ctx: CycleContext) -> dict[str, Any]:
         elo_candidate=elo.get(str(candidate_id)),
         elo_baseline=elo.get(str(baseline_id)),
     )
-    return ctx.commit("human_eval", lambda session: verdict, compute_s=waited.seconds)
+
+    def register(session: Session) -> HumanEvalOutputs:
+        deadline_reached(session, ctx, stage="human_eval", outcome=verdict.outcome, answers=verdict.answers,
+                         minimum=verdict.min_comparisons, what="eval answers", deadline=verdict.deadline)
+        return verdict
+
+    return ctx.commit("human_eval", register, compute_s=waited.seconds)
 
 
 # -- gate --------------------------------------------------------------------------------------
@@ -612,7 +654,12 @@ def stage_gate(ctx: CycleContext) -> dict[str, Any]:
     decision = decide(measured, config)
     outputs = GateOutputs(**decision.as_dict(), measured=asdict(measured), thresholds=asdict(config),
                           candidate_policy_id=evaluation.candidate_policy_id)
-    return ctx.commit("gate", lambda session: outputs)
+
+    def register(session: Session) -> GateOutputs:
+        gate_refused(session, ctx, outputs)  # an alert when the candidate is not deployed
+        return outputs
+
+    return ctx.commit("gate", register)
 
 
 # -- deploy ------------------------------------------------------------------------------------
@@ -648,7 +695,7 @@ def stage_deploy(ctx: CycleContext) -> dict[str, Any]:
                 session,
                 policy_id=candidate.id,
                 name=target,
-                reason=f"cycle {ctx.week}: {candidate.name} v{candidate.version} passed the gate ({_evidence(gate)})",
+                reason=f"cycle {ctx.label}: {candidate.name} v{candidate.version} passed the gate ({_evidence(gate)})",
                 actor="orchestrator",
                 cycle_id=ctx.cycle_id,
             )
@@ -711,6 +758,12 @@ def finish(ctx: CycleContext) -> Cycle:
 
 
 # -- what the stages share ---------------------------------------------------------------------
+
+
+def own_name(name: str, target: str) -> str:
+    """A name a cycle registers under without a setting for it (its samples): as it is for the default target,
+    ``<name>@<target>`` for another, so two targets' versions never mix."""
+    return name if target == DEFAULT_TARGET else f"{name}@{target}"
 
 
 def _seed(*parts: Any) -> int:
@@ -778,23 +831,26 @@ def wait_for_labelers(
     poll_interval_s: float, what: str,
 ) -> Waited:
     """Poll ``count`` until the wait's outcome can no longer change: enough answers, every task answered, or
-    the deadline (the env's clock and sleep, so tests need not wait)."""
+    the deadline (the env's clock and sleep, so tests need not wait). ``CycleNotRunning`` once an operator
+    cancels the cycle."""
     t0 = time.perf_counter()
     while True:
         with ctx.db.session() as session:
+            ctx.check_running(session)
             arrived = count(session)
+        deliver_alerts(ctx.env)  # raters flagged while waiting (orchestrator.alerts); never raises
         if arrived.answers >= minimum and (not all_tasks or arrived.open_tasks == 0):
             outcome = "enough"
             break
         if arrived.open_tasks == 0:
             outcome = "answered"
             log.warning("cycle %s: every %s task is answered, with %d of the %d %s wanted; going on",
-                        ctx.week, what, arrived.answers, minimum, what)
+                        ctx.label, what, arrived.answers, minimum, what)
             break
         remaining = (deadline - ctx.env.clock()).total_seconds()
         if remaining <= 0:
             outcome = "deadline"
-            log.warning("cycle %s: deadline reached with %d of %d %s", ctx.week, arrived.answers, minimum, what)
+            log.warning("cycle %s: deadline reached with %d of %d %s", ctx.label, arrived.answers, minimum, what)
             break
         ctx.env.sleep(min(poll_interval_s, remaining))
     return Waited(outcome=outcome, arrivals=arrived, seconds=time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from store.artifacts import ArtifactRef, ArtifactStore, register_artifact
 from store.errors import InvalidInput, NotFound
 from store.feedback import agreement_of, comparisons_of, prompt_messages
-from store.models import DATASET_KINDS, Comparison, ComparisonTask, Dataset, FeedbackBatch, dataset_batches
+from store.models import DATASET_KINDS, Comparison, ComparisonTask, Cycle, Dataset, FeedbackBatch, dataset_batches
 from store.tasks import chat_task_metadata
 from store.versioning import create_version, get_named_version, get_row, list_rows
 
@@ -100,6 +100,25 @@ def _by_batch(rows) -> dict[int, list[int]]:
     return out
 
 
+def excluded_target_positions(
+    session: Session, batch_ids: Sequence[int], *, targets: Sequence[str] | None
+) -> dict[int, list[int]]:
+    """batch id -> positions of its answers to tasks of cycles of deployment targets other than ``targets``.
+
+    A target's snapshot takes the answers to its own cycles' tasks (and to those of the targets it takes feedback
+    from: ``targets`` lists them all), and every comparison that answers no task or a task of no cycle (imports
+    and direct posts belong to no target: every target takes them). None: every target's (one target alone).
+    """
+    if targets is None:
+        return {}
+    return _by_batch(session.execute(
+        select(Comparison.batch_id, Comparison.position)
+        .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
+        .join(Cycle, Cycle.id == ComparisonTask.cycle_id)
+        .where(Comparison.batch_id.in_(list(batch_ids)), Cycle.deploy_target.not_in(list(targets)))
+    ))
+
+
 def excluded_gold_positions(session: Session, batch_ids: Sequence[int]) -> dict[int, list[int]]:
     """batch id -> positions of its answers to gold tasks: quality control, never training data."""
     return _by_batch(session.execute(
@@ -140,8 +159,14 @@ def snapshot_comparisons(
     cycle_id: int | None = None,
     include_eval: bool = False,
     excluded_raters: dict[str, str] | None = None,
+    targets: Sequence[str] | None = None,
 ) -> tuple[Dataset, bool]:
     """Snapshot feedback batches (all of them by default) into a comparisons dataset for training PMs.
+
+    ``targets`` (a cycle's deployment target and those it takes feedback from) leaves out the answers to the
+    tasks of other targets' cycles (``excluded_target_positions``), counted in the metadata
+    (``excluded_target_comparisons``); None takes every target's. While one target's cycles are all there are,
+    nothing is left out that way, so the snapshot is the same (content and address) either way.
 
     Answers to eval tasks (the blinded human A/B evaluations of candidates)
     are left out: always those of ``cycle_id``'s own evaluation, and those of
@@ -174,11 +199,12 @@ def snapshot_comparisons(
     batches = _feedback_batches(session, batch_ids)
     ids = [b.id for b in batches]
     excluded_raters = excluded_raters or {}
-    # 1. What stays out: eval and gold answers, and every answer of the excluded raters.
+    # 1. What stays out: eval and gold answers, answers to other targets' cycles, every answer of excluded raters.
     evals = excluded_eval_positions(session, ids, include_eval=include_eval, cycle_id=cycle_id)
     golds = excluded_gold_positions(session, ids)
+    others = excluded_target_positions(session, ids, targets=targets)
     by_raters = excluded_rater_positions(session, ids, sorted(excluded_raters))
-    excluded = _merge(evals, golds, by_raters)
+    excluded = _merge(evals, golds, others, by_raters)
     batches = [b for b in batches if len(excluded.get(b.id, ())) < b.comparison_count]
     if not batches:
         raise InvalidInput("there are no feedback batches to snapshot")
@@ -204,7 +230,7 @@ def snapshot_comparisons(
         cycle_id=cycle_id,
         metadata=_snapshot_metadata(
             batches, comparisons, source_of, evals=evals, golds=golds, excluded_raters=excluded_raters,
-            rater_counts=rater_counts, messages_meta=messages_meta,
+            rater_counts=rater_counts, messages_meta=messages_meta, others=others,
         ),
     )
     if created:
@@ -300,9 +326,13 @@ def _snapshot_metadata(
     excluded_raters: dict[str, str],
     rater_counts: dict[str, int],
     messages_meta: dict[str, Any],
+    others: dict[int, list[int]],
 ) -> dict[str, Any]:
-    """A snapshot's metadata: its sources, rater agreement and what it left out."""
+    """A snapshot's metadata: its sources, rater agreement and what it left out (answers to other targets'
+    cycles only when there were some, so a snapshot of one target's store reads as before)."""
     sources = Counter(source_of[comp.batch_id] for comp in comparisons)
+    # counted once: an answer to another target's eval or gold task is counted as that
+    other_targets = sum(len(set(p) - set(evals.get(b, ())) - set(golds.get(b, ()))) for b, p in others.items())
     # A snapshot never changes, so its rater agreement is computed once, here.
     return {
         "batch_count": len(batches),
@@ -315,6 +345,7 @@ def _snapshot_metadata(
             {"rater_id": rater, "reason": excluded_raters[rater], "comparisons": rater_counts[rater]}
             for rater in sorted(excluded_raters) if rater_counts[rater]
         ],
+        **({"excluded_target_comparisons": other_targets} if other_targets else {}),
         **messages_meta,
     }
 

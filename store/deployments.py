@@ -25,6 +25,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from store.actions import record_action
+from store.alerts import deployment_alert
 from store.errors import Conflict, NotFound
 from store.models import Deployment
 from store.versioning import create_version, get_row, latest_version, list_rows
@@ -66,7 +68,7 @@ def deploy(
 ) -> Deployment:
     """Make ``policy_id`` the active policy of target ``name`` (under the target's lock)."""
     current = active_deployment(session, name=name, lock=True)
-    return create_version(
+    row = create_version(
         session,
         Deployment,
         name=name,
@@ -77,17 +79,23 @@ def deploy(
         actor=actor,
         cycle_id=cycle_id,
     )
+    deployment_alert(session, row)  # in this transaction: the alert commits with the deployment
+    return row
 
 
-def rollback(session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", actor: str = "") -> Deployment:
-    """Restore the deployment that was active before the current one (under the target's lock)."""
+def rollback(
+    session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", actor: str = "", api_key_id: int | None = None,
+    via: str = "api",
+) -> Deployment:
+    """Restore the deployment that was active before the current one (under the target's lock), recorded as an
+    operator's action (``store.actions``) with the key that did it and the way it came (``via``)."""
     current = active_deployment(session, name=name, lock=True)
     if current is None:
         raise NotFound(f"deployment target {name!r} has never been deployed")
     if current.previous_id is None:
         raise Conflict(f"deployment {name!r} v{current.version} has no earlier deployment to roll back to")
     previous = get_row(session, Deployment, current.previous_id, label="deployment")
-    return create_version(
+    row = create_version(
         session,
         Deployment,
         name=name,
@@ -98,6 +106,12 @@ def rollback(session: Session, *, name: str = DEFAULT_TARGET, reason: str = "", 
         reason=reason,
         actor=actor,
     )
+    deployment_alert(session, row)  # in this transaction: the alert commits with the rollback
+    record_action(session, action="rollback", subject_kind="deployment", subject_id=name, actor=actor,
+                  api_key_id=api_key_id, via=via,
+                  detail={"reason": reason, "version": row.version, "policy_id": row.policy_id,
+                          "rolled_back_version": current.version, "rolled_back_policy_id": current.policy_id})
+    return row
 
 
 def cycle_deployment(session: Session, *, cycle_id: int, name: str = DEFAULT_TARGET) -> Deployment | None:

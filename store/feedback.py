@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ from formats.chat import message_problems
 from store.answers import Answer, Claimed, claim_answers
 from store.db import Database
 from store.errors import Conflict, InvalidInput
-from store.models import CHOICES, Comparison, ComparisonTask, FeedbackBatch, utcnow
+from store.models import CHOICES, Comparison, ComparisonTask, Cycle, FeedbackBatch, utcnow
 from store.versioning import get_row, list_rows
 
 
@@ -431,13 +431,18 @@ def comparisons_of(session: Session, batch_ids: Sequence[int]) -> list[Compariso
 
 
 def count_comparisons(
-    session: Session, *, since: datetime | None = None, cycle_id: int | None = None, training_only: bool = False
+    session: Session, *, since: datetime | None = None, cycle_id: int | None = None, training_only: bool = False,
+    targets: Sequence[str] | None = None,
 ) -> int:
     """How many comparisons were registered (optionally since a time or for a cycle).
 
     ``training_only`` leaves out answers to eval tasks (the human A/B
     evaluations of candidates), which no training snapshot takes by default,
-    and to gold tasks (quality control), which none takes.
+    and to gold tasks (quality control), which none takes. ``targets`` (a
+    cycle's own deployment target and those it takes feedback from) leaves
+    out answers to the tasks of other targets' cycles, as that cycle's
+    snapshot does (``store.datasets.excluded_target_positions``); answers to
+    no task, or to a task of no cycle, count for every target.
     """
     query = select(func.coalesce(func.sum(FeedbackBatch.comparison_count), 0))
     if since is not None:
@@ -445,20 +450,24 @@ def count_comparisons(
     if cycle_id is not None:
         query = query.where(FeedbackBatch.cycle_id == cycle_id)
     total = int(session.scalar(query))
-    if not training_only or total == 0:
+    left_out = [ComparisonTask.kind.in_(("eval", "gold"))] if training_only else []
+    if targets is not None:
+        left_out.append(Cycle.deploy_target.not_in(list(targets)))
+    if not left_out or total == 0:
         return total
-    evals = (
+    uncounted = (
         select(func.count())
         .select_from(Comparison)
         .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
         .join(FeedbackBatch, FeedbackBatch.id == Comparison.batch_id)
-        .where(ComparisonTask.kind.in_(("eval", "gold")))
+        .outerjoin(Cycle, Cycle.id == ComparisonTask.cycle_id)
+        .where(or_(*left_out))
     )
     if since is not None:
-        evals = evals.where(FeedbackBatch.created_at >= since)
+        uncounted = uncounted.where(FeedbackBatch.created_at >= since)
     if cycle_id is not None:
-        evals = evals.where(FeedbackBatch.cycle_id == cycle_id)
-    return total - int(session.scalar(evals))
+        uncounted = uncounted.where(FeedbackBatch.cycle_id == cycle_id)
+    return total - int(session.scalar(uncounted))
 
 
 def rater_agreement(session: Session, batch_ids: Sequence[int]) -> dict[str, float | int | None]:

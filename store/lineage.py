@@ -5,7 +5,8 @@ Back from a policy: its init policy (and theirs), its reference policy, the
 PM it was trained against, that PM's dataset and warm-start PM, and the
 feedback batches in the dataset. Forward from a batch: the snapshots that
 contain it, PMs trained on those (or warm-started from such a PM), and
-policies trained against those PMs (or initialised from such a policy). The
+policies trained against those PMs (or initialised from such a policy); from
+a dataset also the datasets made from it (a prompt set's samples). The
 reference policy is not a forward edge: a KL anchor is not training data.
 """
 
@@ -103,8 +104,9 @@ def _children(session: Session, kind: str, row_id: int) -> list[tuple[str, int, 
         ids = session.scalars(select(dataset_batches.c.dataset_id).where(dataset_batches.c.batch_id == row_id))
         return [("dataset", i, "contains") for i in ids]
     if kind == "dataset":
-        ids = session.scalars(select(PreferenceModel.id).where(PreferenceModel.dataset_id == row_id))
-        return [("pm", i, "trained_on") for i in ids]
+        pms = session.scalars(select(PreferenceModel.id).where(PreferenceModel.dataset_id == row_id))
+        derived = session.scalars(select(Dataset.id).where(Dataset.source_dataset_id == row_id))
+        return [("pm", i, "trained_on") for i in pms] + [("dataset", i, "source") for i in derived]
     if kind == "pm":
         pms = session.scalars(select(PreferenceModel.id).where(PreferenceModel.init_pm_id == row_id))
         pols = session.scalars(select(Policy.id).where(Policy.pm_id == row_id))

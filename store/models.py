@@ -48,6 +48,7 @@ STAGE_STATUSES = ("running", "succeeded", "failed", "skipped")
 TASK_STATUSES = ("open", "done", "closed")
 TASK_KINDS = ("train", "eval", "gold")
 DEPLOY_ACTIONS = ("deploy", "rollback")
+ALERT_STATUSES = ("pending", "delivered", "failed")
 
 
 def utcnow() -> datetime:
@@ -400,13 +401,19 @@ class Deployment(VersionRow, Base):
 
 
 class Cycle(Base):
-    """One iteration of the loop, keyed by its ISO week; its status changes as it runs."""
+    """One iteration of the loop for one deployment target, keyed by (target, ISO week); its status changes as it
+    runs. Two targets (two products, each with its own deployed policy) each run their own cycle of a week."""
 
     __tablename__ = "cycles"
-    __table_args__ = (CheckConstraint(_check_in("status", CYCLE_STATUSES), name="status"),)
+    __table_args__ = (
+        UniqueConstraint("deploy_target", "week"),
+        CheckConstraint(_check_in("status", CYCLE_STATUSES), name="status"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    week: Mapped[str] = mapped_column(String(20), unique=True)
+    week: Mapped[str] = mapped_column(String(20))
+    deploy_target: Mapped[str] = mapped_column(String(NAME_LEN), default="default", server_default="default")
+    """the deployment target (``deployments.name``) the cycle samples from and deploys to"""
     status: Mapped[str] = mapped_column(String(20), default="running")
     trigger: Mapped[str] = mapped_column(String(40), default="manual")
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
@@ -416,6 +423,7 @@ class Cycle(Base):
     finished_at: Mapped[datetime | None]
 
     stages: Mapped[list[StageRun]] = relationship(order_by="StageRun.id", back_populates="cycle")
+    attempts: Mapped[list[CycleAttempt]] = relationship(order_by="CycleAttempt.number", viewonly=True)
 
 
 class StageRun(Base):
@@ -439,6 +447,71 @@ class StageRun(Base):
     finished_at: Mapped[datetime | None]
 
     cycle: Mapped[Cycle] = relationship(back_populates="stages")
+
+
+class CycleAttempt(Base):
+    """One attempt at a cycle: the first (the params it was opened with) and each operator's re-run, with
+    the params it ran with, the settings it changed against the attempt before, which stages it kept and
+    which it ran again, and the outputs of the stages it ran again as they stood (the stage rows hold only
+    the newest). Numbered from 1 per cycle."""
+
+    __tablename__ = "cycle_attempts"
+    __table_args__ = (UniqueConstraint("cycle_id", "number"), CheckConstraint("number >= 1", name="number_positive"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), index=True)
+    number: Mapped[int]
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    changed: Mapped[list[str]] = mapped_column(JSON, default=list)
+    kept: Mapped[list[str]] = mapped_column(JSON, default=list)
+    rerun: Mapped[list[str]] = mapped_column(JSON, default=list)
+    discarded: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    eval_task_floor: Mapped[int | None]
+    """eval tasks with this id or lower belong to earlier attempts (a re-run's human evaluation makes its own)"""
+    actor: Mapped[str] = mapped_column(String(NAME_LEN), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OperatorAction(Base):
+    """What an operator (or admin) did, whichever way they did it (dashboard, API, CLI), and with which key:
+    started, cancelled or re-ran a cycle, rolled a deployment back, included or excluded a rater."""
+
+    __tablename__ = "operator_actions"
+    __table_args__ = (Index("ix_operator_actions_subject", "subject_kind", "subject_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[str] = mapped_column(String(40))
+    subject_kind: Mapped[str] = mapped_column(String(40))
+    subject_id: Mapped[str] = mapped_column(String(NAME_LEN))
+    actor: Mapped[str] = mapped_column(String(NAME_LEN), default="")
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    via: Mapped[str] = mapped_column(String(20), default="api")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Alert(Base):
+    """An event someone should hear of (a stage failed for good, the gate refused, a wait ran out short, a
+    rater was flagged, a deploy or a rollback), recorded once per ``dedupe_key`` in the transaction that
+    made it happen, then delivered (webhook, command) with retries: ``status``, ``attempts`` and the last
+    error say how that went."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (CheckConstraint(_check_in("status", ALERT_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event: Mapped[str] = mapped_column(String(40))
+    dedupe_key: Mapped[str] = mapped_column(String(400), unique=True)
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    link: Mapped[str | None] = mapped_column(String(1000))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):
@@ -473,3 +546,110 @@ class DashboardSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
     revoked_at: Mapped[datetime | None]
+
+
+# -- aggregates kept when a cycle closes (store.aggregates) -------------------------------------
+
+PAIR_COLUMNS = ("a_a", "a_b", "a_tie", "b_a", "b_b", "b_tie", "tie_a", "tie_b", "tie_tie")
+"""the 3x3 counts of (this rater's choice, the other rater's choice) on overlap tasks, as column names"""
+
+
+class PairCounts:
+    """Mixin: the nine counts of ``PAIR_COLUMNS``."""
+
+    a_a: Mapped[int] = mapped_column(default=0)
+    a_b: Mapped[int] = mapped_column(default=0)
+    a_tie: Mapped[int] = mapped_column(default=0)
+    b_a: Mapped[int] = mapped_column(default=0)
+    b_b: Mapped[int] = mapped_column(default=0)
+    b_tie: Mapped[int] = mapped_column(default=0)
+    tie_a: Mapped[int] = mapped_column(default=0)
+    tie_b: Mapped[int] = mapped_column(default=0)
+    tie_tie: Mapped[int] = mapped_column(default=0)
+
+
+class CycleAggregate(Base):
+    """A closed cycle's numbers, kept when it closed (``store.aggregates.close_cycle``): what the dashboard's
+    feedback table (``comparisons``, ``batches`` and the agreement of the batches registered while it ran) and
+    ``cycle_agreement`` (Krippendorff's alpha) show. They hold while the cycle's ``status`` and ``finished_at``
+    are still the ones recorded here (a re-run clears ``finished_at``); the numbers of its tasks (alpha, and
+    the per-rater rows) also need ``open_tasks`` 0, as a failed cycle's open tasks may still be answered."""
+
+    __tablename__ = "cycle_aggregates"
+
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))
+    finished_at: Mapped[datetime]
+    open_tasks: Mapped[int]
+    """the cycle's open tasks when it closed"""
+    comparisons: Mapped[int]
+    """comparisons in the batches registered while it ran (from its start to its end)"""
+    batches: Mapped[int]
+    pairs_with_multiple_raters: Mapped[int]
+    rater_pairs: Mapped[int]
+    agreement: Mapped[float | None]
+    """``store.feedback.rater_agreement`` of those batches"""
+    overlap_tasks: Mapped[int]
+    overlap_raters: Mapped[int]
+    alpha: Mapped[float | None]
+    """Krippendorff's alpha over its tasks answered by two or more distinct raters"""
+    in_totals: Mapped[bool] = mapped_column(default=False)
+    """whether its per-rater rows are counted in ``RaterTotal`` and ``RaterPairTotal``"""
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CycleRaterAggregate(Base):
+    """One rater's numbers over the tasks of one closed cycle, as ``store.raters.rater_stats`` counts them."""
+
+    __tablename__ = "cycle_rater_aggregates"
+
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), primary_key=True)
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    answered: Mapped[int] = mapped_column(default=0)
+    gold_answered: Mapped[int] = mapped_column(default=0)
+    """first answers per (task, rater) to gold tasks"""
+    gold_correct: Mapped[int] = mapped_column(default=0)
+    timed: Mapped[int] = mapped_column(default=0)
+    """answered leases"""
+    seconds: Mapped[list[int]] = mapped_column(JSON, default=list)
+    """their lease-to-answer seconds as a histogram: ``[first bucket, its count, the next one's, ...]``
+    (``store.aggregates.dense``)"""
+
+
+class CycleRaterPair(PairCounts, Base):
+    """On one closed cycle's overlap tasks, the counts of (``rater_id``'s first answer, ``other_rater_id``'s)."""
+
+    __tablename__ = "cycle_rater_pairs"
+
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), primary_key=True)
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    other_rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+
+
+class RaterTotal(PairCounts, Base):
+    """A rater's ``CycleRaterAggregate`` rows summed over the cycles counted in the totals
+    (``CycleAggregate.in_totals``); its pair counts are against every other rater."""
+
+    __tablename__ = "rater_totals"
+
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    answered: Mapped[int] = mapped_column(default=0)
+    gold_answered: Mapped[int] = mapped_column(default=0)
+    gold_correct: Mapped[int] = mapped_column(default=0)
+    timed: Mapped[int] = mapped_column(default=0)
+    seconds: Mapped[list[int]] = mapped_column(JSON, default=list)
+
+
+class RaterPairTotal(PairCounts, Base):
+    """``CycleRaterPair`` rows summed over the cycles counted in the totals."""
+
+    __tablename__ = "rater_pair_totals"
+    __table_args__ = (Index("ix_rater_pair_totals_other", "other_rater_id"),)
+
+    rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    other_rater_id: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+
+
+Index("ix_feedback_batches_created_at", FeedbackBatch.created_at)
+"""the batches registered in a cycle's time window (``store.aggregates.window_numbers``): the label page
+registers a batch per answer, so a year can hold a million"""

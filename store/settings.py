@@ -108,6 +108,22 @@ class Settings(BaseSettings):
     deploy_hook_timeout_s: float = Field(default=30.0, gt=0)
     """how long a deploy hook may take before it counts as failed"""
 
+    # Alerts (store/alerts.py): recorded in the transaction of their event, then delivered to these channels.
+    alert_webhook: str | None = None
+    """an http(s) URL POSTed each alert as JSON, Slack-compatible (``text``, plus ``event``, ``cycle``, ``link``,
+    ``payload``); unset: no webhook"""
+    alert_command: str | None = None
+    """a command given each alert's JSON on stdin (split like a shell line, run without one); exit status 0 is
+    delivered; unset: no command"""
+    alert_retries: int = Field(default=2, ge=0, le=10)
+    """retries of an alert whose delivery failed, after the first try (2: three tries in all)"""
+    alert_retry_delay_s: float = Field(default=1.0, ge=0)
+    """delay before an alert's first retry; it doubles for each later one"""
+    alert_timeout_s: float = Field(default=10.0, gt=0)
+    """how long one try of the webhook or the command may take before it counts as failed"""
+    public_url: str = "http://127.0.0.1:8000"
+    """the API's address as people reach it: alerts link to ``<public_url>/dashboard/cycles/<id>``"""
+
     label_scale: tuple[ScalePoint, ...] = DEFAULT_LABEL_SCALE
     """the comparison page's preference scale, in the order shown (key 1 is the first point): a JSON list of
     {"label", "choice", "strength"}; default seven points from A much better (a, 3) through About the same (tie, 0)
@@ -183,6 +199,8 @@ class Settings(BaseSettings):
     """longest a dashboard sign-in lasts, however busy (seconds from sign-in)"""
     dashboard_idle_s: int = Field(default=3600, ge=60)
     """a dashboard sign-in unused for this many seconds ends"""
+    dashboard_live_s: float = Field(default=5.0, ge=0.1, le=3600)
+    """how often a dashboard page showing a running cycle asks whether it changed (with JavaScript), in seconds"""
     dashboard_secure_cookie: bool = False
     """always mark the dashboard's cookies Secure (for TLS ended at a proxy that does not pass the scheme on);
     requests that came over https get it anyway"""

@@ -10,10 +10,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from store.aggregates import held_aggregates, window_numbers
 from store.cycles import get_cycle
 from store.db import Database
 from store.deployments import active_deployment
-from store.feedback import rater_agreement
 from store.lineage import lineage_back
 from store.models import (
     ApiKey,
@@ -28,7 +28,7 @@ from store.models import (
     PreferenceModel,
     utcnow,
 )
-from store.raters import QCPolicy, current_policy, cycle_agreement, gold_counts, rater_stats
+from store.raters import QCPolicy, current_policy, cycle_agreements, gold_counts, rater_stats
 
 COUNTED = {
     "datasets": Dataset,
@@ -68,6 +68,7 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cycle_id": cycle.id,
         "week": cycle.week,
+        "deploy_target": cycle.deploy_target,
         "status": cycle.status,
         "reason": cycle.reason,
         "trigger": cycle.trigger,
@@ -135,9 +136,12 @@ def summarize_cycle(cycle: Cycle) -> dict[str, Any]:
     return out
 
 
-def recent_cycles(session: Session, *, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` cycles, summarised, oldest first."""
-    rows = session.scalars(select(Cycle).options(selectinload(Cycle.stages)).order_by(Cycle.id.desc()).limit(limit)).all()
+def recent_cycles(session: Session, *, limit: int, target: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` cycles (of deployment ``target``, or of every target), summarised, oldest first."""
+    query = select(Cycle).options(selectinload(Cycle.stages)).order_by(Cycle.id.desc()).limit(limit)
+    if target is not None:
+        query = query.where(Cycle.deploy_target == target)
+    rows = session.scalars(query).all()
     return [summarize_cycle(row) for row in reversed(rows)]
 
 
@@ -169,22 +173,20 @@ def deployed_lineage(session: Session, *, target: str) -> dict[str, Any] | None:
 
 def feedback_by_cycle(session: Session, cycles: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per cycle: the comparisons registered while it ran (from its start to its end, or
-    now) and the rater agreement among those batches."""
-    if not cycles:
-        return []
-    first = min(c["started_at"] for c in cycles)
-    rows = session.execute(
-        select(FeedbackBatch.id, FeedbackBatch.created_at, FeedbackBatch.comparison_count)
-        .where(FeedbackBatch.created_at >= first)
-    ).all()
+    now) and the rater agreement among those batches (``store.feedback.rater_agreement``); as kept
+    when the cycle closed (``store.aggregates``), else counted now."""
+    kept = held_aggregates(session, [c["cycle_id"] for c in cycles], tasks=False)
     now = utcnow()
     out = []
     for c in cycles:
-        end = c["finished_at"] or now
-        batch_ids = [i for i, created, _ in rows if c["started_at"] <= created < end]
-        count = sum(n for _, created, n in rows if c["started_at"] <= created < end)
-        out.append({"week": c["week"], "comparisons": count, "batches": len(batch_ids),
-                    **rater_agreement(session, batch_ids)})
+        row = kept.get(c["cycle_id"])
+        if row is not None:
+            numbers = {"comparisons": row.comparisons, "batches": row.batches,
+                       "pairs_with_multiple_raters": row.pairs_with_multiple_raters, "rater_pairs": row.rater_pairs,
+                       "agreement": row.agreement}
+        else:
+            numbers = window_numbers(session, start=c["started_at"], end=c["finished_at"] or now)
+        out.append({"week": c["week"], **numbers})
     return out
 
 
@@ -199,6 +201,6 @@ def rater_overview(session: Session, *, default: QCPolicy, cycles: list[dict[str
          "exclusion_reason": s.exclusion_reason() if s.excluded(policy) else None}
         for s in rater_stats(session, policy)
     ]
-    agreement = [{"week": c["week"], "cycle_id": c["cycle_id"], **cycle_agreement(session, cycle_id=c["cycle_id"])}
-                 for c in cycles]
+    by_cycle = cycle_agreements(session, cycle_ids=[c["cycle_id"] for c in cycles])
+    agreement = [{"week": c["week"], "cycle_id": c["cycle_id"], **by_cycle[c["cycle_id"]]} for c in cycles]
     return {"policy": policy.model_dump(), "gold": gold_counts(session), "raters": raters, "agreement": agreement}

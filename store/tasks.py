@@ -119,13 +119,15 @@ def lease_tasks(
     gold_share: float = 0.0,
     rng: random.Random | None = None,
     qc: QCPolicy | None = None,
+    cycle_ids: Sequence[int] | None = None,
 ) -> list[Leased]:
     """Lease up to ``limit`` tasks to ``rater_id``: eval tasks first, then overlap tasks that others
     answered already (so they complete), then the rest in id order; with ``gold_share`` > 0 some of
     them are gold tasks, placed at random among the others.
 
     Only tasks of a running cycle (or of no cycle) are leased; ``cycle_id``
-    narrows to one cycle. On PostgreSQL the task rows are locked with SKIP
+    narrows to one cycle, ``cycle_ids`` to several (the task API: every
+    running cycle, one per deployment target). On PostgreSQL the task rows are locked with SKIP
     LOCKED, so raters asking at once get different places; the places left
     on a task are counted again once it is locked (a lease taken by another
     transaction that committed meanwhile counts), and tasks lost that way
@@ -169,6 +171,8 @@ def lease_tasks(
     )
     if cycle_id is not None:
         query = query.where(ComparisonTask.cycle_id == cycle_id)
+    elif cycle_ids is not None:
+        query = query.where(ComparisonTask.cycle_id.in_(list(cycle_ids)))
     real: list[ComparisonTask] = []
     considered: set[int] = set()
     for _ in range(LEASE_ROUNDS):
@@ -356,32 +360,38 @@ def live_leases(session: Session, *, rater_id: str, api_key_id: int | None) -> l
 
 @dataclass(frozen=True)
 class Progress:
-    """How far the rater is, and how much is left."""
+    """How far the rater is, and how much is left, over the running cycles (one per deployment target may run
+    at once: a rater answers the tasks of all of them)."""
 
     answered: int
     """tasks the rater answered, all time"""
     answered_in_cycle: int | None
-    """tasks of the running cycle the rater answered (None: no cycle runs)"""
+    """tasks of the running cycles the rater answered (None: no cycle runs)"""
     open_tasks: int
-    """tasks left open in the running cycle (when none runs: open tasks of no cycle)"""
+    """tasks left open in the running cycles (when none runs: open tasks of no cycle)"""
     cycle_week: str | None
-    """the running cycle's week"""
+    """the running cycles' labels, newest first, comma-separated (``2026-W48``; ``2026-W48@<target>`` for a
+    target other than the default one); None when no cycle runs"""
 
 
 def rater_progress(session: Session, *, rater_id: str) -> Progress:
-    """The rater's answered tasks (all time and in the running cycle) and the tasks left open there."""
-    cycle_id = session.scalar(select(Cycle.id).where(Cycle.status == "running").order_by(Cycle.id.desc()).limit(1))
+    """The rater's answered tasks (all time and in the running cycles) and the tasks left open there."""
+    running = session.execute(select(Cycle.id, Cycle.week, Cycle.deploy_target).where(Cycle.status == "running")
+                              .order_by(Cycle.id.desc())).all()
+    cycle_ids = [row.id for row in running]
     answered = select(func.count()).select_from(TaskLease).where(
         TaskLease.rater_id == rater_id, TaskLease.answered_at.is_not(None))
     in_cycle = None
-    if cycle_id is not None:
+    if cycle_ids:
         in_cycle = session.scalar(answered.join(ComparisonTask, ComparisonTask.id == TaskLease.task_id)
-                                  .where(ComparisonTask.cycle_id == cycle_id))
+                                  .where(ComparisonTask.cycle_id.in_(cycle_ids)))
     open_tasks = select(func.count()).select_from(ComparisonTask).where(
         ComparisonTask.status == "open", ComparisonTask.kind.in_(SERVED_KINDS),
-        ComparisonTask.cycle_id.is_(None) if cycle_id is None else ComparisonTask.cycle_id == cycle_id)
-    week = None if cycle_id is None else session.scalar(select(Cycle.week).where(Cycle.id == cycle_id))
-    return Progress(int(session.scalar(answered)), in_cycle, int(session.scalar(open_tasks)), week)
+        ComparisonTask.cycle_id.in_(cycle_ids) if cycle_ids else ComparisonTask.cycle_id.is_(None))
+    from store.cycles import cycle_label  # store.cycles imports this module
+
+    labels = ", ".join(cycle_label(row.week, row.deploy_target) for row in running) or None
+    return Progress(int(session.scalar(answered)), in_cycle, int(session.scalar(open_tasks)), labels)
 
 
 def lease_started_at(session: Session, *, task_id: int, rater_id: str) -> datetime | None:
@@ -398,7 +408,18 @@ def close_tasks(session: Session, *, cycle_id: int, kind: str | None = None) -> 
     return int(result.rowcount or 0)
 
 
-def task_counts(session: Session, *, cycle_id: int, kind: str | None = "train") -> dict[str, int]:
+def reopen_tasks(session: Session, *, cycle_id: int, kinds: tuple[str, ...], after_id: int | None = None) -> int:
+    """Open again a cycle's closed tasks of ``kinds`` that still want answers (a cancel closed them and the
+    cycle runs again; with ``after_id``, only tasks above it). Returns how many."""
+    query = update(ComparisonTask).where(ComparisonTask.cycle_id == cycle_id, ComparisonTask.status == "closed",
+                                         ComparisonTask.kind.in_(kinds))
+    if after_id is not None:
+        query = query.where(ComparisonTask.id > after_id)
+    return int(session.execute(query.values(status="open", done_at=None)).rowcount or 0)
+
+
+def task_counts(session: Session, *, cycle_id: int, kind: str | None = "train",
+                after_id: int | None = None) -> dict[str, int]:
     """How many of a cycle's comparison tasks (of one kind; None: all) are open, done and closed, and how
     many open ones no rater answered yet (``unanswered``: an overlap task with one answer of two is open
     but answered)."""
@@ -406,6 +427,8 @@ def task_counts(session: Session, *, cycle_id: int, kind: str | None = "train") 
     query = query.where(ComparisonTask.cycle_id == cycle_id)
     if kind is not None:
         query = query.where(ComparisonTask.kind == kind)
+    if after_id is not None:
+        query = query.where(ComparisonTask.id > after_id)
     counts = {status: 0 for status in ("open", "done", "closed")}
     counts["unanswered"] = 0
     for status, n, unanswered in session.execute(query.group_by(ComparisonTask.status)):
@@ -415,9 +438,11 @@ def task_counts(session: Session, *, cycle_id: int, kind: str | None = "train") 
     return counts
 
 
-def eval_tasks_of(session: Session, *, cycle_id: int) -> list[ComparisonTask]:
-    """A cycle's eval tasks, in id order."""
+def eval_tasks_of(session: Session, *, cycle_id: int, after_id: int | None = None) -> list[ComparisonTask]:
+    """A cycle's eval tasks (above ``after_id``: those of the candidate of its newest attempt), in id order."""
     query = select(ComparisonTask).where(ComparisonTask.cycle_id == cycle_id, ComparisonTask.kind == "eval")
+    if after_id is not None:
+        query = query.where(ComparisonTask.id > after_id)
     return list(session.scalars(query.order_by(ComparisonTask.id)))
 
 
@@ -431,14 +456,18 @@ class EvalJudgement:
     """1: the labeler preferred the candidate, 0: the deployed policy, 0.5: a tie"""
 
 
-def eval_judgements(session: Session, *, cycle_id: int) -> list[EvalJudgement]:
-    """Every answer to the cycle's eval tasks, unblinded; one per (task, rater): the first one registered."""
-    rows = session.execute(
+def eval_judgements(session: Session, *, cycle_id: int, after_id: int | None = None) -> list[EvalJudgement]:
+    """Every answer to the cycle's eval tasks (above ``after_id``), unblinded; one per (task, rater): the first
+    one registered."""
+    query = (
         select(Comparison.task_id, Comparison.rater_id, Comparison.choice, ComparisonTask.candidate_side)
         .join(ComparisonTask, ComparisonTask.id == Comparison.task_id)
         .where(ComparisonTask.cycle_id == cycle_id, ComparisonTask.kind == "eval")
         .order_by(Comparison.id)
     )
+    if after_id is not None:
+        query = query.where(ComparisonTask.id > after_id)
+    rows = session.execute(query)
     seen: set[tuple[int, str]] = set()
     out = []
     for task_id, rater_id, choice, side in rows:

@@ -163,3 +163,14 @@ def pg_db(pg_url) -> Iterator[Database]:
 def artifacts(tmp_path) -> ArtifactStore:
     """A local artifact store in a fresh folder."""
     return ArtifactStore(str(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def no_prefect_api(monkeypatch) -> Iterator[None]:
+    """No Prefect API configured for the test, even in a test process where another test started the
+    session's Prefect harness (its URL is a setting of the process, not only an environment variable)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield

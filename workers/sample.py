@@ -23,6 +23,12 @@ Then ``metrics.jsonl`` (a line per batch), ``summary.json`` (tokens/s and
 lengths per policy) and ``ratchet_step_config.json``. Batches are appended as they finish; a killed
 run resumes after the last complete batch.
 
+A prompt longer than ``max_prompt_tokens`` (by default the policy's
+positions less ``max_new_tokens``) is cut from the left, as the PM trainer
+cuts one (``workers.common.pm.keep_prompt_end``): its BOS and its end, where
+the dialogue's last turn and a chat template's generation prompt are, stay;
+``samples/prompts_cut`` counts the prompts cut.
+
 Under ``torchrun --nproc_per_node N`` the batches are split over the
 processes, one each per round of N, and rank 0 appends each round's batches
 in order: the same file as one process writes.
@@ -47,7 +53,7 @@ from workers.common.data import Prompt, load_prompts
 from workers.common.generation import generate, row_seed, row_uniforms, stop_ids
 from workers.common.metrics import METRICS_FILENAME, SUMMARY_FILENAME, MetricsWriter, StepResult, collect_result, write_json
 from workers.common.modeling import check_model_dir, load_causal_lm, load_tokenizer, max_positions, model_config
-from workers.common.pm import special_prefix
+from workers.common.pm import keep_prompt_end, special_prefix
 from workers.common.distributed import World, init_world, shutdown
 from workers.common.runtime import progress, resolve_dtype, set_threads, synchronize
 
@@ -76,7 +82,8 @@ class SampleConfig:
     top_p: float = 1.0
     """nucleus sampling: sample from the smallest set of tokens holding this much probability"""
     max_prompt_tokens: int | None = None
-    """keep only the last this-many prompt tokens (BOS kept); None: prompts must fit as they are"""
+    """a longer prompt keeps its BOS and its last tokens, this many in all (None: the policy's positions less
+    max_new_tokens, so that every prompt fits)"""
     batch_size: int = 32
     """sequences generated together"""
     seed: int = 0
@@ -142,29 +149,65 @@ def _plan(cfg: SampleConfig, prompts: list[Prompt]) -> list[list[_Row]]:
     return batches
 
 
-def _encode_prompts(cfg: SampleConfig, tokenizer, prompts: list[Prompt], limit: int | None, label: str) -> dict[Any, list[int]]:
-    """Each prompt's token ids by id (``prompt_token_ids``: a chat prompt through the policy's chat template),
-    cut to ``max_prompt_tokens`` and checked against the policy's positions."""
+class _Encoded(NamedTuple):
+    """One policy's prompts as token ids."""
+
+    ids: dict[str, list[int]]
+    """token ids by ``json.dumps(prompt id)``, cut to ``max_tokens``"""
+    max_tokens: int | None
+    """the longest prompt kept (None: no limit, the model's config names no positions)"""
+    cut: int
+    """prompts that were longer and lost their beginning"""
+
+
+def _prompt_limit(cfg: SampleConfig, positions: int | None, label: str) -> int | None:
+    """``max_prompt_tokens``, or when unset what the policy's positions leave after ``max_new_tokens``."""
+    if cfg.max_prompt_tokens is not None:
+        return cfg.max_prompt_tokens
+    if positions is None:
+        return None
+    if positions - cfg.max_new_tokens < 1:
+        raise WorkerError(
+            f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in policy {label}'s {positions} positions"
+        )
+    return positions - cfg.max_new_tokens
+
+
+def _encode_prompts(cfg: SampleConfig, tokenizer, prompts: list[Prompt], positions: int | None, label: str) -> _Encoded:
+    """Each prompt's token ids (``prompt_token_ids``: a chat prompt through the policy's chat template), a longer
+    one cut to its BOS and its end (``keep_prompt_end``), checked against the policy's positions."""
     prefix = special_prefix(tokenizer)
+    limit = _prompt_limit(cfg, positions, label)
     encoded = prompt_token_ids(tokenizer, [p.text for p in prompts], [p.messages for p in prompts])
-    out = {}
+    out, cut = {}, 0
     for prompt, ids in zip(prompts, encoded):
-        if cfg.max_prompt_tokens is not None and len(ids) > cfg.max_prompt_tokens:
-            head = prefix if ids[: len(prefix)] == prefix else []
-            keep = max(cfg.max_prompt_tokens - len(head), 0)
-            ids = head[: cfg.max_prompt_tokens] + (ids[len(ids) - keep :] if keep else [])
+        if limit is not None and len(ids) > limit:
+            # A chat template writes its own BOS, or none: keep the prefix only where the prompt has it.
+            ids = keep_prompt_end(ids, limit, keep_prefix=len(prefix) if ids[: len(prefix)] == prefix else 0)
+            cut += 1
         if not ids:
             raise WorkerError(
                 f"prompt {prompt.id!r} is empty and policy {label}'s tokenizer adds no BOS token; "
                 "there is nothing to condition on"
             )
-        if limit is not None and len(ids) + cfg.max_new_tokens > limit:
+        if positions is not None and len(ids) + cfg.max_new_tokens > positions:
             raise WorkerError(
                 f"prompt {prompt.id!r} has {len(ids)} tokens; with max_new_tokens {cfg.max_new_tokens} that exceeds "
-                f"policy {label}'s {limit} positions; set max_prompt_tokens (at most {limit - cfg.max_new_tokens})"
+                f"policy {label}'s {positions} positions; set max_prompt_tokens to at most "
+                f"{positions - cfg.max_new_tokens}, or leave it null to cut prompts to that"
             )
         out[json.dumps(prompt.id)] = ids
-    return out
+    return _Encoded(out, limit, cut)
+
+
+def _encode_all(cfg: SampleConfig, prompts: list[Prompt]) -> tuple[dict[str, Any], dict[str, _Encoded]]:
+    """Every policy's tokenizer and encoded prompts, by label: all tokenized and length-checked before any
+    generation."""
+    tokenizers, encoded = {}, {}
+    for label, path in cfg.policies.items():
+        tokenizers[label] = load_tokenizer(path)
+        encoded[label] = _encode_prompts(cfg, tokenizers[label], prompts, max_positions(model_config(path)), label)
+    return tokenizers, encoded
 
 
 def _completed_rows(partial: Path, batches: list[list[_Row]]) -> int:
@@ -196,12 +239,12 @@ def _sample_batch(
     batch: list[_Row],
     model: torch.nn.Module,
     tokenizer,
-    encoded: dict[Any, list[int]],
+    encoded: _Encoded,
     st: _PolicyStats,
     device: torch.device,
 ) -> list[str]:
     """Generate one batch; return its JSONL lines and add to the policy's stats."""
-    prompt_ids = [encoded[json.dumps(row.prompt.id)] for row in batch]
+    prompt_ids = [encoded.ids[json.dumps(row.prompt.id)] for row in batch]
     uniforms = None
     if cfg.temperature > 0:
         uniforms = torch.stack(
@@ -263,16 +306,11 @@ def run(cfg: SampleConfig) -> StepResult:
         if summary_path.is_file():
             metrics = json.loads(summary_path.read_text(encoding="utf-8"))["metrics"]
         else:
-            metrics = _summarize(final, {})
+            metrics = _summarize(final, {}, _encode_all(cfg, load_prompts(cfg.prompts_path))[1])
             write_json(summary_path, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
         return collect_result(STEP, out, {"samples": final}, metrics)
     prompts = load_prompts(cfg.prompts_path)
-    # Every policy's prompts are tokenized and length-checked before any generation.
-    tokenizers, encoded = {}, {}
-    for label, path in cfg.policies.items():
-        tokenizers[label] = load_tokenizer(path)
-        limit = max_positions(model_config(path))
-        encoded[label] = _encode_prompts(cfg, tokenizers[label], prompts, limit, label)
+    tokenizers, encoded = _encode_all(cfg, prompts)
     world, device = init_world("ddp", cfg.device)
     try:
         return _sample_all(cfg, world, device, prompts, tokenizers, encoded)
@@ -281,7 +319,7 @@ def run(cfg: SampleConfig) -> StepResult:
 
 
 def _sample_all(cfg: SampleConfig, world: World, device: torch.device, prompts: list[Prompt], tokenizers: dict,
-                encoded: dict) -> StepResult:
+                encoded: dict[str, _Encoded]) -> StepResult:
     """The run of one process: batch by batch (under torchrun, in rounds of one batch per process, which rank 0
     appends in order), then the summary."""
     out = Path(cfg.output_dir)
@@ -339,14 +377,14 @@ def _sample_all(cfg: SampleConfig, world: World, device: torch.device, prompts: 
 
     # 3. Summary: throughput of this invocation, lengths over the whole file.
     world.barrier()
-    metrics = _summarize(final, stats)
+    metrics = _summarize(final, stats, encoded)
     if world.main:
         write_json(out / SUMMARY_FILENAME, {"step": STEP, "config": to_dict(cfg), "metrics": metrics})
     world.barrier()
     return collect_result(STEP, out, {"samples": final}, metrics)
 
 
-def _summarize(path: Path, stats: dict[str, _PolicyStats]) -> dict[str, Any]:
+def _summarize(path: Path, stats: dict[str, _PolicyStats], encoded: dict[str, _Encoded]) -> dict[str, Any]:
     per_policy: dict[str, dict[str, float]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
@@ -359,6 +397,8 @@ def _summarize(path: Path, stats: dict[str, _PolicyStats]) -> dict[str, Any]:
     tokens = sum(s.tokens for s in stats.values())
     seconds = sum(s.seconds for s in stats.values())
     metrics["samples/responses"] = sum(a["responses"] for a in per_policy.values())
+    # Prompts cut to fit, counted once per policy that sampled them (each policy's tokenizer and positions).
+    metrics["samples/prompts_cut"] = sum(e.cut for e in encoded.values())
     metrics["perf/generated_tokens"] = tokens
     metrics["perf/generate_seconds"] = seconds
     metrics["perf/tokens_per_s"] = tokens / seconds if seconds else None
@@ -368,6 +408,9 @@ def _summarize(path: Path, stats: dict[str, _PolicyStats]) -> dict[str, Any]:
         metrics[f"samples/{label}/mean_response_tokens"] = agg["tokens"] / n
         metrics[f"samples/{label}/eos_fraction"] = agg["eos"] / n
         metrics[f"samples/{label}/mean_logprob"] = agg["logprob"] / n
+        if label in encoded:
+            metrics[f"samples/{label}/prompts_cut"] = encoded[label].cut
+            metrics[f"samples/{label}/max_prompt_tokens"] = encoded[label].max_tokens
         st = stats.get(label)
         if st is not None and st.seconds:
             metrics[f"perf/{label}/tokens_per_s"] = st.tokens / st.seconds

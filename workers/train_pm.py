@@ -106,6 +106,7 @@ from workers.common.pm import (
 from workers.common.runtime import autocast, progress, resolve_dtype, seed_everything, set_threads, synchronize
 from workers.common.schedule import DataOrder, adamw
 from workers.common.score import PM_SPEC_FILENAME, is_pm_dir, load_head, read_pm_spec, save_pm
+from workers.common.stopping import stop_requested
 from workers.common.supervised_step import RUN_ONLY_FIELDS as SUPERVISED_RUN_ONLY_FIELDS
 from workers.common.supervised_step import (
     check_supervised_config, checkpoint_due, log_due, optim_record, optimizer_step, set_learning_rate, step_done,
@@ -400,7 +401,7 @@ def _train_all(cfg: TrainPMConfig, out: Path, world: World, device: torch.device
             if trained[-1] is None:
                 break
     stopped = [job.label for job, result in zip(todo, trained) if result is None]
-    if stopped:  # stopped early by max_steps_this_run
+    if stopped:  # stopped early by max_steps_this_run, or asked to stop (stop_requested)
         return collect_result(STEP, out, {}, {"stopped_in": stopped[0]}, complete=False)
     if not world.main:
         world.barrier()  # rank 0 writes the ensembles and the summary
@@ -641,7 +642,7 @@ def _train_one(
     for step in range(start_step, steps_total):
         if best.stale >= (cfg.early_stop_patience or math.inf):
             break  # early stop: no new best in early_stop_patience evaluations
-        if cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run:
+        if (cfg.max_steps_this_run is not None and steps_this_run >= cfg.max_steps_this_run) or stop_requested():
             _checkpoint(cfg, job, step, pm, optimizer, best, world)
             bar.close()
             return None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request
 
+from api import actions
 from api.deps import Labeler, Operator, PagingDep, SessionDep
 from api.errors import responses
 from api.schemas.common import NO_NUL, Page
 from api.schemas.registry import DeploymentPublic, RollbackCreate
-from store.deployments import DEFAULT_TARGET, active_deployment, list_deployments, rollback
+from store.deployments import DEFAULT_TARGET, active_deployment, list_deployments
 
 router = APIRouter(prefix="/v1/deployments", tags=["operations"])
 
@@ -42,10 +43,9 @@ def active(
     response_model=DeploymentPublic,
     responses=responses(401, 403, 404, 409, 422),
 )
-def roll_back(body: RollbackCreate, key: Operator, session: SessionDep, request: Request) -> Any:
-    """Restore the deployment that was active before the current one."""
-    row = rollback(session, name=body.name, reason=body.reason, actor=key.name)
-    hook = getattr(request.app.state, "on_deploy", None)
-    if hook is not None:
-        hook(row)
-    return row
+def roll_back(
+    body: RollbackCreate, key: Operator, session: SessionDep, request: Request, background: BackgroundTasks
+) -> Any:
+    """Restore the deployment that was active before the current one (``api.actions.roll_back``: recorded with
+    the key, the deploy hook told, the alert sent after the answer)."""
+    return actions.roll_back(request.app, key, session, background, target=body.name, reason=body.reason, via="api")

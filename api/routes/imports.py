@@ -1,7 +1,8 @@
 """Imports: a JSONL file of preference pairs (hh-rlhf, trl or trl-conversational) streamed into one feedback batch.
 
 A conversational line's prompt messages are kept in its comparison's metadata (``messages``); its prompt is
-their HH-RLHF text (``api.formats``)."""
+their HH-RLHF text (``api.formats``). What becomes of each line is ``store.imports.PreferenceImport``'s, which
+``ratchet feedback import`` uses too; the route streams the body into it."""
 
 from __future__ import annotations
 
@@ -20,15 +21,13 @@ from api.errors import PayloadTooLarge, RequestTimedOut, TooManyRequests, raw_bo
 from api.formats import DecodedTooLarge, FormatError, FormatName, JsonlImportParser
 from api.schemas.common import NO_NUL
 from api.schemas.feedback import MAX_TEXT_CHARS, FeedbackBatchPublic, ImportResult, SkippedLine
-from store.db import Database
 from store.errors import InvalidInput, ServiceUnavailable
-from store.feedback import IdempotentReplay, NewComparison, comparison_problems
-from store.imports import ImportSession, replay_of, replay_winner
+from store.feedback import IdempotentReplay
+from store.imports import PreferenceImport, TooManyComparisons, import_counts, replay_of, replay_winner
 from store.models import FeedbackBatch
 
 router = APIRouter(prefix="/v1/feedback-batches", tags=["feedback"])
 
-MAX_SKIPPED_REPORTED = 1_000
 FORMAT_HELP = (
     "hh-rlhf: {chosen, rejected} dialogues; trl: {prompt, chosen, rejected} strings; trl-conversational: the same "
     "as message lists, or {chosen, rejected} conversations sharing all but their last (assistant) message"
@@ -66,7 +65,6 @@ async def import_batch(
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"import body of {declared} bytes is over the limit of {limit} bytes")
     gzip = True if request.headers.get("content-encoding", "").lower() == "gzip" else None
-    source = source or f"import:{format}"
     hasher, size = hashlib.sha256(), 0
     chunks = _body_chunks(request, settings.import_idle_timeout_s)
 
@@ -87,7 +85,7 @@ async def import_batch(
 
         parser = JsonlImportParser(format, gzip=gzip, max_decoded_bytes=limit, max_text_chars=MAX_TEXT_CHARS)
         job = await run_in_threadpool(
-            _ImportJob, database, source=source, rater_id=rater_id or source, api_key_id=key.id, fmt=format,
+            PreferenceImport, database, parser, fmt=format, source=source, rater_id=rater_id, api_key_id=key.id,
             max_records=settings.max_batch_records,
         )
         try:
@@ -96,32 +94,24 @@ async def import_batch(
                 if size > limit:
                     raise PayloadTooLarge(f"import body is over the limit of {limit} bytes")
                 hasher.update(chunk)
-                await run_in_threadpool(job.consume, parser, chunk)
-            await run_in_threadpool(job.end, parser)
-            if strict and job.skipped_count:
-                raise InvalidInput(
-                    f"{job.skipped_count} line(s) could not be imported (strict mode): nothing was written",
-                    [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
-                )
-            if job.transaction.count == 0:
-                raise InvalidInput(
-                    f"no line could be imported ({job.skipped_count} skipped)",
-                    [{"index": s.line, "field": "line", "message": s.reason} for s in job.skipped],
-                )
-            batch = await run_in_threadpool(job.finish, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest())
+                await run_in_threadpool(job.consume, chunk)
+            await run_in_threadpool(job.end)
+            batch = await run_in_threadpool(
+                job.finish, strict=strict, idempotency_key=idempotency_key, request_sha256=hasher.hexdigest()
+            )
         except FormatError as exc:
-            await run_in_threadpool(job.transaction.abort, exc)
+            await run_in_threadpool(job.abort, exc)
             raise InvalidInput(f"the body could not be read: {exc}", [{"field": "body", "message": str(exc)}]) from None
-        except DecodedTooLarge as exc:
-            await run_in_threadpool(job.transaction.abort, exc)
+        except (DecodedTooLarge, TooManyComparisons) as exc:
+            await run_in_threadpool(job.abort, exc)
             raise PayloadTooLarge(str(exc)) from None
         except IdempotentReplay as lost:  # a concurrent import with this key committed first
-            await asyncio.shield(run_in_threadpool(job.transaction.abort, lost))
+            await asyncio.shield(run_in_threadpool(job.abort, lost))
             response.status_code = 200
             return _import_result(await run_in_threadpool(replay_winner, database, lost))
         except BaseException as exc:
             # Shielded: a cancelled request (client gone) must still roll back and return its connection.
-            raise await asyncio.shield(run_in_threadpool(job.transaction.abort, exc))
+            raise await asyncio.shield(run_in_threadpool(job.abort, exc))
         return _import_result(batch)
 
 
@@ -174,76 +164,13 @@ def import_slots(request: Request) -> ImportSlots:
     return state.import_slots
 
 
-class _ImportJob:
-    """One streamed import: the body's lines become comparisons written to an
-    ``ImportSession`` as they come; lines that cannot be used are counted and
-    reported (the first ``MAX_SKIPPED_REPORTED`` with their reasons).
-
-    Every method runs in a worker thread.
-    """
-
-    def __init__(
-        self, database: Database, *, source: str, rater_id: str, api_key_id: int, fmt: str, max_records: int
-    ):
-        self.transaction = ImportSession(
-            database, source=source, api_key_id=api_key_id, metadata={"import_format": fmt}
-        )
-        self.rater_id = rater_id
-        self.max_records = max_records
-        self.skipped: list[SkippedLine] = []
-        self.skipped_count = 0
-
-    def consume(self, parser: JsonlImportParser, chunk: bytes) -> None:
-        """Parse the next chunk of the body, piece by decoded piece, writing as the lines come."""
-        for lines in parser.feed_pieces(chunk):
-            self.take(lines)
-
-    def end(self, parser: JsonlImportParser) -> None:
-        """Take the body's last line (one without a newline)."""
-        self.take(parser.close())
-
-    def take(self, lines) -> None:
-        accepted: list[NewComparison] = []
-        for parsed in lines:
-            if parsed.error is None:
-                comp = NewComparison(
-                    prompt=parsed.prompt, response_a=parsed.chosen, response_b=parsed.rejected,
-                    choice="a", rater_id=self.rater_id, strength=parsed.strength,
-                    metadata={"messages": list(parsed.messages)} if parsed.messages else None,
-                )
-                problems = comparison_problems(comp, parsed.line)
-                if not problems:
-                    accepted.append(comp)
-                    if self.transaction.count + len(accepted) > self.max_records:
-                        raise PayloadTooLarge(
-                            f"the import has more than {self.max_records} comparisons (at line {parsed.line}):"
-                            f" over the limit of {self.max_records} per batch"
-                        )
-                    continue
-                reason = "; ".join(p["message"] for p in problems)
-            else:
-                reason = parsed.error
-            self.skipped_count += 1
-            if len(self.skipped) < MAX_SKIPPED_REPORTED:
-                self.skipped.append(SkippedLine(line=parsed.line, reason=reason))
-        self.transaction.add(accepted)
-
-    def finish(self, *, idempotency_key: str | None, request_sha256: str) -> FeedbackBatch:
-        report = {
-            "imported": self.transaction.count,
-            "skipped": self.skipped_count,
-            "skipped_lines": [s.model_dump() for s in self.skipped[:100]],
-        }
-        return self.transaction.finish(idempotency_key=idempotency_key, request_sha256=request_sha256, metadata=report)
-
-
 def _import_result(batch: FeedbackBatch) -> ImportResult:
-    meta = batch.meta or {}
+    counts = import_counts(batch)
     return ImportResult(
         batch=FeedbackBatchPublic.model_validate(batch),
-        imported=meta.get("imported", batch.comparison_count),
-        skipped=meta.get("skipped", 0),
-        skipped_lines=[SkippedLine(**s) for s in meta.get("skipped_lines", [])],
+        imported=counts.imported,
+        skipped=counts.skipped,
+        skipped_lines=[SkippedLine(line=s.line, reason=s.reason) for s in counts.skipped_lines],
     )
 
 

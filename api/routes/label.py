@@ -42,7 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api.deps import MAX_ID, Caller, get_qc_policy
 from api.web import SignIn, from_this_site, page, read_form, redirect, same_token
-from store.cycles import running_cycle_id
+from store.cycles import running_cycle_ids
 from store.db import Database
 from store.errors import Conflict, InvalidInput, NotFound, RaterExcluded
 from store.feedback import IdempotentReplay, NewComparison, create_feedback_batch
@@ -142,7 +142,7 @@ def next_task(database: Database, request: Request, caller: Caller) -> tuple[Tas
             try:
                 held = lease_tasks(
                     session, rater_id=caller.name, api_key_id=caller.id, limit=1,
-                    lease=timedelta(seconds=settings.task_lease_s), cycle_id=running_cycle_id(session),
+                    lease=timedelta(seconds=settings.task_lease_s), cycle_ids=running_cycle_ids(session) or None,
                     gold_share=policy.gold_share, qc=policy,
                 )
             except (Conflict, RaterExcluded) as exc:  # another key's rater, or one quality control leaves out

@@ -65,8 +65,10 @@ def read_rater(rater_id: RaterPath, _: Operator, session: SessionDep, policy: QC
 @router.put("/v1/raters/{rater_id}/decision", response_model=RaterDecisionPublic, responses=responses(401, 403, 422))
 def set_decision(rater_id: RaterPath, body: RaterDecisionCreate, key: Operator, session: SessionDep) -> Any:
     """Decide over quality control: ``include`` a flagged rater again (its comparisons go back into the
-    next snapshot), ``exclude`` a rater whatever its numbers, or ``null`` to clear the decision in force."""
-    row = decide(session, rater_id=rater_id, decision=body.decision, reason=body.reason, actor=key.name)
+    next snapshot), ``exclude`` a rater whatever its numbers, or ``null`` to clear the decision in force; recorded
+    as an operator's action with the key (``store.raters.decide``)."""
+    row = decide(session, rater_id=rater_id, decision=body.decision, reason=body.reason, actor=key.name,
+                 api_key_id=key.id, via="api")
     return RaterDecisionPublic(rater_id=rater_id, decision=body.decision, reason=body.reason, actor=key.name,
                                at=row.created_at if row is not None else utcnow())
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from api.deps import IdPath, Labeler, QCPolicyDep, SessionDep, SettingsDep
 from api.errors import responses
 from api.schemas.feedback import ComparisonTaskList, ComparisonTaskPublic, Name, TaskLeasePublic
-from store.cycles import running_cycle_id
+from store.cycles import running_cycle_ids
 from store.tasks import Leased, lease_tasks, live_leases, release_lease, renew_lease
 
 router = APIRouter(prefix="/v1/comparison-tasks", tags=["feedback"])
@@ -37,13 +37,14 @@ def fetch_tasks(
     settings: SettingsDep,
     qc: QCPolicyDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    cycle_id: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="default: the running cycle")] = None,
+    cycle_id: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="default: the running cycles")] = None,
     rater_id: RaterQuery = None,
 ) -> Any:
     """Lease up to ``limit`` tasks to a rater, eval tasks first.
 
-    Tasks come from the running cycle (or ``cycle_id``); when no cycle is
-    running, from open tasks that belong to no cycle. A finished cycle's
+    Tasks come from the running cycles (one per deployment target may run;
+    or from ``cycle_id``); when no cycle is running, from open tasks that
+    belong to no cycle. A finished cycle's
     tasks are closed and a failed one's wait for its re-run: no rater is
     handed a stale task. A task is held by as many raters as it needs answers
     (one; several for an overlap task), each until its lease runs out; only
@@ -55,12 +56,12 @@ def fetch_tasks(
     A rater quality control leaves out (or an operator excludes) is handed
     none (403, saying why) until an operator includes it again.
     """
-    if cycle_id is None:
-        cycle_id = running_cycle_id(session)
+    # Without a cycle_id: the running cycles' tasks (one cycle per deployment target may run), else those of no cycle.
+    running = running_cycle_ids(session) if cycle_id is None else None
     rater = rater_id or key.name
     rows = lease_tasks(
         session, rater_id=rater, api_key_id=key.id, limit=limit, lease=timedelta(seconds=settings.task_lease_s),
-        cycle_id=cycle_id, gold_share=qc.gold_share, qc=qc,
+        cycle_id=cycle_id, cycle_ids=running or None, gold_share=qc.gold_share, qc=qc,
     )
     return ComparisonTaskList(data=[task_public(r) for r in rows], count=len(rows), lease_s=settings.task_lease_s,
                               rater_id=rater)

@@ -337,7 +337,7 @@ def run_demo(
                                labeler_noise=labeler_noise, qc=qc, gold_items=gold_items, seed=seed)
     database.dispose()
     return _demo_result(run, weeks=weeks, labeler_noise=labeler_noise, raters=raters, qc=qc, method=method,
-                        seed=seed, t_start=t_start, shown=shown)
+                        seed=seed, t_start=t_start, shown=shown, public_url=settings.public_url)
 
 
 @dataclass(frozen=True)
@@ -435,11 +435,13 @@ def _keyed_labelers(
 
 def _demo_result(
     run: _DemoRun, *, weeks: list[str], labeler_noise: float, raters: RaterSet, qc: bool, method: Method, seed: int,
-    t_start: float, shown: str,
+    t_start: float, shown: str, public_url: str,
 ) -> dict[str, Any]:
-    """The demo's summary: a row a cycle, the gold scores before and after, the raters' work and QC numbers."""
+    """The demo's summary: a row a cycle (with the address of its dashboard page under ``public_url``,
+    RATCHET_PUBLIC_URL), the gold scores before and after, the raters' work and QC numbers."""
     summaries, labelers = run.summaries, run.labelers
-    rows = [_cycle_row(i, s) for i, s in enumerate(summaries, start=1)]
+    rows = [{**_cycle_row(i, s), "page": f"{public_url.rstrip('/')}/dashboard/cycles/{s['cycle_id']}"}
+            for i, s in enumerate(summaries, start=1)]
     return {
         "cycles": rows,
         "gold_score_initial": summaries[0]["gold_baseline"] if summaries else None,

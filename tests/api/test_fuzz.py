@@ -35,7 +35,6 @@ from schemathesis.specs.openapi.checks import (
 from api.app import create_app
 from api.errors import ErrorResponse
 from api.schemas.feedback import ImportResult
-from api.schemas.registry import CyclePublic, CycleStarted
 from store.artifacts import ArtifactStore
 from store.cycles import finish_stage, open_cycle, start_stage
 from store.datasets import snapshot_comparisons
@@ -182,15 +181,13 @@ def _seed(database, artifacts) -> dict[str, list]:
 
 
 def _cycle_launcher(database):
-    """Opens the week's cycle in the store, the part of the orchestrator's launcher the API
-    answers from; without a launcher POST /v1/cycles could only answer 503."""
+    """The orchestrator's embedded launcher with its flow replaced by nothing: triggers, cancels and re-runs
+    go through the store as the API server's do, and no flow runs (without a launcher POST /v1/cycles and
+    the re-run could only answer 503)."""
+    from orchestrator.launcher import ThreadLauncher
+    from orchestrator.settings import CycleSettings
 
-    def launch(*, week: str, params: dict, actor: str) -> CycleStarted:
-        with database.session() as session:
-            cycle, created = open_cycle(session, week=week, trigger="api", params=params)
-            return CycleStarted(cycle=CyclePublic.model_validate(cycle), created=created)
-
-    return launch
+    return ThreadLauncher(database, CycleSettings(), run=lambda **kw: None)
 
 
 @pytest.fixture

@@ -168,17 +168,24 @@ def fast_settings(**changes: Any) -> CycleSettings:
     return CycleSettings.model_validate(base)
 
 
-def fake_world(database: Database, artifacts: ArtifactStore, work_dir: Path, *, prompts: int = 12) -> int:
-    """Prompt sets and a deployed fake P0 (a model folder with no real weights); returns P0's id."""
+def fake_world(database: Database, artifacts: ArtifactStore, work_dir: Path, *, prompts: int = 12,
+               target: str = "default") -> int:
+    """Prompt sets and a deployed fake P0 (a model folder with no real weights) of deployment target ``target``;
+    returns P0's id. Another target's are its own, named as its cycles look for them by default
+    (``prompts@<target>``, ``eval-prompts@<target>``; P0 ``policy@<target>``), with prompts of their own."""
+    own = "" if target == "default" else f"@{target}"
+    about = "" if target == "default" else f" for {target}"
     with database.session() as session:
-        for name, n in (("prompts", prompts), ("eval-prompts", 4)):
-            body = "".join(json.dumps({"id": f"{name}-{i}", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:"}) + "\n"
-                           for i in range(n)).encode()
+        for name, n in ((f"prompts{own}", prompts), (f"eval-prompts{own}", 4)):
+            body = "".join(json.dumps({"id": f"{name}-{i}", "prompt": f"\n\nHuman: question {i}{about}?\n\nAssistant:"})
+                           + "\n" for i in range(n)).encode()
             ref = artifacts.put_bytes(f"datasets/{name}.jsonl", body)
             create_dataset(session, name=name, kind="prompts", content_sha256=ref.sha256, row_count=n, artifact=ref)
-        model = FakeRunner._model_dir(work_dir / "p0", "p0")
-        policy = create_policy(session, name="policy", base_model="fake", artifact=artifacts.put_dir("world/p0", model))
-        deploy(session, policy_id=policy.id, reason="P0", actor="test")
+        folder = "p0" if target == "default" else f"p0-{target}"
+        model = FakeRunner._model_dir(work_dir / folder, folder)
+        policy = create_policy(session, name=f"policy{own}", base_model="fake",
+                               artifact=artifacts.put_dir(f"world/{folder}", model))
+        deploy(session, policy_id=policy.id, name=target, reason="P0", actor="test")
         return policy.id
 
 

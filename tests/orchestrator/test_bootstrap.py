@@ -69,7 +69,7 @@ def test_the_cli_commands(tmp_path, monkeypatch):
         out = runner.invoke(app, ["policy", "add", str(model_dir(tmp_path)), "--deploy", "default"])
         assert out.exit_code == 0 and "deployed on default v1" in out.output, out.output
         bad = runner.invoke(app, ["prompts", "add", prompts_file(tmp_path, ["{oops"])])
-        assert bad.exit_code == 1 and "line 1: line: invalid JSON" in bad.output
+        assert bad.exit_code == 2 and "  line 1: invalid JSON" in bad.stderr
     finally:
         get_settings.cache_clear()
 

@@ -1,4 +1,4 @@
-"""The CLI's week options refuse weeks that do not exist, before touching the store or Prefect."""
+"""The CLI's week options refuse weeks that do not exist (exit code 2), before touching the store or Prefect."""
 
 from __future__ import annotations
 
@@ -29,6 +29,6 @@ def cli(tmp_path, monkeypatch):
 )
 def test_a_week_that_does_not_exist_is_refused_with_the_reason(cli, tmp_path, args, message):
     result = cli.invoke(cli_app, args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "home" / "ratchet.db").exists()  # refused before the store was opened

@@ -177,7 +177,7 @@ def test_ratchet_cycle_run_and_show_on_a_finished_week(prefect_api, fake_env, pg
     summary = json.loads(ran.stdout.strip().splitlines()[-1])
     assert (summary["week"], summary["status"], summary["deployed"]) == (WEEK, "succeeded", True)
     assert json.loads(shown.stdout)["cycle_id"] == summary["cycle_id"]
-    assert missing.exit_code == 1 and "no cycle for week 2001-W01" in missing.output
+    assert missing.exit_code == 2 and missing.stderr == "error: there is no cycle for week 2001-W01\n"
     assert _count(pg_db, Cycle) == 1 and _count(pg_db, Policy) == 2
 
 

@@ -129,7 +129,7 @@ def test_post_cycles_opens_one_cycle_per_week_and_starts_it_once(pg_db, artifact
     assert (second.status_code, second.json()["created"]) == (200, False)
     assert first.json()["cycle"]["id"] == second.json()["cycle"]["id"]
     assert first.json()["cycle"]["params"] == {"ppo": {"config": {"learning_rate": 1e-4}}} and first.json()["cycle"]["trigger"] == "api"
-    assert started == [{"week": "2026-W40", "trigger": "api"}]
+    assert started == [{"week": "2026-W40", "trigger": "api", "target": "default"}]
     assert locked.status_code == 422 and locked.json()["errors"][0]["field"] == "params.gold"
     assert invalid.status_code == 422 and invalid.json()["errors"][0]["field"] == "params.ppo.config.learning_rate"
 

@@ -67,6 +67,22 @@ def test_opening_a_cycle_with_nothing_deployed_fails_the_open_stage(fake_env, pg
         assert run.status == "failed" and "nothing is deployed" in run.error
 
 
+def test_the_sample_stage_records_how_many_prompts_the_step_cut(fake_env, pg_db, monkeypatch):
+    from tests.orchestrator.fakes import FakeRunner
+
+    sample = FakeRunner._sample
+
+    def cutting(self, config, out):  # the step cut two over-long prompts to their end (workers.sample)
+        outputs, metrics = sample(self, config, out)
+        return outputs, {**metrics, "samples/prompts_cut": 2}
+
+    monkeypatch.setattr(FakeRunner, "_sample", cutting)
+    ctx = open_stage(fake_env, week=WEEK, params=None, trigger="manual", flow_run_id=None)
+    out = stage_task.fn(ctx, "sample")
+    assert out["prompts_cut"] == 2 and out["metrics"]["samples/prompts_cut"] == 2
+    assert ctx.recorded("sample")["prompts_cut"] == 2
+
+
 def test_gather_stops_at_the_deadline_with_what_arrived(fake_env, pg_db):
     now = [None]
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -61,3 +63,32 @@ def test_cli_refuses_an_empty_database(tmp_path, monkeypatch):
         assert "ratchet db upgrade" in " ".join(result.output.split())  # the console wraps long paths
     finally:
         get_settings.cache_clear()
+
+
+def test_cycles_made_before_targets_keep_their_week_and_get_their_target(db_url):
+    """0006 keys a cycle by (deployment target, week): each cycle made before it keeps its week and takes the
+    target its open stage recorded (else "default"); a week then holds one cycle per target."""
+    command.downgrade(alembic_config(db_url), "0005")
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        for week, settings in (("2026-W01", {"deploy_target": "b"}), ("2026-W02", {}), ("2026-W03", None)):
+            cycle_id = conn.execute(sa.text(
+                "INSERT INTO cycles (week, status, trigger, params, created_at) "
+                "VALUES (:week, 'succeeded', 'manual', '{}', CURRENT_TIMESTAMP) RETURNING id"), {"week": week}).scalar()
+            if settings is not None:
+                conn.execute(sa.text(
+                    "INSERT INTO stage_runs (cycle_id, stage, status, attempts, outputs, started_at) "
+                    "VALUES (:cycle, 'open', 'succeeded', 1, :outputs, CURRENT_TIMESTAMP)"),
+                    {"cycle": cycle_id, "outputs": json.dumps({"settings": settings})})
+    upgrade(db_url)
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT week, deploy_target FROM cycles ORDER BY week")).all()
+        assert [tuple(r) for r in rows] == [("2026-W01", "b"), ("2026-W02", "default"), ("2026-W03", "default")]
+        conn.execute(sa.text("INSERT INTO cycles (week, deploy_target, status, trigger, params, created_at) "
+                             "VALUES ('2026-W01', 'default', 'running', 'manual', '{}', CURRENT_TIMESTAMP)"))
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO cycles (week, deploy_target, status, trigger, params, created_at) "
+                             "VALUES ('2026-W01', 'b', 'running', 'manual', '{}', CURRENT_TIMESTAMP)"))
+    with pytest.raises(RuntimeError, match="weeks 2026-W01 have cycles of several deployment targets"):
+        command.downgrade(alembic_config(db_url), "0005")
+    engine.dispose()

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from formats.chat import prompt_token_ids
+from tests.test_formats_chat import CHAT
 from tests.workers.builders import write_jsonl
 from workers.common.config import WorkerError
-from workers.common.generation import generate, row_uniforms, sample_tokens
+from workers.common.generation import generate, row_uniforms, sample_tokens, stop_ids
 from workers.common.modeling import load_causal_lm, load_tokenizer
+from workers.common.pm import keep_prompt_end
+from workers.common.testing import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
 from workers.sample import SampleConfig, run
 
 CPU = torch.device("cpu")
@@ -139,11 +143,73 @@ def test_bad_inputs(tmp_path, tiny_gpt2, prompts_path):
     with pytest.raises(WorkerError, match="line 2: id 1 repeats line 1"):
         run(_config({"v1": tiny_gpt2}, dup, tmp_path / "o"))
     long = write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": "river stone " * 400}])
-    with pytest.raises(WorkerError, match=r"prompt 'x' has \d+ tokens; with max_new_tokens 12 that exceeds policy v1's 512 positions"):
-        run(_config({"v1": tiny_gpt2}, long, tmp_path / "o"))
-    # ... and max_prompt_tokens keeps the end of it
+    with pytest.raises(WorkerError, match=r"prompt 'x' has 501 tokens; with max_new_tokens 12 that exceeds policy "
+                                          r"v1's 512 positions; set max_prompt_tokens to at most 500, or leave it null"):
+        run(_config({"v1": tiny_gpt2}, long, tmp_path / "o", max_prompt_tokens=501))
+    with pytest.raises(WorkerError, match="max_new_tokens \\(512\\) leaves no room for a prompt in policy v1's 512 positions"):
+        run(_config({"v1": tiny_gpt2}, long, tmp_path / "o", max_new_tokens=512))
+    # ... and a max_prompt_tokens that fits keeps the end of it
     result = run(_config({"v1": tiny_gpt2}, long, tmp_path / "cut", max_prompt_tokens=100, num_samples=1))
     assert _records(Path(result.outputs["samples"]))[0]["prompt_tokens"] == 100
+    assert result.metrics["samples/prompts_cut"] == 1 and result.metrics["samples/v1/max_prompt_tokens"] == 100
+
+
+# -- over-long prompts ---------------------------------------------------------------------
+
+
+def test_keep_prompt_end_keeps_the_prefix_and_the_last_tokens():
+    prompt = [1, 10, 11, 12, 13, 14]  # BOS, then the dialogue
+    assert keep_prompt_end(prompt, 4, keep_prefix=1) == [1, 12, 13, 14]
+    assert keep_prompt_end(prompt, 4) == [11, 12, 13, 14]
+    assert keep_prompt_end(prompt, 1, keep_prefix=1) == [1]
+    assert keep_prompt_end(prompt, 6, keep_prefix=1) == prompt
+    with pytest.raises(ValueError, match=r"budget \(0\) must be >= 1"):
+        keep_prompt_end(prompt, 0)
+
+
+def _greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int):
+    """The greedy response to ``prompt_ids`` as ``sample`` writes it: (text, log-prob)."""
+    model = load_causal_lm(model_dir, device=CPU, dtype=torch.float32)
+    tokenizer = load_tokenizer(model_dir)
+    gen = generate(model, [prompt_ids], uniforms=None, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                   eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)[0]
+    body = gen.tokens[:-1] if gen.finish_reason == "eos" else gen.tokens
+    return tokenizer.decode(body, skip_special_tokens=True), gen.logprob
+
+
+def test_an_over_long_prompt_is_cut_to_its_bos_and_its_end_by_default_and_counted(tmp_path, tiny_llama):
+    """With max_prompt_tokens unset the policy's 512 positions less max_new_tokens (12) leave 500 prompt tokens."""
+    dialogue = "\n\nHuman: " + "tell me about the river and the stone " * 60 + "\n\nAssistant:"
+    short = "\n\nHuman: hi\n\nAssistant:"
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "long", "prompt": dialogue}, {"id": "short", "prompt": short}])
+    result = run(_config({"v1": tiny_llama}, prompts, tmp_path / "out", num_samples=1, temperature=0.0))
+    records = {r["prompt_id"]: r for r in _records(Path(result.outputs["samples"]))}
+    tokenizer = load_tokenizer(tiny_llama)
+    full, whole = prompt_token_ids(tokenizer, [dialogue, short])
+    assert len(full) > 600 and full[0] == tokenizer.bos_token_id
+    kept = full[:1] + full[-499:]  # BOS, then the dialogue's last 499 tokens (its "\n\nAssistant:" among them)
+    assert (records["long"]["prompt_tokens"], records["short"]["prompt_tokens"]) == (500, len(whole))
+    # what the policy answered is its answer to exactly those tokens
+    text, logprob = _greedy(tiny_llama, kept, 12)
+    assert records["long"]["response"] == text and records["long"]["logprob"] == pytest.approx(logprob, abs=1e-4)
+    m = result.metrics
+    assert (m["samples/prompts_cut"], m["samples/v1/prompts_cut"], m["samples/v1/max_prompt_tokens"]) == (1, 1, 500)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["metrics"]["samples/prompts_cut"] == 1
+
+
+def test_an_over_long_chat_prompt_keeps_bos_and_the_templates_generation_prompt(tmp_path):
+    tokenizer = build_tokenizer(vocab_size=512, add_bos=True, chat_template=CHAT_TEMPLATE)
+    model = build_tiny_model(tmp_path / "chat", arch="llama", tokenizer=tokenizer, max_positions=64, seed=2)
+    messages = [*CHAT[:-1], {"role": "user", "content": "How do I bake bread? " * 20}]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "chat", "messages": messages}])
+    result = run(_config({"v1": model}, prompts, tmp_path / "out", num_samples=1, temperature=0.0, max_new_tokens=8))
+    (record,) = _records(Path(result.outputs["samples"]))
+    full = prompt_token_ids(tokenizer, [""], [messages])[0]
+    kept = full[:1] + full[-55:]
+    assert len(full) > 56 and record["prompt_tokens"] == 56 and result.metrics["samples/prompts_cut"] == 1
+    assert tokenizer.decode(kept).startswith("<|startoftext|>") and tokenizer.decode(kept).endswith("\n<|assistant|>")
+    text, logprob = _greedy(model, kept, 8)
+    assert record["response"] == text and record["logprob"] == pytest.approx(logprob, abs=1e-4)
 
 
 def test_stops_at_any_of_several_eos_ids(tiny_gpt2):

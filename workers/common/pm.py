@@ -103,7 +103,7 @@ def fit_pair(
     tokens and its last one (the EOS the score is read at). The prompt then
     keeps its ``keep_prefix`` leading special tokens (BOS) and as many of its
     last tokens as fit next to the longest response: the end of a dialogue
-    is what the response answers. Returns (prompt, responses,
+    is what the response answers (``keep_prompt_end``). Returns (prompt, responses,
     prompt_truncated, response_truncated).
     """
     limit = max_length - keep_prefix - 1
@@ -118,14 +118,26 @@ def fit_pair(
             response_truncated = True
         cut_responses.append(r)
     budget = max_length - max(len(r) for r in cut_responses)
+    prompt_truncated = len(prompt) > budget
+    return keep_prompt_end(prompt, budget, keep_prefix=keep_prefix), cut_responses, prompt_truncated, response_truncated
+
+
+def keep_prompt_end(prompt: Sequence[int], budget: int, *, keep_prefix: int = 0) -> list[int]:
+    """``prompt`` cut from the left to at most ``budget`` tokens: its ``keep_prefix`` leading special tokens
+    (BOS) and as many of its last tokens as fit; unchanged when it fits.
+
+    The end of a dialogue is what a response answers, and where a chat
+    template puts its generation prompt (``<|assistant|>``), so that is what
+    stays. ``fit_pair`` (the PM trainer) and ``sample`` cut prompts with it.
+    """
+    if budget < 1:
+        raise ValueError(f"budget ({budget}) must be >= 1")
     prompt = list(prompt)
-    prompt_truncated = False
-    if len(prompt) > budget:
-        head = prompt[: min(keep_prefix, budget)]
-        tail_len = budget - len(head)
-        prompt = head + (prompt[len(prompt) - tail_len :] if tail_len > 0 else [])
-        prompt_truncated = True
-    return prompt, cut_responses, prompt_truncated, response_truncated
+    if len(prompt) <= budget:
+        return prompt
+    head = prompt[: min(keep_prefix, budget)]
+    tail_len = budget - len(head)
+    return head + (prompt[len(prompt) - tail_len :] if tail_len > 0 else [])
 
 
 class PairBatch(NamedTuple):

@@ -32,7 +32,7 @@ step's ``run`` calls in its own order:
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -51,6 +51,7 @@ from workers.common.modeling import check_model_dir, disable_dropout, load_causa
 from workers.common.rollout import check_same_vocabulary
 from workers.common.runtime import check_training_dtype, resolve_device, resolve_dtype, set_threads
 from workers.common.score import LoadedPM, load_pm
+from workers.common.stopping import stop_requested
 
 
 class PolicyStepConfig(Protocol):
@@ -214,10 +215,29 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
     return out
 
 
-def this_run(done: int, total: int, max_this_run: int | None) -> range:
+class RunRange:
+    """The units (rollouts, rounds, steps) an invocation runs, ``start`` up to ``stop``; iterating stops
+    early, before a unit, when ``stop_requested()`` (an operator cancelled the cycle), and ``stop`` then
+    says where it stopped."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[int]:
+        for unit in range(self.start, self.stop):
+            if stop_requested():
+                self.stop = unit
+                return
+            yield unit
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def this_run(done: int, total: int, max_this_run: int | None) -> RunRange:
     """The rollouts (or rounds) this invocation runs: from ``done`` on, at most ``max_this_run`` of them
-    (None: to ``total``)."""
-    return range(done, total if max_this_run is None else min(total, done + max_this_run))
+    (None: to ``total``), fewer if the step is asked to stop."""
+    return RunRange(done, total if max_this_run is None else min(total, done + max_this_run))
 
 
 def checkpointed(checkpoints: Path) -> int:
