@@ -138,3 +138,31 @@ def test_a_job_that_fails_now_fails_the_step(artifacts):
         _runner(artifacts, prefect).run(_request())
     with pytest.raises(StepFailed, match="no Prefect deployment"):
         _runner(artifacts, prefect).run(_request(step="sample"))
+
+
+class StillRunning(FakePrefect):
+    """A step job that runs until it is told otherwise; what the runner set on it is kept."""
+
+    def __init__(self):
+        super().__init__(finish_as="RUNNING")
+        self.set_states: list[tuple[object, str]] = []
+
+    def set_flow_run_state(self, flow_run_id, state, force):
+        self.set_states.append((flow_run_id, state.type.value))
+
+
+def test_a_cancelled_cycle_cancels_the_step_job_it_waits_on(artifacts):
+    from workers.common.stopping import stop_when
+
+    prefect = StillRunning()
+    polls = []
+
+    def cancelled() -> bool:  # the operator cancels while the job runs: the third look finds it
+        polls.append(1)
+        return len(polls) >= 3
+
+    with stop_when(cancelled, every_s=0), pytest.raises(StepFailed, match="cancelled with its cycle"):
+        _runner(artifacts, prefect).run(_request())
+    run = prefect.runs["2026-W05:ppo"]
+    assert prefect.set_states == [(run.id, "CANCELLING")]
+    assert prefect.created[0][0] == "2026-W05:ppo"
