@@ -459,8 +459,7 @@ async def cycle_detail(request: Request, cycle_id: int) -> Response:
     if isinstance(viewer, Response):
         return viewer
     try:
-        if not 1 <= cycle_id <= MAX_ID:
-            raise NotFound(f"cycle {cycle_id} does not exist")
+        existing_id("cycle", cycle_id)
         data = await run_in_threadpool(cycle_data, request.app.state.database, cycle_id)
     except NotFound as exc:
         return viewer.not_found(str(exc))
@@ -468,6 +467,13 @@ async def cycle_detail(request: Request, cycle_id: int) -> Response:
     live = _live(request, f"/dashboard/cycles/{cycle_id}/state", data["state"]) if data["state"]["live"] else None
     return viewer.page("cycle.html", data=data, prefect_ui=prefect_ui_url(), can_cancel=status in CANCELLABLE,
                        can_rerun=status in RERUNNABLE, launcher=has_launcher(request.app), live=live)
+
+
+def existing_id(what: str, id: int) -> None:
+    """``NotFound`` for an id no row can have (a PostgreSQL ``integer`` is at most ``MAX_ID``), before the store
+    is asked."""
+    if not 1 <= id <= MAX_ID:
+        raise NotFound(f"{what} {id} does not exist")
 
 
 def _live(request: Request, url: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -482,8 +488,7 @@ async def cycle_live_state(request: Request, cycle_id: int) -> Response:
     if isinstance(viewer, Response):
         return viewer
     try:
-        if not 1 <= cycle_id <= MAX_ID:
-            raise NotFound(f"cycle {cycle_id} does not exist")
+        existing_id("cycle", cycle_id)
         state = await run_in_threadpool(_in_session, request.app.state.database, live_cycle_state, cycle_id=cycle_id)
     except NotFound as exc:
         return JSONResponse({"detail": str(exc)}, status_code=404, headers={"Cache-Control": "no-store"})
@@ -522,8 +527,7 @@ async def version_detail(request: Request, kind: str, id: int) -> Response:
     if isinstance(viewer, Response):
         return viewer
     try:
-        if not 1 <= id <= MAX_ID:
-            raise NotFound(f"{KIND_NAMES[kind]} {id} does not exist")
+        existing_id(KIND_NAMES[kind], id)
         data = await run_in_threadpool(version_data, request.app.state.database, kind, id)
     except NotFound as exc:
         return viewer.not_found(str(exc))
@@ -700,8 +704,7 @@ def has_launcher(app: FastAPI) -> bool:
 
 def cycle_state(database: Database, cycle_id: int) -> tuple[str, str, dict[str, Any]]:
     """A cycle's week, status and params; ``NotFound`` for an id no row can have or that no cycle has."""
-    if not 1 <= cycle_id <= MAX_ID:
-        raise NotFound(f"cycle {cycle_id} does not exist")
+    existing_id("cycle", cycle_id)
     with database.session() as session:
         cycle = get_cycle(session, cycle_id)
         return cycle.week, cycle.status, dict(cycle.params)
